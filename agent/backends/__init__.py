@@ -1,0 +1,64 @@
+"""LLM backends: render messages -> text constrained by a JSON schema -> counts for the meta.
+
+One small interface and a registry; the default is ``transformers`` (embedded, CPU). ``vllm``
+(in-process engine) and ``openai`` (an OpenAI-compatible server such as ``vllm serve``) are for
+GPUs and scale-out; their packages are imported only when chosen.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from agent.errors import ConfigError
+
+if TYPE_CHECKING:
+    from agent.settings import Settings
+
+
+@dataclass
+class Generation:
+    text: str
+    tokens: int  # tokens in the output (model-chosen + grammar-forced)
+    forward_passes: int  # model steps; lower than tokens when the grammar forces structure
+    seconds: float
+
+
+class LLMBackend(ABC):
+    name = "base"
+    model_name = ""
+    adapter: str | None = None
+
+    @abstractmethod
+    def generate(self, messages: list[dict[str, str]], schema: dict, max_new_tokens: int) -> Generation:
+        """Greedy generation whose text is valid JSON for ``schema``."""
+
+    def generate_batch(
+        self, requests: list[tuple[list[dict[str, str]], dict]], max_new_tokens: int
+    ) -> list[Generation]:
+        """Several pages at once; backends that batch natively override this."""
+        return [self.generate(messages, schema, max_new_tokens) for messages, schema in requests]
+
+
+# name -> "module:Class", imported on first use so optional engines stay optional
+BACKENDS: dict[str, str] = {}
+
+
+def register_backend(name: str, target: str) -> None:
+    if name in BACKENDS:
+        raise ValueError(f"LLM backend {name!r} is registered twice")
+    BACKENDS[name] = target
+
+
+register_backend("transformers", "agent.backends.hf:TransformersBackend")
+register_backend("vllm", "agent.backends.vllm:VLLMBackend")
+register_backend("openai", "agent.backends.openai:OpenAICompatibleBackend")
+
+
+def load_backend(settings: Settings) -> LLMBackend:
+    if settings.backend not in BACKENDS:
+        raise ConfigError(f"backend: unknown LLM backend {settings.backend!r}; known: {sorted(BACKENDS)}")
+    module, cls = BACKENDS[settings.backend].split(":")
+    return getattr(importlib.import_module(module), cls).from_settings(settings)

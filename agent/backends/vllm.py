@@ -1,0 +1,69 @@
+"""vLLM, in process: the engine for GPUs (tensor parallel, LoRA adapters per request, structured
+outputs compiled from the same JSON schema). Optional: ``pip install "homepage-composer[vllm]"``."""
+
+from __future__ import annotations
+
+import time
+
+from agent.backends import Generation, LLMBackend
+from agent.errors import MissingDependency
+from retrieval.packaged import find_gguf, resolve_model
+
+
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError:
+        raise MissingDependency('backend "vllm" needs vLLM: pip install "homepage-composer[vllm]"') from None
+    return vllm
+
+
+class VLLMBackend(LLMBackend):
+    name = "vllm"
+
+    def __init__(self, model: str, adapter: str | None = None, dtype: str = "bfloat16"):
+        vllm = _import_vllm()
+        folder = resolve_model(model)
+        gguf = find_gguf(folder)
+        self.model_name, self.adapter = model, adapter
+        self._vllm = vllm
+        self._llm = vllm.LLM(model=f"{folder}/{gguf}" if gguf else folder, dtype=dtype,
+                             enable_lora=adapter is not None, seed=0)
+        self._lora = None
+        if adapter:
+            from vllm.lora.request import LoRARequest
+
+            self._lora = LoRARequest("page-adapter", 1, adapter)
+
+    @classmethod
+    def from_settings(cls, settings) -> VLLMBackend:
+        dtype = "bfloat16" if settings.dtype == "float32" else settings.dtype
+        return cls(settings.model, settings.adapter, dtype)
+
+    def _params(self, schema: dict, max_new_tokens: int):
+        sampling = self._vllm.SamplingParams
+        try:  # vLLM >= 0.11
+            from vllm.sampling_params import StructuredOutputsParams
+
+            return sampling(temperature=0, max_tokens=max_new_tokens,
+                            structured_outputs=StructuredOutputsParams(json=schema))
+        except ImportError:
+            from vllm.sampling_params import GuidedDecodingParams
+
+            return sampling(temperature=0, max_tokens=max_new_tokens, guided_decoding=GuidedDecodingParams(json=schema))
+
+    def generate_batch(self, requests, max_new_tokens):
+        started = time.perf_counter()
+        outputs = self._llm.chat(
+            [messages for messages, _ in requests],
+            [self._params(schema, max_new_tokens) for _, schema in requests],
+            lora_request=self._lora, use_tqdm=False,
+        )
+        seconds = (time.perf_counter() - started) / max(len(requests), 1)
+        return [
+            Generation(o.outputs[0].text, len(o.outputs[0].token_ids), len(o.outputs[0].token_ids), seconds)
+            for o in outputs
+        ]
+
+    def generate(self, messages, schema, max_new_tokens):
+        return self.generate_batch([(messages, schema)], max_new_tokens)[0]

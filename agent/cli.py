@@ -1,0 +1,144 @@
+"""The ``homepage`` command line: a thin layer over the packages; heavy imports inside commands.
+
+Examples:
+  homepage ingest                          # the shipped sample into .homepage/store
+  homepage ingest --catalogue items.parquet --events events.jsonl
+  homepage compose A2V5R832QCSOMX --json
+  homepage demo --users 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from agent.errors import UserError
+
+
+def _settings(args: argparse.Namespace):
+    from agent.settings import Settings
+
+    overrides = {k: v for k, v in {"store_dir": args.store}.items() if v is not None}
+    return Settings(**overrides)
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from retrieval import ingest
+
+    settings = _settings(args)
+    started = time.perf_counter()
+    report = ingest(
+        settings.retrieval_config(), Path(args.catalogue or settings.catalogue), Path(args.events or settings.events),
+        settings.catalogue_columns, settings.event_columns,
+    )
+    for line in report.lines():
+        print(line)
+    print(f"store: {settings.store_dir} ({time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+def _print_page(page) -> None:
+    meta = page.meta
+    print(f"== {page.user_id}  [{meta.source}, {meta.latency_ms:.0f} ms, {meta.tokens_generated} tokens, "
+          f"{meta.forward_passes} model steps{', cold start' if meta.cold_start else ''}]")
+    for module in page.modules:
+        print(f"  {module.title}  ({module.type})")
+        for item in module.items:
+            price = f"${item.price:.2f}" if item.price is not None else "-"
+            print(f"    - {item.title[:60]:60}  {price:>8}  | {item.reason}")
+    for violation in meta.violations_fixed:
+        print(f"  repaired: {violation.code}: {violation.message}")
+
+
+def _compose(settings, user_ids: list[str], as_json: bool) -> None:
+    from agent.service import build_composer
+
+    started = time.perf_counter()
+    composer = build_composer(settings)
+    if not as_json:
+        print(f"(composer ready in {time.perf_counter() - started:.1f} s)", file=sys.stderr)
+    for user_id in user_ids:
+        page = composer.compose(user_id)
+        print(page.model_dump_json(indent=2)) if as_json else _print_page(page)
+
+
+def cmd_compose(args: argparse.Namespace) -> int:
+    from agent.composer import check_user_id
+
+    check_user_id(args.user)  # before anything loads: a bad id costs nothing
+    settings = _settings(args)
+    _ensure_store(settings)
+    _compose(settings, [args.user], args.json)
+    return 0
+
+
+def _ensure_store(settings) -> None:
+    from retrieval.catalog import Catalog
+    from retrieval.retriever import CATALOG_FILE
+
+    path = Path(settings.store_dir) / CATALOG_FILE
+    if not path.exists() or Catalog(path).event_count() == 0:
+        raise UserError(f"the store {settings.store_dir} is empty: run `homepage ingest` first")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    cmd_ingest(args)
+    from retrieval.catalog import Catalog
+    from retrieval.retriever import CATALOG_FILE
+
+    catalog = Catalog(Path(settings.store_dir) / CATALOG_FILE)
+    users = catalog.users()
+    catalog.close()
+    # a few real users across the activity range, plus one nobody has seen (cold start)
+    step = max(len(users) // max(args.users, 1), 1)
+    picked = [*users[::step][: args.users], "new-visitor-0001"]
+    _compose(settings, picked, as_json=False)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="homepage", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", help="store folder (default: HOMEPAGE_STORE_DIR or .homepage/store)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ingest = sub.add_parser("ingest", help="load catalogue and events into the stores (idempotent)")
+    ingest.add_argument("--catalogue", help="catalogue file (.csv, .jsonl, .parquet)")
+    ingest.add_argument("--events", help="events file (.csv, .jsonl, .parquet)")
+    ingest.set_defaults(run=cmd_ingest)
+
+    compose = sub.add_parser("compose", help="compose one user's homepage")
+    compose.add_argument("user", help="user id (an unknown id gets a cold-start page)")
+    compose.add_argument("--json", action="store_true", help="print the Homepage JSON")
+    compose.set_defaults(run=cmd_compose)
+
+    demo = sub.add_parser("demo", help="ingest the sample and print pages for a few users")
+    demo.add_argument("--users", type=int, default=3, help="how many known users (plus one new visitor)")
+    demo.add_argument("--catalogue", help=argparse.SUPPRESS)
+    demo.add_argument("--events", help=argparse.SUPPRESS)
+    demo.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except UserError as exc:
+        print(f"homepage: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # data files that cannot be read are the caller's to fix too
+        from retrieval import DataFileError
+
+        if isinstance(exc, DataFileError):
+            print(f"homepage: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

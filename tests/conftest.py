@@ -1,0 +1,45 @@
+"""Shared fixtures: the shipped sample ingested once into a session store in a temp folder, and one
+composer on the real packaged model. No test writes outside pytest's temp folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.settings import SAMPLE_DIR, Settings
+from retrieval import Retriever, ingest
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("session")
+
+
+@pytest.fixture(scope="session")
+def settings(session_dir: Path) -> Settings:
+    return Settings(store_dir=session_dir / "store", model_cache_dir=session_dir / "models")
+
+
+@pytest.fixture(scope="session")
+def ingested(settings: Settings):
+    return ingest(settings.retrieval_config(), SAMPLE_DIR / "items.csv", SAMPLE_DIR / "interactions.csv",
+                  progress=False)
+
+
+@pytest.fixture(scope="session")
+def retriever(settings: Settings, ingested) -> Retriever:
+    return Retriever.open(settings.retrieval_config())
+
+
+@pytest.fixture(scope="session")
+def composer(settings: Settings, ingested):
+    from agent.service import build_composer
+
+    return build_composer(settings)
+
+
+@pytest.fixture(scope="session")
+def sample_users(retriever: Retriever) -> list[str]:
+    users = retriever.catalog.users()
+    return users[:: max(len(users) // 40, 1)]
