@@ -98,7 +98,8 @@ class Composer:
         try:
             draft = PageDraft.model_validate_json(generation.text)
         except ValidationError as exc:
-            return None, [Violation(code="unparseable", message=f"the draft is not a valid page: {exc.errors()[0]['msg']}")]
+            reason = exc.errors()[0]["msg"]
+            return None, [Violation(code="unparseable", message=f"the draft is not a valid page: {reason}")]
         if len(draft.modules) != len(self.skeleton.modules):
             return None, [Violation(code="unparseable", message="the draft has the wrong number of modules")]
         body = self.body(draft, pools)

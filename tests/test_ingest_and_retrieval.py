@@ -1,0 +1,123 @@
+from pathlib import Path
+
+from agent.settings import SAMPLE_DIR
+from retrieval import Event, RetrievalConfig, Retriever, ingest
+from retrieval.catalog import Catalog
+from retrieval.history import build_history
+from retrieval.records import Candidate, Product, Provenance
+from retrieval.sources import fuse
+from retrieval.vectors import BEHAVIOUR, PRODUCTS
+
+
+def test_sample_ingest_counts(ingested):
+    # two sample products have no title in either column: quarantined, and so are their events
+    assert (ingested.catalogue.read, ingested.catalogue.loaded, ingested.catalogue.quarantined) == (2067, 2065, 2)
+    assert (ingested.events.read, ingested.events.loaded, ingested.events.quarantined) == (2626, 2624, 2)
+    assert ingested.new_events == 2624
+    assert ingested.embedded_products == 2065
+
+
+def test_reingest_is_idempotent_and_events_survive_a_restart(tmp_path: Path):
+    config = RetrievalConfig(store_dir=tmp_path / "store")
+    items, events = tmp_path / "items.csv", tmp_path / "events.csv"
+    # a slice of the sample: small, and every event without a timestamp (NULLs must still dedupe)
+    items.write_text("".join((SAMPLE_DIR / "items.csv").read_text().splitlines(keepends=True)[:60]))
+    known = {line.split(",")[0] for line in items.read_text().splitlines()[1:]}
+    lines = (SAMPLE_DIR / "interactions.csv").read_text().splitlines(keepends=True)
+    events.write_text(lines[0] + "".join(line for line in lines[1:] if line.split(",")[1] in known))
+
+    first = ingest(config, items, events, progress=False)
+    second = ingest(config, items, events, progress=False)
+    assert first.new_events == first.events.loaded > 0
+    assert second.new_events == 0
+    assert second.embedded_products == 0 and second.embedded_users == 0
+
+    reopened = Retriever.open(config)  # a new process would do the same
+    assert reopened.catalog.event_count() == first.events.loaded
+    assert reopened.index.count(PRODUCTS) == first.catalogue.loaded
+    assert reopened.index.count(BEHAVIOUR) == len(reopened.catalog.users())
+
+    # a changed title is re-embedded, nothing else
+    header, first_row, *rest = items.read_text().splitlines(keepends=True)
+    title = first_row.split(",")[1]
+    items.write_text(header + first_row.replace(title, title + " NEW EDITION", 1) + "".join(rest))
+    third = ingest(config, items, events, progress=False)
+    assert third.embedded_products == 1 and third.new_events == 0
+
+
+def _product(i: str, brand: str = "B", category: str = "Face", price: float | None = 10.0) -> Product:
+    return Product(i, f"Product {i}", ("Beauty", "Skin Care", category), brand, price)
+
+
+def test_history_summary_is_pii_free_and_describes_the_items():
+    products = {p.item_id: p for p in [_product("a", "Olay", "Face", 5), _product("b", "Olay", "Eyes", 15),
+                                       _product("c", "Dove", "Face", 30)]}
+    events = [Event("secret-user-42", i, seq_pos=n) for n, i in enumerate(["a", "b", "c"])]
+    history = build_history("secret-user-42", events, products)
+    assert "secret-user-42" not in history.summary
+    assert "Top departments: Skin Care (3)" in history.summary
+    assert "Favourite brands: Olay (2), Dove (1)" in history.summary
+    assert "Price band: $5-$30, median $15" in history.summary
+    assert "Most recent: Product c; Product b; Product a." in history.summary
+    assert [p.item_id for p in history.recent(2)] == ["c", "b"]
+    assert build_history("x", [], products).is_cold
+
+
+def test_covisit_scores_by_hand(tmp_path: Path):
+    catalog = Catalog(tmp_path / "c.sqlite3")
+    catalog.upsert_products([_product(i, brand=i) for i in "abcdx"])
+    # u1: a b c ; u2: a c ; u3: d a
+    catalog.add_events([Event(u, i, seq_pos=n) for u, seq in [("u1", "abc"), ("u2", "ac"), ("u3", "da")]
+                        for n, i in enumerate(seq)])
+    from retrieval.sources import CoVisit, SourceContext
+
+    source = CoVisit(SourceContext(catalog, index=None))
+    # links of a: b 1 (u1, d=1), c 1/2 (u1, d=2) + 1 (u2) = 1.5, d 1 (u3)
+    assert dict(source.links["a"]) == {"b": 1.0, "c": 1.5, "d": 1.0}
+    history = build_history("new", [Event("new", "a", seq_pos=0)], catalog.products)
+    ranked = source.candidates(history, 10)
+    assert [(c.item_id, c.score) for c in ranked] == [("c", 1.5), ("b", 1.0), ("d", 1.0)]
+    assert all(c.provenance[0].because == "a" for c in ranked)  # the evidence a reason cites
+
+
+def test_fusion_is_weighted_reciprocal_rank_by_hand():
+    def cands(source, ids):
+        return [Candidate(i, 1.0, [Provenance(source, 1.0, r)]) for r, i in enumerate(ids)]
+
+    fused = fuse({"x": cands("x", ["a", "b"]), "y": cands("y", ["b", "c"])}, {"x": 1.0, "y": 0.5}, k=3, rrf_k=60)
+    scores = {c.item_id: c.score for c in fused}
+    assert scores["b"] == 1 / 62 + 0.5 / 61
+    assert scores["a"] == 1 / 61 and scores["c"] == 0.5 / 62
+    assert [c.item_id for c in fused] == ["b", "a", "c"]
+    assert [p.source for p in fused[0].provenance] == ["x", "y"]
+
+
+def test_candidates_have_provenance_and_exclude_history(retriever, sample_users):
+    user = sample_users[0]
+    history = retriever.history(user)
+    candidates = retriever.candidates(history, 30)
+    assert len(candidates) == 30
+    assert not {c.item_id for c in candidates} & set(history.item_ids)
+    assert all(c.provenance and c.item_id in retriever.products for c in candidates)
+    sources = {p.source for c in candidates for p in c.provenance}
+    assert {"semantic", "similar_users"} <= sources
+
+
+def test_cold_start_user_gets_popular_items(retriever):
+    history = retriever.history("never-seen-before")
+    assert history.is_cold and "New visitor" in history.summary
+    candidates = retriever.candidates(history, 10)
+    assert [c.source for c in candidates] == ["popularity"] * 10
+    counts = [c.score for c in candidates]
+    assert counts == sorted(counts, reverse=True)
+
+
+def test_a_new_event_rebuilds_the_cached_history(tmp_path: Path, retriever, sample_users):
+    user = sample_users[-1]
+    before = retriever.history(user)
+    assert retriever.history(user) is before  # cached
+    item = next(i for i in retriever.products if i not in before.item_ids)
+    assert retriever.record_event(Event(user, item, seq_pos=10_000, event_type="view"))
+    after = retriever.history(user)
+    assert after.item_ids[-1] == item and len(after.events) == len(before.events) + 1
+    assert not retriever.record_event(Event(user, item, seq_pos=10_000, event_type="view"))  # idempotent

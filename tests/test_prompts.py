@@ -1,0 +1,57 @@
+import shutil
+from pathlib import Path
+
+import pytest
+
+from agent.errors import ConfigError
+from agent.prompting import PROMPTS, load_prompt, load_prompts
+from agent.settings import PROMPTS_DIR
+
+
+@pytest.fixture
+def prompts_copy(tmp_path: Path) -> Path:
+    folder = tmp_path / "prompts"
+    shutil.copytree(PROMPTS_DIR, folder, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    return folder
+
+
+def test_shipped_templates_load_and_render_without_holes():
+    prompts = load_prompts(PROMPTS_DIR)
+    messages = prompts["compose"].render(**PROMPTS["compose"][1])
+    assert [m["role"] for m in messages] == ["system", "user"]
+    assert "1. Argan Oil Serum | Acme | Oils | $12" in messages[1]["content"]
+    assert "{{" not in messages[0]["content"] + messages[1]["content"]
+    assert len(prompts["compose"].version) == 10
+
+
+def test_syntax_error_names_file_and_line(prompts_copy: Path):
+    path = prompts_copy / "compose.user.jinja"
+    path.write_text("Shopper: {{ summary }}\n{% for module in modules %}\n{{ module.type }\n")
+    with pytest.raises(ConfigError, match=r"compose\.user\.jinja:3: template syntax error"):
+        load_prompt(prompts_copy, "compose")
+
+
+def test_unknown_variable_names_file_line_and_variable(prompts_copy: Path):
+    path = prompts_copy / "compose.user.jinja"
+    path.write_text("Shopper: {{ summary }}\n\nAge: {{ user_age }}\n")
+    with pytest.raises(ConfigError, match=r"compose\.user\.jinja:3: unknown variable 'user_age'"):
+        load_prompt(prompts_copy, "compose")
+
+
+def test_misspelt_attribute_is_caught_at_load(prompts_copy: Path):
+    path = prompts_copy / "compose.user.jinja"
+    path.write_text("Shopper: {{ summary }}\n{% for module in modules %}\n{{ module.tilte }}\n{% endfor %}\n")
+    with pytest.raises(ConfigError, match=r"compose\.user\.jinja:3: .*tilte"):
+        load_prompt(prompts_copy, "compose")
+
+
+def test_sandbox_refuses_unsafe_access(prompts_copy: Path):
+    (prompts_copy / "repair.user.jinja").write_text("{{ rules.__class__.__mro__ }}\n")
+    with pytest.raises(ConfigError, match=r"repair\.user\.jinja"):
+        load_prompt(prompts_copy, "repair")
+
+
+def test_missing_template_file(prompts_copy: Path):
+    (prompts_copy / "repair.user.jinja").unlink()
+    with pytest.raises(ConfigError, match=r"repair\.user\.jinja: cannot read template"):
+        load_prompt(prompts_copy, "repair")
