@@ -22,15 +22,21 @@ from langchain_core.prompts import ChatPromptTemplate
 from agent.errors import ConfigError
 
 _SAMPLE_CANDIDATE = {"handle": 1, "title": "Argan Oil Serum", "brand": "Acme", "category": "Oils", "price": 12.0}
-_SAMPLE_MODULE = {"type": "for_you", "title": "Picked for you", "min_items": 2, "max_items": 4,
-                  "candidates": [_SAMPLE_CANDIDATE]}
+_SAMPLE_MODULE = {"type": "for_you", "title": "Picked for you", "theme": "Glow essentials", "count": 3,
+                  "min_items": 2, "max_items": 4, "candidates": [_SAMPLE_CANDIDATE]}
+_SAMPLE_THEME = {"type": "for_you", "title": "Picked for you", "query": "vitamin c serum"}
 _SAMPLE_RULES = {"title_max_chars": 40, "title_min_chars": 3, "banned_words": ["free"], "max_items_per_brand": 2,
                  "min_categories": 3}
 
 # prompt name -> its messages (role, file) and the variables (with sample values) it may use
 PROMPTS: dict[str, tuple[list[tuple[str, str]], dict[str, Any]]] = {
+    # the system prompt is shared, so its KV cache is computed once per process (agent.backends.hf)
+    "plan": (
+        [("system", "system.jinja"), ("human", "plan.user.jinja")],
+        {"summary": "Interacted with 3 products.", "themes": [_SAMPLE_THEME], "rules": _SAMPLE_RULES},
+    ),
     "compose": (
-        [("system", "compose.system.jinja"), ("human", "compose.user.jinja")],
+        [("system", "system.jinja"), ("human", "compose.user.jinja")],
         {"summary": "Interacted with 3 products.", "modules": [_SAMPLE_MODULE], "rules": _SAMPLE_RULES},
     ),
     "repair": (

@@ -18,6 +18,8 @@ def reason(candidate: Candidate | None, products: dict[str, Product]) -> str:
         return f"Often bought with {_short(cited.title)}, which you bought"
     if best.source == "semantic" and cited:
         return f"Similar to {_short(cited.title)}, which you bought"
+    if best.source == "theme" and best.because:
+        return f"Matches \u201c{best.because}\u201d, a theme picked from your history"
     if best.source == "similar_users":
         return "Popular with shoppers whose history is like yours"
     if best.source == "popularity" and best.because:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agent.configfile import load_yaml_model
 from agent.schema import Violation
-from agent.skeleton import ModuleSpec
+from agent.skeleton import ModuleSpec, Skeleton
 from retrieval import Product
 
 
@@ -52,6 +52,7 @@ class ModuleBody:
     spec: ModuleSpec
     title: str
     items: list[str]
+    sponsored: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -63,6 +64,7 @@ class PageBody:
 class RuleContext:
     rules: Rules
     products: dict[str, Product]
+    skeleton: Skeleton | None = None  # exclusions and the sponsored quota live in the skeleton
 
 
 RuleCheck = Callable[[PageBody, RuleContext], list[Violation]]
@@ -166,6 +168,26 @@ def _banned(page: PageBody, ctx: RuleContext) -> list[Violation]:
     ]
 
 
+@rule("excluded")
+def _excluded(page: PageBody, ctx: RuleContext) -> list[Violation]:
+    if ctx.skeleton is None:
+        return []
+    return [
+        Violation(code="excluded", message=f"item {i} is in an excluded category or brand", module=m, item=i)
+        for m, mod in enumerate(page.modules) for i in mod.items
+        if i in ctx.products and ctx.skeleton.excludes(ctx.products[i])
+    ]
+
+
+@rule("sponsored_quota")
+def _sponsored(page: PageBody, ctx: RuleContext) -> list[Violation]:
+    quota = ctx.skeleton.max_sponsored if ctx.skeleton else 0
+    count = sum(len(mod.sponsored & set(mod.items)) for mod in page.modules)
+    if count > quota:
+        return [Violation(code="sponsored_quota", message=f"{count} sponsored items on the page, quota {quota}")]
+    return []
+
+
 def validate(page: PageBody, ctx: RuleContext) -> list[Violation]:
     return [v for check in RULES.values() for v in check(page, ctx)]
 
@@ -176,11 +198,14 @@ def fix(page: PageBody, pools: list[list[str]], reserve: list[str], ctx: RuleCon
     holds enough distinct items."""
     rules, products = ctx.rules, ctx.products
     used: set[str] = set()
+    sponsored_left = ctx.skeleton.max_sponsored if ctx.skeleton else 0
     fixed = PageBody()
 
     def fits(item: str, items: list[str]) -> bool:
         p = products.get(item)
         if p is None or not p.in_stock or item in used:
+            return False
+        if ctx.skeleton is not None and ctx.skeleton.excludes(p):
             return False
         brand = (p.brand or "").lower()
         return not brand or sum((products[i].brand or "").lower() == brand for i in items) < rules.max_items_per_brand
@@ -188,10 +213,12 @@ def fix(page: PageBody, pools: list[list[str]], reserve: list[str], ctx: RuleCon
     for mod, pool in zip(page.modules, pools, strict=True):
         low, high = _bounds(mod, rules)
         items: list[str] = []
-        for item in mod.items:  # the model's own choices first, up to the maximum
-            if len(items) < high and fits(item, items):
+        for item in mod.items:  # the chosen items first, up to the maximum
+            sponsored = item in mod.sponsored  # over the page quota, a sponsored item loses its slot
+            if len(items) < high and fits(item, items) and (not sponsored or sponsored_left > 0):
                 items.append(item)
                 used.add(item)
+                sponsored_left -= sponsored
         for item in [*pool, *reserve]:  # then top up to the minimum
             if len(items) >= low:
                 break
@@ -201,7 +228,7 @@ def fix(page: PageBody, pools: list[list[str]], reserve: list[str], ctx: RuleCon
         title = mod.title.strip()
         if rules.banned_in(title) or not rules.title_min_chars <= len(title) <= rules.title_max_chars:
             title = mod.spec.title[: rules.title_max_chars]
-        fixed.modules.append(ModuleBody(mod.spec, title, items))
+        fixed.modules.append(ModuleBody(mod.spec, title, items, mod.sponsored & set(items)))
 
     _widen_categories(fixed, [*(i for pool in pools for i in pool), *reserve], ctx, used)
     return fixed

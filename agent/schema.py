@@ -39,6 +39,7 @@ class PageItem(BaseModel):
     reason: str
     source: str
     score: float
+    sponsored: bool = False
 
 
 class PageModule(BaseModel):
@@ -46,6 +47,19 @@ class PageModule(BaseModel):
     type: str
     title: str
     items: list[PageItem]
+
+
+class PlannedTheme(BaseModel):
+    model_config = _FORBID
+    title: str
+    query: str
+
+
+class PlanDraft(BaseModel):
+    """What the model writes when it plans: one theme per planned module."""
+
+    model_config = _FORBID
+    themes: list[PlannedTheme]
 
 
 class PageMeta(BaseModel):
@@ -60,6 +74,9 @@ class PageMeta(BaseModel):
     forward_passes: int = 0
     llm_calls: int = 0
     violations_fixed: list[Violation] = Field(default_factory=list)
+    plan: dict[str, PlannedTheme] = Field(default_factory=dict, description="module type -> planned theme")
+    fallback_reason: str | None = None
+    composed_at: float = Field(0.0, description="unix time the page was composed (cache hits keep it)")
 
 
 class Homepage(BaseModel):
@@ -74,37 +91,56 @@ class Homepage(BaseModel):
 
 
 def title_pattern(low: int, high: int) -> str:
-    """Plain words, no numbering, quotes or markup. The length bound lives in the pattern because
+    """Plain words, no numbering, quotes or markup. The length bound lives in the pattern alone:
     xgrammar ignores min/maxLength on a string that has a pattern."""
     return rf"^[A-Z][A-Za-z ,'&!-]{{{low - 1},{high - 1}}}$"
 
 
-def draft_json_schema(slots: list[tuple[int, int, int]], title_min: int, title_max: int) -> dict:
-    """The JSON schema the decoder compiles for one request. Module k lists the handles 1..n of its
-    own pool (n <= 9: one token each), within its item-count bounds, each at most once
-    (``uniqueItems``: the embedded decoder enforces it, other engines leave it to the rules)."""
+def query_pattern(high: int = 30) -> str:
+    return rf"^[a-z][a-z ,&'-]{{2,{high - 1}}}$"
+
+
+def _tuple_schema(key: str, entries: list[dict]) -> dict:
+    return {
+        "type": "object",
+        "properties": {
+            key: {"type": "array", "prefixItems": entries, "items": False,
+                  "minItems": len(entries), "maxItems": len(entries)}
+        },
+        "required": [key],
+        "additionalProperties": False,
+    }
+
+
+def plan_json_schema(themes: int, title_min: int, title_max: int) -> dict:
+    theme = {
+        "type": "object",
+        "properties": {"title": {"type": "string", "pattern": title_pattern(title_min, title_max)},
+                       "query": {"type": "string", "pattern": query_pattern()}},
+        "required": ["title", "query"],
+        "additionalProperties": False,
+    }
+    return _tuple_schema("themes", [theme] * themes)
+
+
+def draft_json_schema(slots: list[tuple[int, int, str | None]], title_min: int, title_max: int) -> dict:
+    """The JSON schema the decoder compiles for one request. Module k picks exactly ``count`` of the
+    handles 1..n of its own pool (n <= 9: one token each; a fixed count lets the grammar write the
+    commas), each at most once (``uniqueItems``: the embedded decoder enforces it, other engines
+    leave it to the rules). A title already decided (a planned theme) is a constant: the grammar
+    writes it, not the model."""
     modules = [
         {
             "type": "object",
             "properties": {
-                "title": {"type": "string", "minLength": title_min, "maxLength": title_max,
-                          "pattern": title_pattern(title_min, title_max)},
+                "title": {"const": fixed} if fixed else {"type": "string",
+                                                         "pattern": title_pattern(title_min, title_max)},
                 "items": {"type": "array", "items": {"enum": list(range(1, n + 1))}, "uniqueItems": True,
-                          "minItems": low, "maxItems": high},
+                          "minItems": count, "maxItems": count},
             },
             "required": ["title", "items"],
             "additionalProperties": False,
         }
-        for n, low, high in slots
+        for n, count, fixed in slots
     ]
-    return {
-        "type": "object",
-        "properties": {
-            "modules": {
-                "type": "array", "prefixItems": modules, "items": False,
-                "minItems": len(modules), "maxItems": len(modules),
-            }
-        },
-        "required": ["modules"],
-        "additionalProperties": False,
-    }
+    return _tuple_schema("modules", modules)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 from agent.backends import load_backend
+from agent.cache import PageCache
 from agent.composer import Composer
 from agent.prompting import load_prompts
 from agent.rules import Rules
@@ -27,8 +28,10 @@ def build_composer(settings: Settings | None = None) -> Composer:
             rules = Rules.load(settings.rules_file)
             skeleton = Skeleton.load(settings.skeleton_file)
             retriever = Retriever.open(settings.retrieval_config())
+            budget = None if settings.budget_ms is None else settings.budget_ms / 1000
             _composers[key] = Composer(retriever, load_backend(settings), prompts, rules, skeleton,
-                                       settings.max_new_tokens, settings.llm_retry)
+                                       settings.max_new_tokens, settings.llm_retry, budget,
+                                       PageCache(settings.cache_users))
         return _composers[key]
 
 

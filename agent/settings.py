@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     openai_base_url: str = Field("http://127.0.0.1:8000/v1", description="for backend=openai (vllm serve)")
     max_new_tokens: int = Field(160, ge=16)
     llm_retry: bool = Field(True, description="one LLM retry with the violations before the deterministic fix")
+    budget_ms: int | None = Field(4000, ge=1, description="per-page time budget for the LLM path; past it, "
+                                  "the deterministic composer answers (unset: no budget)")
+    cache_users: int = Field(10_000, ge=0, description="pages cached (per user, until their events change)")
     seed: int = 0
 
     @classmethod

@@ -1,8 +1,18 @@
-"""The page skeleton that merchandisers configure: modules, their candidate source and item counts."""
+"""The page skeleton that merchandisers configure: modules, their candidates and item counts,
+pinned items, campaign modules, sponsored slots with a page quota, and exclusions.
+
+Module sources:
+- ``personal``: all candidate sources fused;
+- a candidate source name (``covisit``, ``semantic``, ``similar_users``, ``popularity``, ...);
+- ``planned``: the LLM plans the theme (a title and a search query) for this user; ``title`` and
+  ``query`` are what the deterministic composer uses when there is no plan;
+- ``campaign``: exactly the listed ``items`` with the given ``title``; the LLM does not touch it.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -12,42 +22,78 @@ from agent.configfile import load_yaml_model
 class ModuleSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="module type, snake_case")
-    source: str = Field("personal", description="'personal' (fused) or one candidate source name")
-    title: str = Field(min_length=1, description="fallback copy when the model's copy is unusable")
+    type: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="module type, snake_case, unique on the page")
+    source: str = Field("personal", description="personal | planned | campaign | a candidate source name")
+    title: str = Field(min_length=1, description="the copy used when the model's copy is unusable or absent")
+    query: str | None = Field(None, description="planned modules: the search used when there is no plan")
+    items: list[str] = Field(default_factory=list, description="campaign modules: the items, in order")
+    pinned: list[str] = Field(default_factory=list, description="items always shown first in this module")
     min_items: int = Field(2, ge=1)
     max_items: int = Field(6, ge=1)
+    sponsored_slots: int = Field(0, ge=0, description="positions in this module given to sponsored items")
+    sponsored_position: int = Field(2, ge=1, description="1-based position of the first sponsored slot")
     pool: int | None = Field(
         None, ge=1, le=9, description="candidates offered to the model, at most 9 so each handle is one token "
         "(default: min(2 x max_items, 9))"
     )
 
     @model_validator(mode="after")
-    def _bounds(self) -> ModuleSpec:
-        if self.max_items > self.pool_size:
-            raise ValueError(f"max_items ({self.max_items}) must be <= pool ({self.pool_size})")
+    def _consistent(self) -> ModuleSpec:
         if self.min_items > self.max_items:
             raise ValueError(f"min_items ({self.min_items}) must be <= max_items ({self.max_items})")
+        if self.source == "campaign" and not self.items:
+            raise ValueError("a campaign module needs its items")
+        if self.source != "campaign" and self.items:
+            raise ValueError("items are only for campaign modules (use pinned to fix items in a module)")
+        if self.source == "planned" and not self.query:
+            raise ValueError("a planned module needs a fallback query")
+        if len(self.pinned) + self.sponsored_slots > self.max_items:
+            raise ValueError("pinned items and sponsored slots exceed max_items")
         return self
 
     @property
     def pool_size(self) -> int:
         return self.pool or min(2 * self.max_items, 9)
 
+    @property
+    def llm_items(self) -> int:
+        """How many items the model picks: the module's fill minus what configuration fixes."""
+        return max(self.max_items - len(self.pinned) - self.sponsored_slots, 0)
+
+
+class Exclusions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    categories: list[str] = Field(default_factory=list, description="any level of the category path")
+    brands: list[str] = Field(default_factory=list)
+
 
 class Skeleton(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     modules: list[ModuleSpec] = Field(min_length=1)
+    sponsored_items: list[str] = Field(default_factory=list, description="the pool sponsored slots draw from")
+    max_sponsored: int = Field(1, ge=0, description="quota: sponsored items on one page at most")
+    exclude: Exclusions = Field(default_factory=Exclusions)
+    order: Literal["fixed"] = Field("fixed", description="modules appear in the order listed")
 
     @model_validator(mode="after")
-    def _unique_types(self) -> Skeleton:
+    def _consistent(self) -> Skeleton:
         types = [m.type for m in self.modules]
         duplicates = sorted({t for t in types if types.count(t) > 1})
         if duplicates:
             raise ValueError(f"module types must be unique, repeated: {duplicates}")
+        if any(m.sponsored_slots for m in self.modules) and not self.sponsored_items:
+            raise ValueError("sponsored slots need sponsored_items to fill them")
         return self
 
     @classmethod
     def load(cls, path: Path) -> Skeleton:
         return load_yaml_model(path, cls)
+
+    def excludes(self, product) -> bool:
+        categories = {c.lower() for c in self.exclude.categories}
+        brands = {b.lower() for b in self.exclude.brands}
+        return bool(categories & {c.lower() for c in product.category_path}) or (
+            product.brand is not None and product.brand.lower() in brands
+        )

@@ -24,6 +24,8 @@ class Generation:
     tokens: int  # tokens in the output (model-chosen + grammar-forced)
     forward_passes: int  # model steps; lower than tokens when the grammar forces structure
     seconds: float
+    prompt_tokens: int = 0
+    prefill_seconds: float = 0.0  # the part of `seconds` spent reading the prompt
 
 
 class LLMBackend(ABC):
@@ -32,13 +34,16 @@ class LLMBackend(ABC):
     adapter: str | None = None
 
     @abstractmethod
-    def generate(self, messages: list[dict[str, str]], schema: dict, max_new_tokens: int) -> Generation:
-        """Greedy generation whose text is valid JSON for ``schema``."""
+    def generate(
+        self, messages: list[dict[str, str]], schema: dict, max_new_tokens: int, deadline: float | None = None
+    ) -> Generation:
+        """Greedy generation whose text is valid JSON for ``schema``. ``deadline`` is a
+        ``time.monotonic()`` value: past it, raise ``BackendError(retryable=True)``."""
 
     def generate_batch(
         self, requests: list[tuple[list[dict[str, str]], dict]], max_new_tokens: int
     ) -> list[Generation]:
-        """Several pages at once; backends that batch natively override this."""
+        """Several pages at once (batch precompute); backends that batch natively override this."""
         return [self.generate(messages, schema, max_new_tokens) for messages, schema in requests]
 
 

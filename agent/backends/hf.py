@@ -99,17 +99,19 @@ class TransformersBackend(LLMBackend):
 
         self.tokenizer, self.model = tokenizer, model
         self.model_name, self.adapter = model_name, adapter
-        vocab = model.config.vocab_size
-        self._info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab)
-        self._compiler = xgr.GrammarCompiler(self._info, max_threads=1)
-        self._vocab = vocab
+        self._vocab = model.config.vocab_size
+        self._compiler = xgr.GrammarCompiler(
+            xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self._vocab), max_threads=1
+        )
         # single-token scalars ("1".."9", ...) that a uniqueItems array may not repeat
         self._single = {}
         for value in map(str, range(100)):
             ids = tokenizer.encode(value, add_special_tokens=False)
             if len(ids) == 1:
                 self._single[value] = ids[0]
+        self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._lock = threading.Lock()  # one decode at a time on this model
+        self._prefix: tuple[list[int], object] | None = None  # (ids, KV cache) of the system prompt
 
     @classmethod
     def from_settings(cls, settings) -> TransformersBackend:
@@ -137,19 +139,50 @@ class TransformersBackend(LLMBackend):
         start = max(opened)
         return [self._single[v] for v in text[start:].split(",") if v in self._single]
 
-    def generate(self, messages: list[dict[str, str]], schema: dict, max_new_tokens: int) -> Generation:
+    def _choose(self, logits, matcher, bitmask, row: int, output: list[int], keys: set[str]) -> int:
+        """Greedy choice among the tokens the grammar allows, minus repeats."""
+        import torch
+        import xgrammar as xgr
+
+        matcher.fill_next_token_bitmask(bitmask, row)
+        row_logits = logits[row : row + 1]
+        xgr.apply_token_bitmask_inplace(row_logits, bitmask[row : row + 1])
+        repeats = self._repeats(output, keys)
+        if repeats:
+            masked = row_logits.clone()
+            masked[0, repeats] = float("-inf")
+            if torch.isfinite(masked).any():  # else a repeat is the only way on; the rules repair it
+                row_logits = masked
+        return int(row_logits.argmax(-1))
+
+    def _system_prefix(self, messages: list[dict[str, str]], ids: list[int]):
+        """The KV cache of the system prompt, computed once and reused while it is unchanged: every
+        page shares it, so its prefill is paid once per process, not once per page."""
+        import torch
+
+        if not messages or messages[0]["role"] != "system":
+            return 0, None
+        if self._prefix is None or ids[: len(self._prefix[0])] != self._prefix[0]:
+            encoded = self.tokenizer.apply_chat_template(messages[:1], tokenize=True)
+            prefix = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+            if ids[: len(prefix)] != prefix:
+                return 0, None
+            out = self.model(input_ids=torch.tensor([prefix]), use_cache=True)
+            self._prefix = (prefix, out.past_key_values)
+        return len(self._prefix[0]), self._prefix[1]
+
+    def generate(self, messages, schema, max_new_tokens, deadline=None) -> Generation:
         import torch
         import xgrammar as xgr
 
         started = time.perf_counter()
-        grammar = self._grammar(json.dumps(schema, sort_keys=True))
-        matcher = xgr.GrammarMatcher(grammar)
+        matcher = xgr.GrammarMatcher(self._grammar(json.dumps(schema, sort_keys=True)))
         bitmask = xgr.allocate_token_bitmask(1, self._vocab)
-        unique_keys = unique_array_keys(schema)
+        keys = unique_array_keys(schema)
         output: list[int] = []
 
         def force() -> list[int]:
-            """Append what the grammar forces next; returns the forced token ids."""
+            """Append what the grammar forces next, without a model step ("jump-forward")."""
             text = matcher.find_jump_forward_string()
             if not text:
                 return []
@@ -161,27 +194,80 @@ class TransformersBackend(LLMBackend):
             return ids
 
         with self._lock, torch.inference_mode():
-            step_ids = self.prompt_ids(messages) + force()
-            past, passes = None, 0
-            while len(output) < max_new_tokens and not matcher.is_completed():
-                out = self.model(input_ids=torch.tensor([step_ids]), past_key_values=past, use_cache=True)
+            ids = self.prompt_ids(messages)
+            reused, past = self._system_prefix(messages, ids)
+            step_ids = ids[reused:] + force()
+            passes, prefill = 0, 0.0
+            try:
+                while len(output) < max_new_tokens and not matcher.is_completed():
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise BackendError("the page's time budget ran out during generation", retryable=True)
+                    out = self.model(input_ids=torch.tensor([step_ids]), past_key_values=past, use_cache=True)
+                    passes += 1
+                    past = out.past_key_values
+                    if passes == 1:
+                        prefill = time.perf_counter() - started
+                    token = self._choose(out.logits[:, -1, : self._vocab].float(), matcher, bitmask, 0, output, keys)
+                    if not matcher.accept_token(token):
+                        raise BackendError(f"grammar refused token {token}")
+                    if matcher.is_terminated():
+                        break
+                    output.append(token)
+                    step_ids = [token, *force()]
+            finally:
+                # the shared cache was extended in place: cut it back to the system prompt alone
+                extra = past.get_seq_length() - reused if reused and past is not None else 0
+                if extra > 0:
+                    past.crop(-extra)
+        text = self.tokenizer.decode(output, skip_special_tokens=True)
+        return Generation(text, len(output), passes, time.perf_counter() - started, len(ids), prefill)
+
+    def generate_batch(self, requests, max_new_tokens) -> list[Generation]:
+        """One forward pass per step for all rows (left-padded). No jump-forward here: forced tokens
+        cost a step, but the step is shared by the whole batch."""
+        import torch
+        import xgrammar as xgr
+
+        if len(requests) <= 1:
+            return [self.generate(m, s, max_new_tokens) for m, s in requests]
+        started = time.perf_counter()
+        rows = len(requests)
+        matchers = [xgr.GrammarMatcher(self._grammar(json.dumps(s, sort_keys=True))) for _, s in requests]
+        keys = [unique_array_keys(s) for _, s in requests]
+        prompts = [self.prompt_ids(m) for m, _ in requests]
+        width = max(map(len, prompts))
+        input_ids = torch.tensor([[self._pad] * (width - len(p)) + p for p in prompts])
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        bitmask = xgr.allocate_token_bitmask(rows, self._vocab)
+        outputs: list[list[int]] = [[] for _ in range(rows)]
+        done = [False] * rows
+        past, passes = None, 0
+        with self._lock, torch.inference_mode():
+            while not all(done) and passes < max_new_tokens:
+                out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                                 past_key_values=past, use_cache=True)
                 passes += 1
                 past = out.past_key_values
                 logits = out.logits[:, -1, : self._vocab].float()
-                matcher.fill_next_token_bitmask(bitmask)
-                xgr.apply_token_bitmask_inplace(logits, bitmask)
-                repeats = self._repeats(output, unique_keys)
-                if repeats:
-                    masked = logits.clone()
-                    masked[0, repeats] = float("-inf")
-                    if torch.isfinite(masked).any():  # else a repeat is the only way on; the rules repair it
-                        logits = masked
-                token = int(logits.argmax(-1))
-                if not matcher.accept_token(token):
-                    raise BackendError(f"grammar refused token {token}")
-                if matcher.is_terminated():
-                    break
-                output.append(token)
-                step_ids = [token, *force()]
-        text = self.tokenizer.decode(output, skip_special_tokens=True)
-        return Generation(text, len(output), passes, time.perf_counter() - started)
+                step = []
+                for row in range(rows):
+                    token = self._pad
+                    if not done[row]:
+                        token = self._choose(logits, matchers[row], bitmask, row, outputs[row], keys[row])
+                        if not matchers[row].accept_token(token):
+                            raise BackendError(f"grammar refused token {token}")
+                        if matchers[row].is_terminated():
+                            done[row] = True
+                        else:
+                            outputs[row].append(token)
+                            done[row] = matchers[row].is_completed()
+                    step.append(token)
+                input_ids = torch.tensor(step)[:, None]
+                attention = torch.cat([attention, torch.ones(rows, 1, dtype=attention.dtype)], dim=1)
+                positions = positions[:, -1:] + 1
+        seconds = (time.perf_counter() - started) / rows
+        return [
+            Generation(self.tokenizer.decode(o, skip_special_tokens=True), len(o), passes, seconds, len(p))
+            for o, p in zip(outputs, prompts, strict=True)
+        ]

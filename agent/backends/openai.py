@@ -22,17 +22,20 @@ class OpenAICompatibleBackend(LLMBackend):
     def from_settings(cls, settings) -> OpenAICompatibleBackend:
         return cls(settings.openai_base_url, settings.model, settings.adapter)
 
-    def generate(self, messages, schema, max_new_tokens):
+    def generate(self, messages, schema, max_new_tokens, deadline=None):
         import httpx
 
         started = time.perf_counter()
+        timeout = self._client.timeout if deadline is None else max(deadline - time.monotonic(), 0.01)
         body = {
             "model": self.adapter or self.model_name, "messages": messages, "temperature": 0,
             "max_tokens": max_new_tokens,
             "response_format": {"type": "json_schema", "json_schema": {"name": "page_draft", "schema": schema}},
         }
         try:
-            response = self._client.post("/chat/completions", json=body)
+            response = self._client.post("/chat/completions", json=body, timeout=timeout)
+        except httpx.TimeoutException:
+            raise BackendError("LLM server did not answer within the time budget", retryable=True) from None
         except httpx.TransportError as exc:
             raise BackendError(f"LLM server unreachable: {exc}", retryable=True) from None
         if response.status_code >= 400:

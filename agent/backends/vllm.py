@@ -65,5 +65,6 @@ class VLLMBackend(LLMBackend):
             for o in outputs
         ]
 
-    def generate(self, messages, schema, max_new_tokens):
+    def generate(self, messages, schema, max_new_tokens, deadline=None):
+        # an in-process engine step cannot be interrupted; the composer's budget check applies after
         return self.generate_batch([(messages, schema)], max_new_tokens)[0]
