@@ -25,17 +25,22 @@ class RetrievalConfig:
     sources: dict[str, float] = field(
         default_factory=lambda: {"covisit": 1.0, "semantic": 0.6, "similar_users": 0.4, "popularity": 0.3}
     )
+    # source name -> its own settings, e.g. {"covisit": {"window": 5}}
+    source_options: dict[str, dict] = field(default_factory=dict)
+    rrf_k: int = 60  # reciprocal-rank fusion constant: smaller favours each source's top items
 
 
 class Retriever:
-    def __init__(self, catalog: Catalog, index: VectorIndex, sources: dict[str, float]):
+    def __init__(self, catalog: Catalog, index: VectorIndex, sources: dict[str, float],
+                 options: dict[str, dict] | None = None):
         unknown = sorted(set(sources) - set(SOURCES))
         if unknown:
             raise ValueError(f"unknown candidate source(s) {unknown}; known: {sorted(SOURCES)}")
         self.catalog = catalog
         self.index = index
-        context = SourceContext(catalog, index)
+        context = SourceContext(catalog, index, catalog.path.parent, dict(options or {}))
         self.weights = dict(sources)
+        self.rrf_k = 60
         # popularity is always built: it is the cold-start fallback and the "trending" module
         names = dict.fromkeys([*sources, "popularity"])
         self.sources = {name: SOURCES[name](context) for name in names}
@@ -46,7 +51,10 @@ class Retriever:
         store = Path(config.store_dir)
         catalog = Catalog(store / CATALOG_FILE)
         client = chroma_client(store / CHROMA_DIR, config.chroma_host, config.chroma_port)
-        return cls(catalog, VectorIndex(client, LocalEmbeddings(config.embedding_model)), config.sources)
+        index = VectorIndex(client, LocalEmbeddings(config.embedding_model))
+        retriever = cls(catalog, index, config.sources, config.source_options)
+        retriever.rrf_k = config.rrf_k
+        return retriever
 
     @property
     def products(self) -> dict[str, Product]:
@@ -72,8 +80,13 @@ class Retriever:
         """The fused personal candidates; popularity alone for a cold-start user."""
         if history.is_cold:
             return self.sources["popularity"].candidates(history, k)
-        lists = self.per_source(history, k)
-        fused = fuse(lists, self.weights, k)
+        return self.fused(history, self.per_source(history, k), k)
+
+    def fused(self, history: History, lists: dict[str, list[Candidate]], k: int) -> list[Candidate]:
+        """Fuse per-source lists already retrieved (each at least k long where the source can); a
+        source weighted 0 is retrieved for its own module but left out of the fusion."""
+        weighted = {name: found[:k] for name, found in lists.items() if self.weights.get(name, 1.0) > 0}
+        fused = fuse(weighted, self.weights, k, self.rrf_k)
         if len(fused) < k:  # a thin history: top up with popular items
             have = {c.item_id for c in fused}
             extra = [c for c in self.sources["popularity"].candidates(history, 2 * k) if c.item_id not in have]

@@ -7,6 +7,7 @@ downloads a model at run time, so the embedding function is always passed explic
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -17,6 +18,8 @@ from retrieval.packaged import resolve_model
 
 PRODUCTS = "products"
 BEHAVIOUR = "behaviour"
+# learned item vectors (the sequential model's item table), stored with explicit embeddings
+ITEM_VECTORS = "item_vectors"
 
 
 class LocalEmbeddings(Embeddings):
@@ -64,7 +67,9 @@ class VectorIndex:
     def __init__(self, client, embeddings: Embeddings):
         from langchain_chroma import Chroma
 
+        self.client = client
         self.embeddings = embeddings
+        self._learned: dict = {}  # open learned-vector collections, by name
         self.stores = {
             name: Chroma(
                 collection_name=name,
@@ -87,6 +92,17 @@ class VectorIndex:
             store.add_texts(texts=list(texts[start:end]), metadatas=list(metadatas[start:end]),
                             ids=list(ids[start:end]))
 
+    def upsert_embedded(
+        self, name: str, ids: Sequence[str], texts: Sequence[str], vectors, metadatas: Sequence[dict],
+        batch_size: int = 1024,
+    ) -> None:
+        """``upsert`` with the vectors computed beforehand (by the same embeddings, e.g. cached)."""
+        collection = self.stores[name]._collection
+        for start in range(0, len(ids), batch_size):
+            end = start + batch_size
+            collection.upsert(ids=list(ids[start:end]), embeddings=vectors[start:end],
+                              documents=list(texts[start:end]), metadatas=list(metadatas[start:end]))
+
     def count(self, name: str) -> int:
         return self.stores[name]._collection.count()
 
@@ -101,3 +117,40 @@ class VectorIndex:
         )
         # langchain's cosine relevance is 1 - distance, i.e. the cosine similarity itself.
         return [(doc.id, score) for doc, score in hits]
+
+    def search_with_vectors(self, name: str, vector: Sequence[float], k: int) -> list[tuple[str, float, list]]:
+        """[(id, cosine similarity, stored vector)], best first: one query where ``search`` then
+        ``vectors`` would take two."""
+        found = self.stores[name]._collection.query(
+            query_embeddings=[[float(x) for x in vector]], n_results=k, include=["distances", "embeddings"]
+        )
+        return list(zip(found["ids"][0], (1.0 - d for d in found["distances"][0]), found["embeddings"][0],
+                        strict=True))
+
+    # -- learned vectors: explicit embeddings, inner-product space, no text -----------------------
+    def put_vectors(self, name: str, ids: Sequence[str], vectors, metadata: dict | None = None,
+                    batch_size: int = 4096) -> None:
+        """Replace the collection: learned vectors of a retrained model are not comparable with the
+        old ones, so nothing is kept. ``metadata`` describes the model that made them."""
+        from chromadb.errors import NotFoundError
+
+        self._learned.pop(name, None)
+        with contextlib.suppress(NotFoundError):
+            self.client.delete_collection(name)
+        # ef well above k: the default (10) loses neighbours at the k of a few hundred we ask for
+        collection = self.client.create_collection(
+            name, embedding_function=None, metadata=metadata or None,
+            configuration={"hnsw": {"space": "ip", "ef_search": 400, "ef_construction": 200}},
+        )
+        for start in range(0, len(ids), batch_size):
+            collection.add(ids=list(ids[start:start + batch_size]), embeddings=vectors[start:start + batch_size])
+
+    def search_vectors(self, name: str, vector: Sequence[float], k: int) -> list[tuple[str, float]]:
+        """[(id, inner product)], best first, from a collection written by ``put_vectors``."""
+        if name not in self._learned:
+            self._learned[name] = self.client.get_collection(name, embedding_function=None)
+        collection = self._learned[name]
+        found = collection.query(query_embeddings=[[float(x) for x in vector]], n_results=min(k, collection.count()),
+                                 include=["distances"])
+        # chromadb's "ip" distance is 1 - dot product
+        return [(i, 1.0 - d) for i, d in zip(found["ids"][0], found["distances"][0], strict=True)]
