@@ -99,6 +99,49 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_ranking(args: argparse.Namespace) -> int:
+    from eval.ranking import RankingConfig, run, table
+
+    if not (Path(args.data) / "interactions.csv").exists() or not (Path(args.data) / "items.csv").exists():
+        raise UserError(f"--data {args.data}: expected items.csv and interactions.csv in it")
+    started = time.perf_counter()
+    config = RankingConfig(data=Path(args.data), users=args.users, seed=args.seed, out=args.out,
+                           cache=None if args.no_cache else Path(args.cache), tune_users=args.tune_users)
+    config.sasrec.seed, config.sasrec.threads, config.sasrec.max_minutes = args.seed, args.threads, args.minutes
+    report = run(config)
+    print(table(report["results"]))
+    meta = report["meta"]
+    print(f"covisit {meta['covisit']}; fusion {meta['fusion_weights']}, rrf_k {meta['rrf_k']}")
+    print(f"timings {meta['timings']}")
+    print(f"{meta['users_evaluated']} users; wall time {time.perf_counter() - started:.1f} s"
+          + (f"; report in {args.out}" if args.out else ""))
+    return 0
+
+
+def cmd_train_sasrec(args: argparse.Namespace) -> int:
+    from retrieval.catalog import Catalog
+    from retrieval.retriever import CATALOG_FILE, CHROMA_DIR
+    from retrieval.sequential import SASRecConfig, train_for_store
+    from retrieval.vectors import LocalEmbeddings, VectorIndex, chroma_client
+
+    settings = _settings(args)
+    _ensure_store(settings)
+    started = time.perf_counter()
+    config = SASRecConfig(epochs=args.epochs, max_minutes=args.minutes, seed=args.seed)
+    catalog = Catalog(Path(settings.store_dir) / CATALOG_FILE)
+    try:
+        client = chroma_client(Path(settings.store_dir) / CHROMA_DIR, settings.chroma_host, settings.chroma_port)
+        trained = train_for_store(catalog, VectorIndex(client, LocalEmbeddings(settings.embedding_model)),
+                                  Path(settings.store_dir), config)
+    finally:
+        catalog.close()
+    facts = trained.facts
+    print(f"sasrec: {facts['epochs_run']} epochs (best {facts['best_epoch']}, validation NDCG@10 "
+          f"{facts['best_val_ndcg@10']}), {time.perf_counter() - started:.1f} s on {config.threads} threads; "
+          f"saved under {settings.store_dir}/sasrec. Serve it with the source weight sources.sasrec.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="homepage", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,6 +163,31 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--catalogue", help=argparse.SUPPRESS)
     demo.add_argument("--events", help=argparse.SUPPRESS)
     demo.set_defaults(run=cmd_demo)
+
+    train = sub.add_parser("train", help="train a learned retriever on the store's events")
+    train_sub = train.add_subparsers(dest="model", required=True)
+    sasrec = train_sub.add_parser("sasrec", help="the SASRec sequential model (item vectors into the store)",
+                                  description="Example: homepage train sasrec --minutes 20")
+    sasrec.add_argument("--epochs", type=int, default=200, help="upper bound (early stopping on validation)")
+    sasrec.add_argument("--minutes", type=float, default=20.0, help="wall-clock cap on training")
+    sasrec.add_argument("--seed", type=int, default=0)
+    sasrec.set_defaults(run=cmd_train_sasrec)
+
+    evaluate = sub.add_parser("eval", help="offline evaluation suites")
+    eval_sub = evaluate.add_subparsers(dest="suite", required=True)
+    ranking = eval_sub.add_parser(
+        "ranking", help="ranking metrics of every source, the fusion and the page, side by side",
+        description="Example: homepage eval ranking --data data/amazon-beauty --users 2000 --out reports/ranking")
+    ranking.add_argument("--data", required=True, help="folder with items.csv and interactions.csv")
+    ranking.add_argument("--users", type=int, help="evaluate a seeded sample of N users (default: all)")
+    ranking.add_argument("--out", type=Path, help="write ranking.json, ranking.md, ranking.png, run.json here")
+    ranking.add_argument("--seed", type=int, default=0)
+    ranking.add_argument("--tune-users", type=int, default=2000, help="validation users for tuning")
+    ranking.add_argument("--cache", default=".homepage/eval-cache", help="trained models and product vectors")
+    ranking.add_argument("--no-cache", action="store_true", help="train and embed from scratch, keep nothing")
+    ranking.add_argument("--minutes", type=float, default=15.0, help="wall-clock cap on SASRec training")
+    ranking.add_argument("--threads", type=int, default=2, help="torch threads for training (1 on a busy CPU)")
+    ranking.set_defaults(run=cmd_eval_ranking)
     return parser
 
 
