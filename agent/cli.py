@@ -142,6 +142,20 @@ def cmd_train_sasrec(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from agent.service import build_composer
+    from eval.bench import format_report, run_bench, write_report
+
+    settings = _settings(args)
+    _ensure_store(settings)
+    report = run_bench(build_composer(settings), users=args.users, batch_size=args.batch,
+                       validity_users=args.validity_users, seed=args.seed)
+    print(format_report(report))
+    if args.out:
+        write_report(report, Path(args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="homepage", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -188,6 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     ranking.add_argument("--minutes", type=float, default=15.0, help="wall-clock cap on SASRec training")
     ranking.add_argument("--threads", type=int, default=2, help="torch threads for training (1 on a busy CPU)")
     ranking.set_defaults(run=cmd_eval_ranking)
+    bench = sub.add_parser("bench", help="latency, tokens and validity of the LLM, deterministic and cache paths",
+                           description="Example: homepage bench --users 40 --validity-users 1000 --out out/bench")
+    bench.add_argument("--users", type=int, default=40, help="users timed per path (10%% of them new)")
+    bench.add_argument("--batch", type=int, default=8, help="batch size for precompute")
+    bench.add_argument("--validity-users", type=int, default=1000, help="pages checked for validity (0: skip)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--out", help="write bench.json and bench.md here")
+    bench.set_defaults(run=cmd_bench)
     return parser
 
 

@@ -71,6 +71,7 @@ class Attempt:
     generations: list[Generation] = field(default_factory=list)
     violations: list[Violation] = field(default_factory=list)
     fixed: list[Violation] = field(default_factory=list)
+    per_call: list[int] = field(default_factory=list)
     body: PageBody | None = None
     fallback_reason: str | None = None
 
@@ -288,6 +289,7 @@ class Composer:
             detail = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
             a.violations = [Violation(code="unparseable", message=f"the draft is not a valid page: {detail}")]
             a.fixed.extend(a.violations)
+            a.per_call.append(1)
             return
         llm_pools = [p for m, p in zip(self.skeleton.modules, a.pools.modules, strict=True) if m.source != "campaign"]
         chosen = [(module.title, [pool[h - 1].item_id for h in module.items if 1 <= h <= len(pool)])
@@ -295,6 +297,7 @@ class Composer:
         a.body = self.assemble(a.pools, chosen)
         a.violations = validate(a.body, self.ctx)
         a.fixed.extend(a.violations)
+        a.per_call.append(len(a.violations))
 
     def deterministic(self, pools: Pools) -> PageBody:
         """Retrieval order and template copy (or the planned title); no model."""
@@ -324,8 +327,8 @@ class Composer:
             templates={name: p.version for name, p in self.prompts.items()}, cold_start=a.history.is_cold,
             tokens_generated=sum(g.tokens for g in a.generations),
             forward_passes=sum(g.forward_passes for g in a.generations), llm_calls=len(a.generations),
-            violations_fixed=a.fixed, plan=a.pools.themes, fallback_reason=a.fallback_reason,
-            composed_at=time.time(),
+            violations_fixed=a.fixed, violations_per_call=a.per_call, plan=a.pools.themes,
+            fallback_reason=a.fallback_reason, composed_at=time.time(),
         )
         page = self.expand(a.user_id, a.body, a.pools, meta)
         page.meta.latency_ms = round((time.perf_counter() - a.started) * 1000, 2)

@@ -74,6 +74,7 @@ class PageMeta(BaseModel):
     forward_passes: int = 0
     llm_calls: int = 0
     violations_fixed: list[Violation] = Field(default_factory=list)
+    violations_per_call: list[int] = Field(default_factory=list, description="rule violations after each draft")
     plan: dict[str, PlannedTheme] = Field(default_factory=dict, description="module type -> planned theme")
     fallback_reason: str | None = None
     composed_at: float = Field(0.0, description="unix time the page was composed (cache hits keep it)")

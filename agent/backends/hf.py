@@ -1,8 +1,13 @@
 """The embedded default: a transformers model on the CPU, decoding under an xgrammar grammar.
 
-The decode loop is our own rather than ``generate()`` with a logits processor, for two reasons:
-tokens the grammar forces (JSON keys, brackets, quotes) are appended without a model step
-("jump-forward"), and we count model steps and tokens for the page meta.
+The decode loop is our own rather than ``generate()`` with a logits processor, because on a CPU the
+cost of a page is the number of model steps, and three things cut them:
+- jump-forward: tokens the grammar forces (JSON keys, brackets, commas) are appended without a step;
+- speculation: a cheap guess of the next tokens (the next handles in order; or, for copy, the text
+  that followed the same tokens in the prompt) is checked in the same step that produces the next
+  token; every guessed token the model agrees with is one step saved, and the output is exactly
+  the greedy output (a wrong guess is cut from the KV cache);
+- the system prompt's KV cache is computed once and shared by every page.
 """
 
 from __future__ import annotations
@@ -94,9 +99,10 @@ def load_model(model: str, gguf_file: str | None, adapter: str | None, dtype: st
 class TransformersBackend(LLMBackend):
     name = "transformers"
 
-    def __init__(self, tokenizer, model, model_name: str, adapter: str | None = None):
+    def __init__(self, tokenizer, model, model_name: str, adapter: str | None = None, speculate: int = 8):
         import xgrammar as xgr
 
+        self.speculate = speculate  # tokens guessed per step (0: off)
         self.tokenizer, self.model = tokenizer, model
         self.model_name, self.adapter = model_name, adapter
         self._vocab = model.config.vocab_size
@@ -117,7 +123,7 @@ class TransformersBackend(LLMBackend):
     def from_settings(cls, settings) -> TransformersBackend:
         tokenizer, model = load_model(settings.model, settings.gguf_file, settings.adapter, settings.dtype,
                                       str(settings.model_cache_dir))
-        return cls(tokenizer, model, settings.model, settings.adapter)
+        return cls(tokenizer, model, settings.model, settings.adapter, settings.speculate)
 
     @lru_cache(maxsize=256)  # noqa: B019 - one backend per process; schemas repeat per skeleton
     def _grammar(self, schema_json: str):
@@ -139,14 +145,40 @@ class TransformersBackend(LLMBackend):
         start = max(opened)
         return [self._single[v] for v in text[start:].split(",") if v in self._single]
 
-    def _choose(self, logits, matcher, bitmask, row: int, output: list[int], keys: set[str]) -> int:
-        """Greedy choice among the tokens the grammar allows, minus repeats."""
+    def _guess(self, context: list[int], output: list[int], keys: set[str]) -> list[int]:
+        """Up to ``self.speculate`` tokens the model will probably write next: inside a uniqueItems
+        array, the next handles in ascending order (models list ranked candidates in order);
+        elsewhere, what followed the last two tokens where they last appeared in the prompt
+        (titles echo the prompt's examples and words)."""
+        n = self.speculate
+        if n <= 0 or not output:
+            return []
+        text = self.tokenizer.decode(output)
+        opened = [text.rfind(f'"{key}":[') + len(key) + 4 for key in keys if f'"{key}":[' in text]
+        if opened and "]" not in text[max(opened):]:
+            values = [v for v in text[max(opened):].split(",") if v.isdigit()]
+            used = set(map(int, values))
+            last = int(values[-1]) if values else 0
+            nexts = [v for v in range(last + 1, last + 1 + n) if v not in used]
+            guess = ",".join(map(str, nexts))
+            guess = guess if text.endswith(("[", ",")) else "," + guess
+            return self.tokenizer.encode(guess, add_special_tokens=False)[:n]
+        tokens = context + output
+        key = tokens[-2:]
+        for start in range(len(tokens) - 3, -1, -1):
+            if tokens[start : start + 2] == key:
+                return tokens[start + 2 : start + 2 + n]
+        return []
+
+    def _choose(self, row_logits, matcher, bitmask, index: int, output: list[int], keys: set[str]) -> int:
+        """Greedy choice for one sequence (``row_logits``: 1 x vocab) among the tokens the grammar
+        allows (using row ``index`` of ``bitmask``), minus repeats."""
         import torch
         import xgrammar as xgr
 
-        matcher.fill_next_token_bitmask(bitmask, row)
-        row_logits = logits[row : row + 1]
-        xgr.apply_token_bitmask_inplace(row_logits, bitmask[row : row + 1])
+        matcher.fill_next_token_bitmask(bitmask, index)
+        row_logits = row_logits.clone()
+        xgr.apply_token_bitmask_inplace(row_logits, bitmask[index : index + 1])
         repeats = self._repeats(output, keys)
         if repeats:
             masked = row_logits.clone()
@@ -176,7 +208,7 @@ class TransformersBackend(LLMBackend):
         import xgrammar as xgr
 
         started = time.perf_counter()
-        matcher = xgr.GrammarMatcher(self._grammar(json.dumps(schema, sort_keys=True)))
+        matcher = xgr.GrammarMatcher(self._grammar(json.dumps(schema)))
         bitmask = xgr.allocate_token_bitmask(1, self._vocab)
         keys = unique_array_keys(schema)
         output: list[int] = []
@@ -202,17 +234,34 @@ class TransformersBackend(LLMBackend):
                 while len(output) < max_new_tokens and not matcher.is_completed():
                     if deadline is not None and time.monotonic() > deadline:
                         raise BackendError("the page's time budget ran out during generation", retryable=True)
-                    out = self.model(input_ids=torch.tensor([step_ids]), past_key_values=past, use_cache=True)
+                    guess = self._guess(ids, output, keys)
+                    out = self.model(input_ids=torch.tensor([step_ids + guess]), past_key_values=past, use_cache=True)
                     passes += 1
                     past = out.past_key_values
                     if passes == 1:
                         prefill = time.perf_counter() - started
-                    token = self._choose(out.logits[:, -1, : self._vocab].float(), matcher, bitmask, 0, output, keys)
-                    if not matcher.accept_token(token):
-                        raise BackendError(f"grammar refused token {token}")
-                    if matcher.is_terminated():
+                    # position j of these logits predicts the token after guess[j - 1] (j = 0: after step_ids)
+                    logits = out.logits[0, len(step_ids) - 1 :, : self._vocab].float()
+                    agreed, finished = 0, False
+                    for j in range(len(guess) + 1):
+                        token = self._choose(logits[j : j + 1], matcher, bitmask, 0, output, keys)
+                        if not matcher.accept_token(token):
+                            raise BackendError(f"grammar refused token {token}")
+                        if matcher.is_terminated():
+                            finished = True
+                            break
+                        output.append(token)
+                        if matcher.is_completed():
+                            finished = True
+                            break
+                        if j < len(guess) and token == guess[j]:
+                            agreed += 1  # its KV entry is already computed: a step saved
+                            continue
                         break
-                    output.append(token)
+                    if len(guess) > agreed:  # drop the KV entries of guesses the model did not make
+                        past.crop(agreed - len(guess))
+                    if finished:
+                        break
                     step_ids = [token, *force()]
             finally:
                 # the shared cache was extended in place: cut it back to the system prompt alone
@@ -232,7 +281,7 @@ class TransformersBackend(LLMBackend):
             return [self.generate(m, s, max_new_tokens) for m, s in requests]
         started = time.perf_counter()
         rows = len(requests)
-        matchers = [xgr.GrammarMatcher(self._grammar(json.dumps(s, sort_keys=True))) for _, s in requests]
+        matchers = [xgr.GrammarMatcher(self._grammar(json.dumps(s))) for _, s in requests]
         keys = [unique_array_keys(s) for _, s in requests]
         prompts = [self.prompt_ids(m) for m, _ in requests]
         width = max(map(len, prompts))
@@ -254,7 +303,8 @@ class TransformersBackend(LLMBackend):
                 for row in range(rows):
                     token = self._pad
                     if not done[row]:
-                        token = self._choose(logits, matchers[row], bitmask, row, outputs[row], keys[row])
+                        token = self._choose(logits[row : row + 1], matchers[row], bitmask, row, outputs[row],
+                                             keys[row])
                         if not matchers[row].accept_token(token):
                             raise BackendError(f"grammar refused token {token}")
                         if matchers[row].is_terminated():

@@ -1,0 +1,155 @@
+"""``homepage bench``: where a page's time goes, measured side by side in one run.
+
+Paths: the LLM path (plan, compose, check, one retry, fix; measured without the time budget so the
+figures show the model's real cost, then counted against the budget), the deterministic path, the
+cache path, and batch precompute. Then validity at scale: pages for many users through batch
+precompute, counting schema-valid pages and rule violations before repair, after the LLM retry and
+in the returned pages (must be 0).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import resource
+import statistics
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from agent.rules import ModuleBody, PageBody, validate
+from agent.schema import Homepage
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    """p50/p95/p99 by the nearest-rank method (no interpolation), in the unit given."""
+    ordered = sorted(values)
+
+    def rank(q: float) -> float:
+        return ordered[min(len(ordered) - 1, max(0, int(-(-q * len(ordered) // 100)) - 1))]
+
+    return {"p50": rank(50), "p95": rank(95), "p99": rank(99), "n": len(ordered)}
+
+
+def _returned_violations(composer, page: Homepage) -> int:
+    body = PageBody([
+        ModuleBody(spec, m.title, [i.item_id for i in m.items], {i.item_id for i in m.items if i.sponsored})
+        for spec, m in zip(composer.skeleton.modules, page.modules, strict=True)
+    ])
+    return len(validate(body, composer.ctx))
+
+
+def run_bench(composer, users: int = 40, batch_size: int = 8, validity_users: int = 1000, seed: int = 0,
+              progress: bool = True) -> dict:
+    known = composer.retriever.catalog.users()
+    rng = random.Random(seed)
+    picked = rng.sample(known, min(users, len(known)))
+    picked[-max(users // 10, 1):] = [f"bench-new-user-{i}" for i in range(max(users // 10, 1))]  # cold starts
+    report: dict = {"users": len(picked), "model": composer.backend.model_name, "budget_s": composer.budget_s}
+
+    composer.compose(picked[0], use_cache=False)  # warm-up: grammar compile, system-prompt KV cache
+
+    budget, composer.budget_s = composer.budget_s, None
+    rows = []
+    for user in tqdm(picked, desc="LLM path", disable=not progress):
+        started = time.perf_counter()
+        page = composer.compose(user, use_cache=False)
+        rows.append((time.perf_counter() - started, page))
+    composer.budget_s = budget
+    llm_ms = [s * 1000 for s, _ in rows]
+    report["llm"] = {
+        "latency_ms": percentiles(llm_ms),
+        "tokens_per_page": statistics.median(p.meta.tokens_generated for _, p in rows),
+        "forward_passes_per_page": statistics.median(p.meta.forward_passes for _, p in rows),
+        "llm_calls_per_page": statistics.mean(p.meta.llm_calls for _, p in rows),
+        "over_budget": sum(1 for s, _ in rows if budget is not None and s > budget) / len(rows),
+        "sources": {k: sum(1 for _, p in rows if p.meta.source == k) for k in ("llm", "repaired")},
+    }
+
+    deterministic = []
+    for _ in range(3):
+        for user in picked:
+            started = time.perf_counter()
+            composer.compose(user, use_llm=False, use_cache=False)
+            deterministic.append((time.perf_counter() - started) * 1000)
+    report["deterministic"] = {"latency_ms": percentiles(deterministic)}
+
+    for user in picked:  # fill the cache, then time hits
+        composer.compose(user, use_llm=False)
+    hits = []
+    for _ in range(5):
+        for user in picked:
+            started = time.perf_counter()
+            page = composer.compose(user)
+            hits.append((time.perf_counter() - started) * 1000)
+            if page.meta.source != "cache":
+                raise RuntimeError(f"expected a cache hit for {user}, got {page.meta.source}")
+    report["cache"] = {"latency_ms": percentiles(hits)}
+
+    batch_users = picked[: 4 * batch_size]
+    started = time.perf_counter()
+    composer.compose_batch(batch_users, batch_size=batch_size)
+    seconds = time.perf_counter() - started
+    report["batch"] = {"batch_size": batch_size, "pages": len(batch_users),
+                       "pages_per_minute": round(len(batch_users) / seconds * 60, 1)}
+
+    if validity_users:
+        report["validity"] = validity(composer, known[:validity_users], batch_size, progress)
+    report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return report
+
+
+def validity(composer, users: list[str], batch_size: int, progress: bool) -> dict:
+    counts = {"pages": 0, "schema_valid": 0, "violating_before_repair": 0, "violating_after_llm_retry": 0,
+              "violations_in_returned_pages": 0, "sources": {}}
+    started = time.perf_counter()
+    for start in tqdm(range(0, len(users), batch_size), desc="validity", disable=not progress):
+        for page in composer.compose_batch(users[start : start + batch_size], batch_size=batch_size):
+            Homepage.model_validate_json(page.model_dump_json())
+            counts["pages"] += 1
+            counts["schema_valid"] += 1
+            per_call = page.meta.violations_per_call
+            counts["violating_before_repair"] += bool(per_call and per_call[0])
+            counts["violating_after_llm_retry"] += bool(per_call and per_call[-1])
+            counts["violations_in_returned_pages"] += _returned_violations(composer, page)
+            counts["sources"][page.meta.source] = counts["sources"].get(page.meta.source, 0) + 1
+    counts["seconds"] = round(time.perf_counter() - started, 1)
+    return counts
+
+
+def format_report(report: dict) -> str:
+    def row(name: str, entry: dict) -> str:
+        lat = entry["latency_ms"]
+        return f"| {name} | {lat['p50']:.1f} | {lat['p95']:.1f} | {lat['p99']:.1f} | {lat['n']} |"
+
+    llm = report["llm"]
+    lines = [
+        f"model {report['model']}, {report['users']} users (10% new), time budget {report['budget_s']} s",
+        "",
+        "| path | p50 ms | p95 ms | p99 ms | pages |",
+        "| --- | --- | --- | --- | --- |",
+        row("LLM (plan, compose, check, retry, fix)", llm),
+        row("deterministic", report["deterministic"]),
+        row("cache hit", report["cache"]),
+        "",
+        f"LLM path: {llm['tokens_per_page']} tokens and {llm['forward_passes_per_page']} model steps per page "
+        f"(median), {llm['llm_calls_per_page']:.2f} LLM calls per page, {llm['over_budget']:.0%} over the budget, "
+        f"sources {llm['sources']}",
+        f"batch precompute (batch {report['batch']['batch_size']}): {report['batch']['pages_per_minute']} pages/min",
+    ]
+    if "validity" in report:
+        v = report["validity"]
+        lines.append(
+            f"validity over {v['pages']} users: {v['schema_valid']} schema-valid, {v['violating_before_repair']} "
+            f"with violations before repair, {v['violating_after_llm_retry']} after the LLM retry, "
+            f"{v['violations_in_returned_pages']} violations in returned pages ({v['seconds']} s; {v['sources']})"
+        )
+    lines.append(f"peak memory (RSS): {report['peak_rss_mb']} MB")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(report, indent=2))
+    (out / "bench.md").write_text(format_report(report) + "\n")
