@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     openai_base_url: str = Field("http://127.0.0.1:8000/v1", description="for backend=openai (vllm serve)")
     max_new_tokens: int = Field(160, ge=16)
     speculate: int = Field(8, ge=0, le=32, description="tokens guessed and checked per model step (0: off); "
-                           "the output is the same greedy output either way")
+                           "the output stays the greedy output")
     llm_retry: bool = Field(True, description="one LLM retry with the violations before the deterministic fix")
     budget_ms: int | None = Field(4000, ge=1, description="per-page time budget for the LLM path; past it, "
                                   "the deterministic composer answers (unset: no budget)")

@@ -19,7 +19,7 @@ def test_shipped_templates_load_and_render_without_holes():
     prompts = load_prompts(PROMPTS_DIR)
     messages = prompts["compose"].render(**PROMPTS["compose"][1])
     assert [m["role"] for m in messages] == ["system", "user"]
-    assert "1. Argan Oil Serum | Acme | Oils | $12" in messages[1]["content"]
+    assert "1. Argan Oil Serum | Acme | $12" in messages[1]["content"]
     assert "{{" not in messages[0]["content"] + messages[1]["content"]
     assert len(prompts["compose"].version) == 10
 

@@ -5,8 +5,9 @@ cost of a page is the number of model steps, and three things cut them:
 - jump-forward: tokens the grammar forces (JSON keys, brackets, commas) are appended without a step;
 - speculation: a cheap guess of the next tokens (the next handles in order; or, for copy, the text
   that followed the same tokens in the prompt) is checked in the same step that produces the next
-  token; every guessed token the model agrees with is one step saved, and the output is exactly
-  the greedy output (a wrong guess is cut from the KV cache);
+  token; every guessed token the model agrees with is one step saved, and the output is the greedy
+  output (a wrong guess is cut from the KV cache; only float rounding between a one-token and a
+  several-token step can tip a near tie);
 - the system prompt's KV cache is computed once and shared by every page.
 """
 
