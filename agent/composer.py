@@ -327,6 +327,8 @@ class Composer:
             templates={name: p.version for name, p in self.prompts.items()}, cold_start=a.history.is_cold,
             tokens_generated=sum(g.tokens for g in a.generations),
             forward_passes=sum(g.forward_passes for g in a.generations), llm_calls=len(a.generations),
+            prompt_tokens=sum(g.prompt_tokens for g in a.generations),
+            prefill_ms=round(sum(g.prefill_seconds for g in a.generations) * 1000, 1),
             violations_fixed=a.fixed, violations_per_call=a.per_call, plan=a.pools.themes,
             fallback_reason=a.fallback_reason, composed_at=time.time(),
         )

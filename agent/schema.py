@@ -72,6 +72,8 @@ class PageMeta(BaseModel):
     latency_ms: float = 0.0
     tokens_generated: int = 0
     forward_passes: int = 0
+    prompt_tokens: int = 0
+    prefill_ms: float = Field(0.0, description="time spent reading prompts (part of latency_ms)")
     llm_calls: int = 0
     violations_fixed: list[Violation] = Field(default_factory=list)
     violations_per_call: list[int] = Field(default_factory=list, description="rule violations after each draft")
