@@ -61,7 +61,10 @@ def _compose(settings, user_ids: list[str], as_json: bool) -> None:
         print(f"(composer ready in {time.perf_counter() - started:.1f} s)", file=sys.stderr)
     for user_id in user_ids:
         page = composer.compose(user_id)
-        print(page.model_dump_json(indent=2)) if as_json else _print_page(page)
+        if as_json:
+            print(page.model_dump_json(indent=2))
+        else:
+            _print_page(page)
 
 
 def cmd_compose(args: argparse.Namespace) -> int:
