@@ -195,8 +195,10 @@ class Composer:
         themes = themes or {}
         products = self.retriever.products
         sources = {m.source for m in self.skeleton.modules} - {"personal", "planned", "campaign"}
-        per_source = self.retriever.per_source(history, 60, sorted(sources))
-        personal = self.retriever.candidates(history, 60)
+        # each source retrieved once: the module sources and the fused ones overlap (covisit)
+        per_source = self.retriever.per_source(history, 60, sorted(sources | set(self.retriever.weights)))
+        personal = (self.retriever.sources["popularity"].candidates(history, 60) if history.is_cold else
+                    self.retriever.fused(history, {n: per_source[n] for n in self.retriever.weights}, 60))
         reserve = [c for c in self.retriever.sources["popularity"].candidates(history, 120)
                    if not self.skeleton.excludes(products[c.item_id])]
         taken = {i for m in self.skeleton.modules for i in [*m.items, *m.pinned]} | set(self.skeleton.sponsored_items)
