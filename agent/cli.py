@@ -5,6 +5,8 @@ Examples:
   homepage ingest --catalogue items.parquet --events events.jsonl
   homepage compose A2V5R832QCSOMX --json
   homepage demo --users 3
+  homepage finetune finetune/configs/smoke.yaml   # LoRA adapter from the sample's logs
+  homepage eval adapter finetune/configs/smoke.yaml
 """
 
 from __future__ import annotations
@@ -159,6 +161,68 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from agent.errors import ConfigError
+
+    settings = _settings(args)
+    if args.target == "fields":
+        from finetune.config import field_help
+
+        print("\n".join(field_help()))
+        return 0
+    if args.target == "merge":
+        from finetune.merge import merge
+
+        if len(args.paths) != 2:
+            raise UserError("usage: homepage finetune merge ADAPTER OUT")
+        merge(Path(args.paths[0]), Path(args.paths[1]), settings.model_cache_dir, args.model)
+        print(f"merged model in {args.paths[1]}; serve it with HOMEPAGE_MODEL={args.paths[1]}")
+        return 0
+    if args.paths:
+        raise UserError(f"unexpected arguments {args.paths}; usage: homepage finetune CONFIG")
+    from agent.backends import load_backend
+    from finetune.config import load_config
+    from finetune.examples import build_examples, read_examples
+    from finetune.train import ADAPTER_DIR, train
+
+    config = load_config(Path(args.target))
+    teacher = None
+    if config.teacher.kind == "backend":
+        if not config.teacher.model:
+            raise ConfigError(f"{args.target}: teacher.model is required when teacher.kind is 'backend'")
+        teacher = load_backend(settings.model_copy(update={
+            "backend": config.teacher.backend, "model": config.teacher.model,
+            "openai_base_url": config.teacher.base_url, "adapter": None}))
+    started = time.perf_counter()
+    manifest = build_examples(config, settings, teacher)
+    print(f"examples: {manifest['examples']} ({manifest['examples_eval']} held out for the evaluation loss), "
+          f"{manifest['examples_with_target_shown']} showing an item the user bought next; skipped "
+          f"{manifest['skipped'] or 'none'} ({manifest['seconds']} s) -> {config.out}")
+    if args.examples_only:
+        return 0
+    metadata = train(config, settings, read_examples(config.out), manifest, restart=args.restart).metadata
+    print(f"adapter: {Path(config.out) / ADAPTER_DIR}; {metadata['metrics']}; "
+          f"total {time.perf_counter() - started:.0f} s")
+    print(f"serve it with HOMEPAGE_ADAPTER={Path(config.out) / ADAPTER_DIR}; "
+          f"compare with: homepage eval adapter {args.target}")
+    return 0
+
+
+def cmd_eval_adapter(args: argparse.Namespace) -> int:
+    from eval.adapter import compare, table, write_report
+    from finetune.config import load_config
+    from finetune.train import ADAPTER_DIR
+
+    settings = _settings(args)
+    config = load_config(Path(args.config))
+    adapter = Path(args.adapter) if args.adapter else Path(config.out) / ADAPTER_DIR
+    report = compare(config, settings, adapter, users=args.users, seed=args.seed)
+    print(table(report))
+    print(f"{report['meta']['users']} validation users; {report['meta']['seconds']} s")
+    write_report(report, Path(args.out) if args.out else Path(config.out) / "eval", adapter)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="homepage", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -205,6 +269,28 @@ def build_parser() -> argparse.ArgumentParser:
     ranking.add_argument("--minutes", type=float, default=15.0, help="wall-clock cap on SASRec training")
     ranking.add_argument("--threads", type=int, default=2, help="torch threads for training (1 on a busy CPU)")
     ranking.set_defaults(run=cmd_eval_ranking)
+    adapter = eval_sub.add_parser(
+        "adapter", help="base model vs LoRA adapter on the same validation users",
+        description="Example: homepage eval adapter finetune/configs/smoke.yaml --users 30")
+    adapter.add_argument("config", help="the fine-tuning config (its data and out folder)")
+    adapter.add_argument("--adapter", help="adapter folder (default: OUT/adapter of the config)")
+    adapter.add_argument("--users", type=int, default=30, help="validation users (seeded sample)")
+    adapter.add_argument("--seed", type=int, default=0)
+    adapter.add_argument("--out", help="write adapter_eval.json and .md here (default: OUT/eval)")
+    adapter.set_defaults(run=cmd_eval_adapter)
+
+    finetune = sub.add_parser(
+        "finetune", help="LoRA fine-tuning: SFT examples from the logs, training, merging",
+        description="homepage finetune CONFIG [--restart] | homepage finetune merge ADAPTER OUT | "
+                    "homepage finetune fields\nExample: homepage finetune finetune/configs/smoke.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    finetune.add_argument("target", help="a config file (YAML); 'merge'; or 'fields' (every config field, with help)")
+    finetune.add_argument("paths", nargs="*", help="for merge: ADAPTER OUT")
+    finetune.add_argument("--restart", action="store_true", help="ignore checkpoints; train from the start")
+    finetune.add_argument("--examples-only", action="store_true", help="write the examples and manifest, no training")
+    finetune.add_argument("--model", help="for merge: the base model (default: from the adapter's metadata)")
+    finetune.set_defaults(run=cmd_finetune)
+
     bench = sub.add_parser("bench", help="latency, tokens and validity of the LLM, deterministic and cache paths",
                            description="Example: homepage bench --users 40 --validity-users 1000 --out out/bench")
     bench.add_argument("--users", type=int, default=40, help="users timed per path (10%% of them new)")

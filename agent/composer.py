@@ -77,7 +77,7 @@ class Attempt:
 
 
 class Composer:
-    def __init__(self, retriever: Retriever, backend: LLMBackend, prompts: dict[str, Prompt], rules: Rules,
+    def __init__(self, retriever: Retriever, backend: LLMBackend | None, prompts: dict[str, Prompt], rules: Rules,
                  skeleton: Skeleton, max_new_tokens: int = 160, llm_retry: bool = True,
                  budget_s: float | None = 4.0, cache: PageCache | None = None):
         self.retriever, self.backend, self.prompts = retriever, backend, prompts
@@ -223,7 +223,7 @@ class Composer:
             modules.append(pool)
         return Pools(modules, reserve, themes)
 
-    def _count(self, spec: ModuleSpec, pool: list[Candidate]) -> int:
+    def item_count(self, spec: ModuleSpec, pool: list[Candidate]) -> int:
         fixed = len(spec.pinned) + spec.sponsored_slots
         high = min(spec.max_items, self.rules.max_items_per_module) - fixed
         return max(min(high, len(pool)), 0)
@@ -241,7 +241,7 @@ class Composer:
                 for h, c in enumerate(pool, start=1)
             ]
             modules.append({"type": spec.type, "title": spec.title, "theme": theme.title if theme else None,
-                            "count": self._count(spec, pool), "min_items": spec.min_items,
+                            "count": self.item_count(spec, pool), "min_items": spec.min_items,
                             "max_items": spec.max_items, "candidates": candidates})
         return self.prompts["compose"].render(summary=history.summary, modules=modules,
                                               rules=self.rules.model_dump())
@@ -251,7 +251,7 @@ class Composer:
         for spec, pool in zip(self.skeleton.modules, pools.modules, strict=True):
             if spec.source != "campaign":
                 theme = pools.themes.get(spec.type)
-                slots.append((len(pool), self._count(spec, pool), theme.title if theme else None))
+                slots.append((len(pool), self.item_count(spec, pool), theme.title if theme else None))
         return draft_json_schema(slots, self.rules.title_min_chars, self.rules.title_max_chars)
 
     def _retry_messages(self, a: Attempt) -> list[dict[str, str]]:
@@ -308,7 +308,7 @@ class Composer:
             if spec.source != "campaign":
                 theme = pools.themes.get(spec.type)
                 chosen.append((theme.title if theme else spec.title,
-                               [c.item_id for c in pool[: self._count(spec, pool)]]))
+                               [c.item_id for c in pool[: self.item_count(spec, pool)]]))
         return self.assemble(pools, chosen)
 
     def _finish(self, a: Attempt) -> Homepage:

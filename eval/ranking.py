@@ -30,7 +30,6 @@ import numpy as np
 from tqdm import tqdm
 
 from eval.metrics import mean_metrics
-from eval.split import Split, leave_last_out
 from retrieval.catalog import Catalog
 from retrieval.columns import CatalogueColumns, EventColumns
 from retrieval.history import History
@@ -39,6 +38,7 @@ from retrieval.records import Candidate, Event, Product
 from retrieval.retriever import CATALOG_FILE, CHROMA_DIR, Retriever
 from retrieval.sequential import MODEL_DIR, Fitted, SASRecConfig, Trained, fit, publish
 from retrieval.sources import SOURCES, SourceContext, fuse
+from retrieval.split import Split, leave_last_out
 from retrieval.vectors import PRODUCTS, LocalEmbeddings, VectorIndex, chroma_client
 
 METRIC_KS = (5, 10, 20, 50)

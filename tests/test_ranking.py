@@ -11,11 +11,11 @@ import pytest
 
 from agent.settings import SAMPLE_DIR
 from eval.metrics import basket_ndcg, basket_recall, mean_metrics
-from eval.split import leave_last_out
 from retrieval import Event, Product, Retriever
 from retrieval.catalog import Catalog
 from retrieval.retriever import CATALOG_FILE, CHROMA_DIR
 from retrieval.sequential import MODEL_DIR, SASRecConfig, Trained, holdout_ndcg, publish, train_sasrec
+from retrieval.split import leave_last_out
 from retrieval.vectors import ITEM_VECTORS, LocalEmbeddings, VectorIndex, chroma_client
 
 ITEMS = [f"p{i:02d}" for i in range(30)]

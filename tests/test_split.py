@@ -1,7 +1,7 @@
 import pytest
 
-from eval.split import baskets, leave_last_out
 from retrieval import Event
+from retrieval.split import baskets, leave_last_out
 
 
 def _seq(user: str, items: list[str]) -> list[Event]:

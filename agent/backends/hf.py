@@ -20,6 +20,7 @@ import time
 from functools import lru_cache
 from pathlib import Path
 
+from agent.adapters import check_adapter
 from agent.backends import Generation, LLMBackend
 from agent.errors import BackendError, ConfigError
 from retrieval.packaged import ModelNotFound, find_gguf, resolve_model
@@ -52,9 +53,15 @@ def _converted_dir(cache_dir: Path, folder: str, gguf: str) -> Path:
     return Path(cache_dir) / f"{source.stem}-{key}"
 
 
-@lru_cache(maxsize=2)
-def load_model(model: str, gguf_file: str | None, adapter: str | None, dtype: str, cache_dir: str):
-    """Load once per process (per configuration)."""
+def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """The token ids the model reads for ``messages``, up to the assistant's turn; training examples
+    are encoded with this very function, so training and serving see the same prompt."""
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def load_base(model: str, gguf_file: str | None, dtype: str, cache_dir: str):
+    """Tokenizer and model (no adapter), from a package, a local folder or the local hub cache."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -89,6 +96,15 @@ def load_model(model: str, gguf_file: str | None, adapter: str | None, dtype: st
         net = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
     except OSError as exc:
         raise ConfigError(f"model: cannot load {model!r} offline: {exc}") from None
+    return tokenizer, net
+
+
+@lru_cache(maxsize=2)
+def load_model(model: str, gguf_file: str | None, adapter: str | None, dtype: str, cache_dir: str):
+    """Load once per process (per configuration); an adapter is checked against the model first."""
+    if adapter:
+        check_adapter(adapter, model)
+    tokenizer, net = load_base(model, gguf_file, dtype, cache_dir)
     if adapter:
         from peft import PeftModel
 
@@ -131,8 +147,7 @@ class TransformersBackend(LLMBackend):
         return self._compiler.compile_json_schema(schema_json, any_whitespace=False, separators=(",", ":"))
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+        return chat_prompt_ids(self.tokenizer, messages)
 
     def _repeats(self, output: list[int], keys: set[str]) -> list[int]:
         """Token ids that would repeat a value of the uniqueItems array being written, if any.
@@ -271,6 +286,27 @@ class TransformersBackend(LLMBackend):
                     past.crop(-extra)
         text = self.tokenizer.decode(output, skip_special_tokens=True)
         return Generation(text, len(output), passes, time.perf_counter() - started, len(ids), prefill)
+
+    def generate_free(self, messages: list[dict[str, str]], max_new_tokens: int) -> Generation:
+        """Greedy generation without a grammar, to the end-of-turn token: what the model writes
+        unaided (the fine-tuning evaluation measures how often that is a valid page)."""
+        import torch
+
+        started = time.perf_counter()
+        ids = self.prompt_ids(messages)
+        output: list[int] = []
+        with self._lock, torch.inference_mode():
+            step, past = ids, None
+            while len(output) < max_new_tokens:
+                out = self.model(input_ids=torch.tensor([step]), past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                token = int(out.logits[0, -1, : self._vocab].argmax())
+                if token == self.tokenizer.eos_token_id:
+                    break
+                output.append(token)
+                step = [token]
+        text = self.tokenizer.decode(output, skip_special_tokens=True)
+        return Generation(text, len(output), len(output) + 1, time.perf_counter() - started, len(ids))
 
     def generate_batch(self, requests, max_new_tokens) -> list[Generation]:
         """One forward pass per step for all rows (left-padded). No jump-forward here: forced tokens

@@ -1,0 +1,136 @@
+"""LoRA training with peft and the transformers Trainer: checkpoints every ``save_steps``, resume
+from the last one after an interruption, and the adapter saved with its metadata.
+
+The loss is on the completion alone (the page JSON and the end-of-turn token); the prompt is encoded
+by the serving code's own ``chat_prompt_ids``, so the model trains on exactly what it will read.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.adapters import write_metadata
+from agent.backends.hf import chat_prompt_ids, load_base
+from agent.settings import Settings
+from finetune.config import FinetuneConfig
+
+ADAPTER_DIR = "adapter"
+CHECKPOINTS_DIR = "checkpoints"
+IGNORE = -100  # label of a token the loss skips
+
+
+def encode(tokenizer, example: dict) -> dict[str, list[int]]:
+    prompt = chat_prompt_ids(tokenizer, example["messages"])
+    answer = [*tokenizer.encode(example["completion"], add_special_tokens=False), tokenizer.eos_token_id]
+    return {"input_ids": prompt + answer, "labels": [IGNORE] * len(prompt) + answer}
+
+
+class PadCollator:
+    """Right-pads a batch; padding is masked out of attention and loss."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict[str, list[int]]]):
+        import torch
+
+        width = max(len(r["input_ids"]) for r in rows)
+        padded = [(r, width - len(r["input_ids"])) for r in rows]
+        return {
+            "input_ids": torch.tensor([r["input_ids"] + [self.pad_id] * n for r, n in padded]),
+            "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * n for r, n in padded]),
+            "labels": torch.tensor([r["labels"] + [IGNORE] * n for r, n in padded]),
+        }
+
+
+def base_model_name(config: FinetuneConfig, settings: Settings) -> str:
+    return config.base_model or settings.model
+
+
+@dataclass
+class Trained:
+    model: object  # the peft model, as saved
+    tokenizer: object
+    metadata: dict
+
+
+def train(config: FinetuneConfig, settings: Settings, examples: list[dict], manifest: dict,
+          restart: bool = False) -> Trained:
+    """Train and save ``out/adapter`` with its metadata."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    torch.manual_seed(config.seed)
+    started = time.perf_counter()
+    out = Path(config.out)
+    base = base_model_name(config, settings)
+    tokenizer, net = load_base(base, config.gguf_file, "float32", str(settings.model_cache_dir))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    encoded = {"train": [], "eval": []}
+    too_long = 0
+    for example in examples:
+        row = encode(tokenizer, example)
+        if len(row["input_ids"]) > config.train.max_seq_len:
+            too_long += 1
+            continue
+        encoded[example["split"]].append(row)
+    if not encoded["train"]:
+        raise ValueError(f"no training examples fit max_seq_len={config.train.max_seq_len} ({too_long} too long)")
+    if too_long:
+        print(f"skipped {too_long} examples longer than max_seq_len={config.train.max_seq_len}")
+
+    lora = config.lora
+    model = get_peft_model(net, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                           target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    checkpoints = out / CHECKPOINTS_DIR
+    if restart:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    t = config.train
+    args = TrainingArguments(
+        output_dir=str(checkpoints), per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate, num_train_epochs=t.epochs, max_steps=t.max_steps or -1,
+        warmup_steps=t.warmup_ratio, lr_scheduler_type="cosine", logging_steps=t.logging_steps,
+        save_steps=t.save_steps, save_total_limit=2, bf16=t.bf16, seed=config.seed, data_seed=config.seed,
+        report_to="none", remove_unused_columns=False, dataloader_num_workers=0, dataloader_pin_memory=False,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=encoded["train"],
+                      eval_dataset=encoded["eval"] or None, data_collator=PadCollator(pad))
+    metrics: dict[str, float | int] = {}
+    if encoded["eval"] and last is None:
+        metrics["eval_loss_before"] = round(trainer.evaluate()["eval_loss"], 4)
+    if last:
+        print(f"resuming from {last}")
+    result = trainer.train(resume_from_checkpoint=last)
+    metrics["train_loss"] = round(result.training_loss, 4)
+    metrics["steps"] = trainer.state.global_step
+    if encoded["eval"]:
+        metrics["eval_loss_after"] = round(trainer.evaluate()["eval_loss"], 4)
+    metrics.update(train_examples=len(encoded["train"]), eval_examples=len(encoded["eval"]), too_long=too_long,
+                   seconds=round(time.perf_counter() - started, 1), resumed_from=Path(last).name if last else None)
+    if "eval_loss_after" in metrics:
+        metrics["eval_perplexity_after"] = round(math.exp(metrics["eval_loss_after"]), 3)
+
+    adapter = out / ADAPTER_DIR
+    model.save_pretrained(adapter)
+    metadata = {
+        "base_model": base, "gguf_file": config.gguf_file, "data": str(config.data),
+        "data_hash": manifest["data_hash"], "templates": manifest["templates"],
+        "rules_hash": manifest["rules_hash"], "skeleton_hash": manifest["skeleton_hash"],
+        "retrieval": manifest["retrieval"], "teacher": manifest["teacher"],
+        "lora": lora.model_dump(), "train": t.model_dump(), "metrics": metrics,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    write_metadata(adapter, metadata)
+    model.eval()
+    return Trained(model, tokenizer, metadata)

