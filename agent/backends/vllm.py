@@ -3,8 +3,11 @@ outputs compiled from the same JSON schema). Optional: ``pip install "homepage-c
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
+from agent.adapters import check_adapter
 from agent.backends import Generation, LLMBackend
 from agent.errors import MissingDependency
 from retrieval.packaged import find_gguf, resolve_model
@@ -23,12 +26,17 @@ class VLLMBackend(LLMBackend):
 
     def __init__(self, model: str, adapter: str | None = None, dtype: str = "bfloat16"):
         vllm = _import_vllm()
+        if adapter:
+            check_adapter(adapter, model)
         folder = resolve_model(model)
         gguf = find_gguf(folder)
         self.model_name, self.adapter = model, adapter
         self._vllm = vllm
-        self._llm = vllm.LLM(model=f"{folder}/{gguf}" if gguf else folder, dtype=dtype,
-                             enable_lora=adapter is not None, seed=0)
+        lora = {}
+        if adapter:  # served per request on the shared base weights; the engine sizes its LoRA slots by rank
+            rank = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("r", 16)
+            lora = {"enable_lora": True, "max_lora_rank": max(16, rank), "max_loras": 1}
+        self._llm = vllm.LLM(model=f"{folder}/{gguf}" if gguf else folder, dtype=dtype, seed=0, **lora)
         self._lora = None
         if adapter:
             from vllm.lora.request import LoRARequest
