@@ -98,7 +98,7 @@ class Composer:
             return page.model_copy(update={"meta": page.meta.model_copy(update={"source": "cache",
                                                                                 "latency_ms": latency})})
         deadline = None if self.budget_s is None else time.monotonic() + self.budget_s
-        if use_llm:
+        if use_llm and self.backend is not None:
             try:
                 self._llm_path(attempt, deadline)
             except BackendError as exc:
@@ -223,6 +223,11 @@ class Composer:
             modules.append(pool)
         return Pools(modules, reserve, themes)
 
+    def written(self, pools: Pools) -> list[tuple[ModuleSpec, list[Candidate]]]:
+        """The modules the model writes (all but campaigns), with their pools, in page order."""
+        return [(spec, pool) for spec, pool in zip(self.skeleton.modules, pools.modules, strict=True)
+                if spec.source != "campaign"]
+
     def item_count(self, spec: ModuleSpec, pool: list[Candidate]) -> int:
         fixed = len(spec.pinned) + spec.sponsored_slots
         high = min(spec.max_items, self.rules.max_items_per_module) - fixed
@@ -293,9 +298,8 @@ class Composer:
             a.fixed.extend(a.violations)
             a.per_call.append(1)
             return
-        llm_pools = [p for m, p in zip(self.skeleton.modules, a.pools.modules, strict=True) if m.source != "campaign"]
         chosen = [(module.title, [pool[h - 1].item_id for h in module.items if 1 <= h <= len(pool)])
-                  for module, pool in zip(draft.modules, llm_pools, strict=True)]
+                  for module, (_, pool) in zip(draft.modules, self.written(a.pools), strict=True)]
         a.body = self.assemble(a.pools, chosen)
         a.violations = validate(a.body, self.ctx)
         a.fixed.extend(a.violations)
@@ -325,7 +329,8 @@ class Composer:
             raise RuntimeError(f"rules cannot be met with this catalogue: {[v.message for v in remaining]}")
         source = "fallback" if a.fallback_reason else ("repaired" if a.fixed else "llm")
         meta = PageMeta(
-            source=source, model=self.backend.model_name, adapter=self.backend.adapter,
+            source=source, model=self.backend.model_name if self.backend else "",
+            adapter=self.backend.adapter if self.backend else None,
             templates={name: p.version for name, p in self.prompts.items()}, cold_start=a.history.is_cold,
             tokens_generated=sum(g.tokens for g in a.generations),
             forward_passes=sum(g.forward_passes for g in a.generations), llm_calls=len(a.generations),

@@ -33,14 +33,12 @@ from finetune.examples import production_composer
 from finetune.store import build_store, read_logs, validation_part
 from finetune.train import base_model_name
 
-FREE_TOKENS = 200  # a page draft is ~70 tokens; an unconstrained model that rambles is cut here
+FREE_TOKENS = 120  # a page draft is ~70 tokens; an unconstrained model that rambles is cut here
 
 
 def slots(composer: Composer, history) -> list[tuple[int, int]]:
     """Per model-written module: (candidates offered, items to pick)."""
-    pools = composer.pools(history)
-    return [(len(pool), composer.item_count(spec, pool))
-            for spec, pool in zip(composer.skeleton.modules, pools.modules, strict=True) if spec.source != "campaign"]
+    return [(len(pool), composer.item_count(spec, pool)) for spec, pool in composer.written(composer.pools(history))]
 
 
 def free_draft_problem(text: str, slots: list[tuple[int, int]]) -> str | None:

@@ -24,7 +24,7 @@ class TeacherConfig(_Strict):
         "'backend' (a stronger model writes the titles through an LLM backend; its picks are not used)")
     copy_templates: dict[str, str] = Field(
         default_factory=lambda: {"for_you": "Your {department} picks",
-                                 "bought_together": "Goes well with your {category}"},
+                                 "bought_together": "Goes with your {department} routine"},
         description="module type -> title template; {department}, {category}, {brand} are the shopper's top "
         "ones. A module without a template, or a title that breaks the rules, keeps the skeleton's title")
     backend: str = Field("openai", description="teacher backend when kind=backend: transformers | vllm | openai")

@@ -61,16 +61,18 @@ def teacher_titles(teacher: TeacherConfig, history: History, composer: Composer,
                    backend: LLMBackend | None) -> list[str]:
     """One title per model-written module: the teacher's, else the skeleton's."""
     specs = [m for m in composer.skeleton.modules if m.source != "campaign"]
-    titles = [spec.title for spec in specs]
+    titles = [spec.title for spec in specs]  # the skeleton's copy where the teacher has none
     if teacher.kind == "backend" and backend is not None:
         generation = backend.generate(composer.messages(history, pools), composer.schema(pools),
                                       composer.max_new_tokens)
         try:
             drafted = [m.title for m in PageDraft.model_validate_json(generation.text).modules]
         except ValueError:
-            drafted = []
-        return [t if t and not composer.rules.banned_in(t) else s for t, s in zip(drafted, titles, strict=False)] \
-            or titles
+            return titles
+        if len(drafted) == len(titles):
+            titles = [t if not composer.rules.banned_in(t) else fallback for t, fallback in zip(drafted, titles,
+                                                                                              strict=True)]
+        return titles
     for i, spec in enumerate(specs):
         template = teacher.copy_templates.get(spec.type)
         if template and (title := template_title(template, history, composer)):
@@ -84,8 +86,7 @@ def target_draft(composer: Composer, pools: Pools, target: set[str], titles: lis
     number of target items it shows."""
     cap = composer.rules.max_items_per_brand
     modules, hits = [], 0
-    llm = [(s, p) for s, p in zip(composer.skeleton.modules, pools.modules, strict=True) if s.source != "campaign"]
-    for (spec, pool), title in zip(llm, titles, strict=True):
+    for (spec, pool), title in zip(composer.written(pools), titles, strict=True):
         order = sorted(range(len(pool)), key=lambda h: (pool[h].item_id not in target, h))
         brands = Counter(composer.retriever.products[i].brand for i in spec.pinned)
         picked = []
@@ -130,9 +131,8 @@ def build_examples(config: FinetuneConfig, settings: Settings, teacher_backend: 
             pools = composer.pools(history)
             titles = teacher_titles(config.teacher, history, composer, pools, teacher_backend)
             draft, hits = target_draft(composer, pools, set(targets[user]), titles)
-            chosen = [(m.title, [pool[h - 1].item_id for h in m.items]) for m, pool in
-                      zip(draft.modules, [p for s, p in zip(composer.skeleton.modules, pools.modules, strict=True)
-                                          if s.source != "campaign"], strict=True)]
+            chosen = [(m.title, [pool[h - 1].item_id for h in m.items])
+                      for m, (_, pool) in zip(draft.modules, composer.written(pools), strict=True)]
             violations = validate(composer.assemble(pools, chosen), composer.ctx)
             if violations:
                 skipped[f"target breaks {violations[0].code}"] += 1

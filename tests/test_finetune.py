@@ -208,3 +208,21 @@ def test_training_resumes_from_the_last_checkpoint_and_merges(run, settings, tmp
     ids = torch.tensor([encode(resumed.tokenizer, examples[0])["input_ids"]])
     with torch.inference_mode():
         assert torch.allclose(merged(input_ids=ids).logits, resumed.model(input_ids=ids).logits, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_before_after_evaluation_scores_both_models_on_the_same_users(run, settings, tmp_path):
+    from agent.adapters import read_metadata
+    from eval.adapter import compare, table, write_report
+
+    config, _, _, _ = run
+    report = compare(config, settings, config.out / "adapter", users=2, progress=False)
+    assert [r["user_id"] for r in report["rows"]["base"]] == [r["user_id"] for r in report["rows"]["adapter"]]
+    for name in ("base", "adapter"):
+        summary = report[name]
+        assert summary["users"] == 2 and summary["tokens_median"] > 0
+        assert 0 <= summary["free_draft_valid"] <= summary["free_json_valid"] <= 1
+        assert 0 <= summary["ndcg@10"] <= 1 and 0 <= summary["pages_violating_pre_repair"] <= 1
+    assert "| page NDCG@10 (returned page) |" in table(report)
+    write_report(report, tmp_path, config.out / "adapter")
+    assert read_metadata(config.out / "adapter")["evaluation"]["adapter"] == report["adapter"]
