@@ -16,6 +16,7 @@ from pathlib import Path
 
 from agent.adapters import write_metadata
 from agent.backends.hf import chat_prompt_ids, load_base
+from agent.errors import ConfigError
 from agent.settings import Settings
 from finetune.config import FinetuneConfig
 
@@ -104,7 +105,8 @@ def train(config: FinetuneConfig, settings: Settings, examples: list[dict], mani
             continue
         encoded[example["split"]].append(row)
     if not encoded["train"]:
-        raise ValueError(f"no training examples fit max_seq_len={config.train.max_seq_len} ({too_long} too long)")
+        raise ConfigError(f"train.max_seq_len: no training example fits {config.train.max_seq_len} tokens "
+                          f"({too_long} too long, {len(encoded['eval'])} held out)")
     if too_long:
         print(f"skipped {too_long} examples longer than max_seq_len={config.train.max_seq_len}")
 

@@ -77,6 +77,18 @@ def test_shipped_configs_load_and_a_broken_one_is_refused_with_its_line(tmp_path
     assert any(line.startswith("lora.r = 16  # LoRA rank") for line in field_help())
 
 
+def test_finetune_command_lists_fields_and_refuses_a_broken_config(tmp_path, capsys):
+    from agent.cli import main
+
+    assert main(["finetune", "fields"]) == 0
+    assert "train.save_steps = 10" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher:\n  kind: oracle\n")
+    assert main(["finetune", str(bad)]) == 2
+    assert "bad.yaml:2: teacher.kind" in capsys.readouterr().err
+    assert main(["finetune", "merge", "only-one-path"]) == 2
+
+
 def test_free_draft_problems():
     slots = [(5, 2), (3, 1)]  # (candidates offered, items to pick) per module
     cases = {
