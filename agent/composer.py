@@ -253,11 +253,15 @@ class Composer:
 
     def schema(self, pools: Pools) -> dict:
         slots = []
-        for spec, pool in zip(self.skeleton.modules, pools.modules, strict=True):
-            if spec.source != "campaign":
-                theme = pools.themes.get(spec.type)
-                slots.append((len(pool), self.item_count(spec, pool), theme.title if theme else None))
-        return draft_json_schema(slots, self.rules.title_min_chars, self.rules.title_max_chars)
+        groups = []
+        for spec, pool in self.written(pools):
+            theme = pools.themes.get(spec.type)
+            slots.append((len(pool), self.item_count(spec, pool), theme.title if theme else None))
+            brands = [self.retriever.products[c.item_id].brand for c in pool]
+            ids = {b: i for i, b in enumerate(dict.fromkeys(b for b in brands if b), start=1)}
+            groups.append([ids.get(b, 0) for b in brands])
+        return draft_json_schema(slots, self.rules.title_min_chars, self.rules.title_max_chars, groups,
+                                 self.rules.max_items_per_brand)
 
     def _retry_messages(self, a: Attempt) -> list[dict[str, str]]:
         return [*self.messages(a.history, a.pools), {"role": "assistant", "content": a.generations[-1].text},
@@ -308,11 +312,10 @@ class Composer:
     def deterministic(self, pools: Pools) -> PageBody:
         """Retrieval order and template copy (or the planned title); no model."""
         chosen = []
-        for spec, pool in zip(self.skeleton.modules, pools.modules, strict=True):
-            if spec.source != "campaign":
-                theme = pools.themes.get(spec.type)
-                chosen.append((theme.title if theme else spec.title,
-                               [c.item_id for c in pool[: self.item_count(spec, pool)]]))
+        for spec, pool in self.written(pools):
+            theme = pools.themes.get(spec.type)
+            items = [c.item_id for c in pool[: self.item_count(spec, pool)]]
+            chosen.append((theme.title if theme else spec.title, items))
         return self.assemble(pools, chosen)
 
     def _finish(self, a: Attempt) -> Homepage:

@@ -3,10 +3,10 @@ the adapter compose pages for the same validation users, from a store that holds
 
 Per variant:
 - unconstrained validity: the model writes the draft with no grammar; the share that parses as JSON,
-  and the share that is a usable draft (the schema, one module per slot, the right number of distinct
-  handles, each among that module's candidates);
-- pre-repair rule violations: the grammar-constrained draft checked against the rules before any
-  repair (the share of pages with at least one, and the mean count);
+  the share that is a usable draft (the schema, one module per slot, the right number of distinct
+  handles, each among that module's candidates), and the share whose page breaks no business rule;
+- pre-repair rule violations: the grammar-constrained draft (what serving decodes) checked against
+  the rules before any repair (the share of pages with at least one, and the mean count);
 - ranking of the page the caller gets (after repair): NDCG@10 and Recall@10 against the validation basket;
 - tokens and model steps per page, and latency (constrained path, no retry, no time budget).
 The deterministic page (retrieval order, no model) is scored on the same users for reference.
@@ -24,7 +24,8 @@ from pathlib import Path
 from agent.adapters import read_metadata, write_metadata
 from agent.backends.hf import TransformersBackend
 from agent.cache import PageCache
-from agent.composer import Composer
+from agent.composer import Composer, Pools
+from agent.rules import validate
 from agent.schema import PageDraft
 from agent.settings import Settings
 from eval.metrics import basket_ndcg, basket_recall
@@ -34,11 +35,6 @@ from finetune.store import build_store, read_logs, validation_part
 from finetune.train import base_model_name
 
 FREE_TOKENS = 120  # a page draft is ~70 tokens; an unconstrained model that rambles is cut here
-
-
-def slots(composer: Composer, history) -> list[tuple[int, int]]:
-    """Per model-written module: (candidates offered, items to pick)."""
-    return [(len(pool), composer.item_count(spec, pool)) for spec, pool in composer.written(composer.pools(history))]
 
 
 def free_draft_problem(text: str, slots: list[tuple[int, int]]) -> str | None:
@@ -61,11 +57,25 @@ def free_draft_problem(text: str, slots: list[tuple[int, int]]) -> str | None:
     return None
 
 
+def free_page_problem(text: str, composer: Composer, pools: Pools) -> str | None:
+    """``free_draft_problem``, then the business rules on the page the draft makes (``rule <code>``)."""
+    written = composer.written(pools)
+    problem = free_draft_problem(text, [(len(pool), composer.item_count(spec, pool)) for spec, pool in written])
+    if problem is not None:
+        return problem
+    draft = PageDraft.model_validate_json(text)
+    chosen = [(m.title, [pool[h - 1].item_id for h in m.items]) for m, (_, pool) in zip(draft.modules, written,
+                                                                                         strict=True)]
+    broken = validate(composer.assemble(pools, chosen), composer.ctx)
+    return f"rule {broken[0].code}" if broken else None
+
+
 def _user_row(composer: Composer, backend: TransformersBackend, user: str, target: list[str]) -> dict:
     page = composer.compose(user, use_cache=False)
     meta = page.meta
     history = composer.retriever.history(user)
-    free = backend.generate_free(composer.messages(history, composer.pools(history)), FREE_TOKENS)
+    pools = composer.pools(history)
+    free = backend.generate_free(composer.messages(history, pools), FREE_TOKENS)
     ranked = page.item_ids()
     count = meta.violations_per_call[0] if meta.violations_per_call else 0  # the first draft's, before repair
     return {
@@ -73,7 +83,7 @@ def _user_row(composer: Composer, backend: TransformersBackend, user: str, targe
         "codes": [v.code for v in meta.violations_fixed[:count]], "ndcg@10": basket_ndcg(ranked, target, 10),
         "recall@10": basket_recall(ranked, target, 10), "tokens": meta.tokens_generated,
         "steps": meta.forward_passes, "latency_ms": meta.latency_ms,
-        "free_problem": free_draft_problem(free.text, slots(composer, history)), "free_tokens": free.tokens,
+        "free_problem": free_page_problem(free.text, composer, pools), "free_tokens": free.tokens,
     }
 
 
@@ -82,7 +92,9 @@ def summarise(rows: list[dict]) -> dict:
     return {
         "users": len(rows),
         "free_json_valid": sum(r["free_problem"] != "json" for r in rows) / n,
-        "free_draft_valid": sum(r["free_problem"] is None for r in rows) / n,
+        "free_draft_valid": sum(r["free_problem"] is None or r["free_problem"].startswith("rule")
+                                for r in rows) / n,
+        "free_page_valid": sum(r["free_problem"] is None for r in rows) / n,
         "free_tokens_median": statistics.median(r["free_tokens"] for r in rows) if rows else 0,
         "pages_violating_pre_repair": sum(r["violations"] > 0 for r in rows) / n,
         "violations_per_page": sum(r["violations"] for r in rows) / n,
@@ -141,6 +153,7 @@ def table(report: dict) -> str:
     rows = [
         ("JSON valid, no constraints", "free_json_valid", pct),
         ("usable draft, no constraints", "free_draft_valid", pct),
+        ("draft breaking no rule, no constraints", "free_page_valid", pct),
         ("pages with rule violations before repair", "pages_violating_pre_repair", pct),
         ("rule violations per page before repair", "violations_per_page", lambda x: f"{x:.3f}"),
         ("page NDCG@10 (returned page)", "ndcg@10", lambda x: f"{x:.4f}"),

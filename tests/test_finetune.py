@@ -233,7 +233,7 @@ def test_before_after_evaluation_scores_both_models_on_the_same_users(run, setti
     for name in ("base", "adapter"):
         summary = report[name]
         assert summary["users"] == 2 and summary["tokens_median"] > 0
-        assert 0 <= summary["free_draft_valid"] <= summary["free_json_valid"] <= 1
+        assert 0 <= summary["free_page_valid"] <= summary["free_draft_valid"] <= summary["free_json_valid"] <= 1
         assert 0 <= summary["ndcg@10"] <= 1 and 0 <= summary["pages_violating_pre_repair"] <= 1
     assert "| page NDCG@10 (returned page) |" in table(report)
     write_report(report, tmp_path, config.out / "adapter")
