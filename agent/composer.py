@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -190,8 +191,9 @@ class Composer:
 
     def pools(self, history: History, themes: dict[str, PlannedTheme] | None = None) -> Pools:
         """Each candidate is offered to one module only (the first that wants it), so modules
-        cannot repeat each other; excluded items never enter; a thin pool is topped up with
-        popular items."""
+        cannot repeat each other; excluded items never enter; a pool holds at most the per-module
+        brand quota of any brand, so every pick of distinct handles keeps the brand rule, under any
+        engine; a thin pool is topped up with popular items."""
         themes = themes or {}
         products = self.retriever.products
         sources = {m.source for m in self.skeleton.modules} - {"personal", "planned", "campaign"}
@@ -212,14 +214,19 @@ class Composer:
                 source = self._search(history, theme.query if theme else spec.query, 30)
             else:
                 source = personal if spec.source == "personal" else per_source[spec.source]
-            pool = []
+            pool: list[Candidate] = []
+            brands = Counter(products[i].brand for i in spec.pinned if i in products)
             for candidate in [*source, *reserve]:
                 if len(pool) == spec.pool_size:
                     break
                 p = products.get(candidate.item_id)
-                if candidate.item_id not in taken and p is not None and p.in_stock and not self.skeleton.excludes(p):
-                    pool.append(candidate)
-                    taken.add(candidate.item_id)
+                if candidate.item_id in taken or p is None or not p.in_stock or self.skeleton.excludes(p):
+                    continue
+                if p.brand and brands[p.brand] >= self.rules.max_items_per_brand:
+                    continue  # left for a later module: this one may show only so many of the brand
+                pool.append(candidate)
+                taken.add(candidate.item_id)
+                brands[p.brand] += 1
             modules.append(pool)
         return Pools(modules, reserve, themes)
 
@@ -253,15 +260,10 @@ class Composer:
 
     def schema(self, pools: Pools) -> dict:
         slots = []
-        groups = []
         for spec, pool in self.written(pools):
             theme = pools.themes.get(spec.type)
             slots.append((len(pool), self.item_count(spec, pool), theme.title if theme else None))
-            brands = [self.retriever.products[c.item_id].brand for c in pool]
-            ids = {b: i for i, b in enumerate(dict.fromkeys(b for b in brands if b), start=1)}
-            groups.append([ids.get(b, 0) for b in brands])
-        return draft_json_schema(slots, self.rules.title_min_chars, self.rules.title_max_chars, groups,
-                                 self.rules.max_items_per_brand)
+        return draft_json_schema(slots, self.rules.title_min_chars, self.rules.title_max_chars)
 
     def _retry_messages(self, a: Attempt) -> list[dict[str, str]]:
         return [*self.messages(a.history, a.pools), {"role": "assistant", "content": a.generations[-1].text},

@@ -126,32 +126,24 @@ def plan_json_schema(themes: int, title_min: int, title_max: int) -> dict:
     return _tuple_schema("themes", [theme] * themes)
 
 
-GROUP_CAP = "x-group-cap"  # our extension keyword on an items array; engines that do not know it ignore it
-
-
-def draft_json_schema(slots: list[tuple[int, int, str | None]], title_min: int, title_max: int,
-                      groups: list[list[int]] | None = None, per_group: int | None = None) -> dict:
+def draft_json_schema(slots: list[tuple[int, int, str | None]], title_min: int, title_max: int) -> dict:
     """The JSON schema the decoder compiles for one request. Module k picks exactly ``count`` of the
     handles 1..n of its own pool (n <= 9: one token each; a fixed count lets the grammar write the
     commas), each at most once (``uniqueItems``: the embedded decoder enforces it, other engines
     leave it to the rules). A title already decided (a planned theme) is a constant: the grammar
-    writes it, not the model. ``groups[k]`` gives each handle of module k a group (its brand; 0 =
-    none) of which at most ``per_group`` may be picked: the embedded decoder enforces that too
-    (``x-group-cap``), so the per-brand rule holds before any repair."""
-    modules = []
-    for k, (n, count, fixed) in enumerate(slots):
-        items = {"type": "array", "items": {"enum": list(range(1, n + 1))}, "uniqueItems": True,
-                 "minItems": count, "maxItems": count}
-        if groups is not None and per_group is not None:
-            items[GROUP_CAP] = {"groups": groups[k], "cap": per_group}
-        modules.append({
+    writes it, not the model."""
+    modules = [
+        {
             "type": "object",
             "properties": {
                 "title": {"const": fixed} if fixed else {"type": "string",
                                                          "pattern": title_pattern(title_min, title_max)},
-                "items": items,
+                "items": {"type": "array", "items": {"enum": list(range(1, n + 1))}, "uniqueItems": True,
+                          "minItems": count, "maxItems": count},
             },
             "required": ["title", "items"],
             "additionalProperties": False,
-        })
+        }
+        for n, count, fixed in slots
+    ]
     return _tuple_schema("modules", modules)

@@ -17,27 +17,24 @@ import hashlib
 import json
 import threading
 import time
-from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
 from agent.adapters import check_adapter
 from agent.backends import Generation, LLMBackend
 from agent.errors import BackendError, ConfigError
-from agent.schema import GROUP_CAP
 from retrieval.packaged import ModelNotFound, find_gguf, resolve_model
 
 
-def unique_arrays(schema: dict) -> dict[str, list[dict | None]]:
-    """Properties whose value is an array with ``uniqueItems`` (anywhere in the schema): name -> the
-    group cap (``x-group-cap``) of each such array in document order, None where it has none."""
-    arrays: dict[str, list[dict | None]] = {}
+def unique_array_keys(schema: dict) -> set[str]:
+    """Names of the properties whose value is an array with ``uniqueItems`` (anywhere in the schema)."""
+    keys: set[str] = set()
 
     def walk(node):
         if isinstance(node, dict):
             for name, sub in (node.get("properties") or {}).items():
                 if isinstance(sub, dict) and sub.get("type") == "array" and sub.get("uniqueItems"):
-                    arrays.setdefault(name, []).append(sub.get(GROUP_CAP))
+                    keys.add(name)
             for value in node.values():
                 walk(value)
         elif isinstance(node, list):
@@ -45,7 +42,7 @@ def unique_arrays(schema: dict) -> dict[str, list[dict | None]]:
                 walk(value)
 
     walk(schema)
-    return arrays
+    return keys
 
 
 def _converted_dir(cache_dir: Path, folder: str, gguf: str) -> Path:
@@ -152,33 +149,19 @@ class TransformersBackend(LLMBackend):
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         return chat_prompt_ids(self.tokenizer, messages)
 
-    def _banned(self, output: list[int], arrays: dict[str, list[dict | None]]) -> list[int]:
-        """Token ids the array being written may not take next, if any: values it already holds
-        (xgrammar does not enforce ``uniqueItems``; we do, for arrays of single-token values), and
-        values of a group that already has its cap."""
-        if not arrays:
+    def _repeats(self, output: list[int], keys: set[str]) -> list[int]:
+        """Token ids that would repeat a value of the uniqueItems array being written, if any.
+        xgrammar does not enforce uniqueItems; we do, for arrays of single-token values."""
+        if not keys:
             return []
         text = self.tokenizer.decode(output)
-        opened = {key: text.rfind(f'"{key}":[') for key in arrays if f'"{key}":[' in text}
-        if not opened:
+        opened = [text.rfind(f'"{key}":[') + len(key) + 4 for key in keys if f'"{key}":[' in text]
+        if not opened or "]" in text[max(opened):]:
             return []
-        key = max(opened, key=opened.get)
-        start = opened[key] + len(key) + 4
-        if "]" in text[start:]:
-            return []
-        written = [v for v in text[start:].split(",") if v in self._single]
-        banned = set(written)
-        caps = arrays[key]
-        occurrence = text.count(f'"{key}":[') - 1
-        cap = caps[occurrence] if occurrence < len(caps) else None
-        if cap and written:
-            groups = cap["groups"]
-            taken = Counter(groups[int(v) - 1] for v in written if v.isdigit() and 0 < int(v) <= len(groups))
-            full = {g for g, n in taken.items() if g and n >= cap["cap"]}
-            banned |= {str(h) for h, g in enumerate(groups, start=1) if g in full}
-        return [self._single[v] for v in banned if v in self._single]
+        start = max(opened)
+        return [self._single[v] for v in text[start:].split(",") if v in self._single]
 
-    def _guess(self, context: list[int], output: list[int], keys) -> list[int]:
+    def _guess(self, context: list[int], output: list[int], keys: set[str]) -> list[int]:
         """Up to ``self.speculate`` tokens the model will probably write next: inside a uniqueItems
         array, the next handles in ascending order (models list ranked candidates in order);
         elsewhere, what followed the last two tokens where they last appeared in the prompt
@@ -203,20 +186,20 @@ class TransformersBackend(LLMBackend):
                 return tokens[start + 2 : start + 2 + n]
         return []
 
-    def _choose(self, row_logits, matcher, bitmask, index: int, output: list[int], keys) -> int:
+    def _choose(self, row_logits, matcher, bitmask, index: int, output: list[int], keys: set[str]) -> int:
         """Greedy choice for one sequence (``row_logits``: 1 x vocab) among the tokens the grammar
-        allows (using row ``index`` of ``bitmask``), minus repeats and capped groups."""
+        allows (using row ``index`` of ``bitmask``), minus repeats."""
         import torch
         import xgrammar as xgr
 
         matcher.fill_next_token_bitmask(bitmask, index)
         row_logits = row_logits.clone()
         xgr.apply_token_bitmask_inplace(row_logits, bitmask[index : index + 1])
-        banned = self._banned(output, keys)
-        if banned:
+        repeats = self._repeats(output, keys)
+        if repeats:
             masked = row_logits.clone()
-            masked[0, banned] = float("-inf")
-            if torch.isfinite(masked).any():  # else a banned value is the only way on; the rules repair it
+            masked[0, repeats] = float("-inf")
+            if torch.isfinite(masked).any():  # else a repeat is the only way on; the rules repair it
                 row_logits = masked
         return int(row_logits.argmax(-1))
 
@@ -243,7 +226,7 @@ class TransformersBackend(LLMBackend):
         started = time.perf_counter()
         matcher = xgr.GrammarMatcher(self._grammar(json.dumps(schema)))
         bitmask = xgr.allocate_token_bitmask(1, self._vocab)
-        keys = unique_arrays(schema)
+        keys = unique_array_keys(schema)
         output: list[int] = []
 
         def force() -> list[int]:
@@ -336,7 +319,7 @@ class TransformersBackend(LLMBackend):
         started = time.perf_counter()
         rows = len(requests)
         matchers = [xgr.GrammarMatcher(self._grammar(json.dumps(s))) for _, s in requests]
-        keys = [unique_arrays(s) for _, s in requests]
+        keys = [unique_array_keys(s) for _, s in requests]
         prompts = [self.prompt_ids(m) for m, _ in requests]
         width = max(map(len, prompts))
         input_ids = torch.tensor([[self._pad] * (width - len(p)) + p for p in prompts])
