@@ -8,6 +8,8 @@ trains on exactly what it will read.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import shutil
 import time
@@ -114,9 +116,16 @@ def train(config: FinetuneConfig, settings: Settings, examples: list[dict], mani
     model = get_peft_model(net, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                            target_modules=lora.target_modules, task_type="CAUSAL_LM"))
     checkpoints = out / CHECKPOINTS_DIR
+    identity = hashlib.sha256(json.dumps([examples, lora.model_dump(), base], sort_keys=True).encode()).hexdigest()
+    mark = checkpoints / "examples.sha256"
+    if checkpoints.is_dir() and not restart and (not mark.exists() or mark.read_text() != identity):
+        print("the examples or LoRA settings changed since the last checkpoint: training from the start")
+        restart = True
     if restart:
         shutil.rmtree(checkpoints, ignore_errors=True)
-    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    mark.write_text(identity)
+    last = get_last_checkpoint(str(checkpoints))
     t = config.train
     args = TrainingArguments(
         output_dir=str(checkpoints), per_device_train_batch_size=t.batch_size,
