@@ -4,6 +4,7 @@ renders its prompts, and an adapter that reloads (and merges) to the same output
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -208,7 +209,7 @@ def test_training_resumes_from_the_last_checkpoint_and_merges(run, settings, tmp
     from finetune.train import encode, train
 
     config, manifest, examples, _ = run
-    assert sorted(p.name for p in (config.out / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    assert sorted(p.name for p in (config.out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     longer = config.model_copy(deep=True)
     longer.train.max_steps = 3
     resumed = train(longer, settings, examples, manifest)
@@ -220,6 +221,11 @@ def test_training_resumes_from_the_last_checkpoint_and_merges(run, settings, tmp
     ids = torch.tensor([encode(resumed.tokenizer, examples[0])["input_ids"]])
     with torch.inference_mode():
         assert torch.allclose(merged(input_ids=ids).logits, resumed.model(input_ids=ids).logits, atol=1e-3)
+
+    other = config.model_copy(deep=True, update={"out": tmp_path / "other"})
+    shutil.copytree(config.out / "checkpoints", other.out / "checkpoints")
+    fresh = train(other, settings, examples[:-1], manifest)  # other examples: the checkpoints are not theirs
+    assert fresh.metadata["metrics"]["resumed_from"] is None and fresh.metadata["metrics"]["steps"] == 2
 
 
 @pytest.mark.slow
