@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from agent.backends import load_backend
+from agent.backends import LLMBackend, load_backend
 from agent.cache import PageCache
 from agent.composer import Composer
 from agent.prompting import load_prompts
@@ -18,20 +18,28 @@ _composers: dict[str, Composer] = {}
 _lock = threading.Lock()
 
 
+def composer_for(settings: Settings, retriever: Retriever, backend: LLMBackend | None = None,
+                 **overrides) -> Composer:
+    """A composer with the configured templates, rules and skeleton over ``retriever``; ``overrides``
+    replace the configured ``llm_retry``, ``budget_s`` or ``cache``. Without a backend it composes
+    deterministically (prompts and pools still render exactly as in serving)."""
+    prompts = load_prompts(settings.prompts_dir)
+    rules = Rules.load(settings.rules_file)
+    skeleton = Skeleton.load(settings.skeleton_file)
+    budget = None if settings.budget_ms is None else settings.budget_ms / 1000
+    options = {"llm_retry": settings.llm_retry, "budget_s": budget, "cache": PageCache(settings.cache_users)}
+    return Composer(retriever, backend, prompts, rules, skeleton, settings.max_new_tokens, **(options | overrides))
+
+
 def build_composer(settings: Settings | None = None) -> Composer:
     settings = settings or Settings()
     key = settings.model_dump_json()
     with _lock:
         if key not in _composers:
             # merchandiser files first: a broken file fails fast, before any model loads
-            prompts = load_prompts(settings.prompts_dir)
-            rules = Rules.load(settings.rules_file)
-            skeleton = Skeleton.load(settings.skeleton_file)
-            retriever = Retriever.open(settings.retrieval_config())
-            budget = None if settings.budget_ms is None else settings.budget_ms / 1000
-            _composers[key] = Composer(retriever, load_backend(settings), prompts, rules, skeleton,
-                                       settings.max_new_tokens, settings.llm_retry, budget,
-                                       PageCache(settings.cache_users))
+            composer = composer_for(settings, Retriever.open(settings.retrieval_config()))
+            composer.backend = load_backend(settings)
+            _composers[key] = composer
         return _composers[key]
 
 

@@ -27,10 +27,10 @@ from agent.cache import PageCache
 from agent.composer import Composer, Pools
 from agent.rules import validate
 from agent.schema import PageDraft
+from agent.service import composer_for
 from agent.settings import Settings
 from eval.metrics import basket_ndcg, basket_recall
 from finetune.config import FinetuneConfig
-from finetune.examples import production_composer
 from finetune.store import build_store, read_logs, validation_part
 from finetune.train import base_model_name
 
@@ -121,7 +121,7 @@ def compare(config: FinetuneConfig, settings: Settings, adapter: Path, users: in
     sample = sample[:users]
     base = base_model_name(config, settings)
 
-    reference = production_composer(settings, retriever, cache=PageCache(0))
+    reference = composer_for(settings, retriever, cache=PageCache(0))
     ranked = {u: reference.compose(u, use_llm=False, use_cache=False).item_ids() for u in sample}
     report = {"deterministic": {
         "users": len(sample),
@@ -132,7 +132,7 @@ def compare(config: FinetuneConfig, settings: Settings, adapter: Path, users: in
     for name, adapter_path in (("base", None), ("adapter", str(adapter))):
         variant = settings.model_copy(update={"model": base, "gguf_file": config.gguf_file, "adapter": adapter_path})
         backend = TransformersBackend.from_settings(variant)
-        composer = production_composer(settings, retriever, backend, llm_retry=False, budget_s=None,
+        composer = composer_for(settings, retriever, backend, llm_retry=False, budget_s=None,
                                        cache=PageCache(0))
         rows[name] = [_user_row(composer, backend, u, targets[u])
                       for u in tqdm(sample, desc=name, unit="user", disable=not progress)]

@@ -19,23 +19,16 @@ from pathlib import Path
 
 from agent.backends import LLMBackend
 from agent.composer import Composer, Pools
-from agent.prompting import load_prompts
-from agent.rules import Rules, validate
+from agent.rules import validate
 from agent.schema import DraftModule, PageDraft, title_pattern
+from agent.service import composer_for
 from agent.settings import Settings
-from agent.skeleton import Skeleton
 from finetune.config import FinetuneConfig, TeacherConfig
 from finetune.store import build_store, file_digest, read_logs, training_part
 from retrieval.history import History
 
 EXAMPLES_FILE = "examples.jsonl"
 MANIFEST_FILE = "manifest.json"
-
-
-def production_composer(settings: Settings, retriever, backend: LLMBackend | None = None, **kwargs) -> Composer:
-    """A composer with the production templates, rules and skeleton over ``retriever``."""
-    return Composer(retriever, backend, load_prompts(settings.prompts_dir), Rules.load(settings.rules_file),
-                    Skeleton.load(settings.skeleton_file), settings.max_new_tokens, **kwargs)
 
 
 def template_title(template: str, history: History, composer: Composer) -> str | None:
@@ -114,7 +107,7 @@ def build_examples(config: FinetuneConfig, settings: Settings, teacher_backend: 
     logs = read_logs(config.data, settings, out / "quarantine")
     store_events, targets = training_part(logs.events)
     retriever = build_store(out / "store-train", settings, logs.catalogue, store_events, progress)
-    composer = production_composer(settings, retriever)
+    composer = composer_for(settings, retriever)
     if any(m.source == "planned" for m in composer.skeleton.modules):
         # a planned module's pool depends on the model's plan; examples would fix it to the configured query
         print("note: planned modules use their configured query in the examples (the plan step is not trained)")

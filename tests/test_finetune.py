@@ -140,7 +140,7 @@ def test_examples_render_with_the_production_prompt_and_fit_the_grammar(run, set
 
     from agent.backends.hf import TransformersBackend
     from agent.schema import PageDraft
-    from finetune.examples import production_composer
+    from agent.service import composer_for
     from finetune.store import build_store, read_logs, training_part
     from finetune.train import encode
 
@@ -150,7 +150,7 @@ def test_examples_render_with_the_production_prompt_and_fit_the_grammar(run, set
     logs = read_logs(config.data, settings, config.out / "quarantine")
     store_events, targets = training_part(logs.events)
     retriever = build_store(config.out / "store-train", settings, logs.catalogue, store_events, progress=False)
-    serving = production_composer(settings, retriever)
+    serving = composer_for(settings, retriever)
     backend = TransformersBackend.from_settings(settings)
     for example in examples:
         history = retriever.history(example["user_id"])
@@ -161,7 +161,8 @@ def test_examples_render_with_the_production_prompt_and_fit_the_grammar(run, set
         assert encode(backend.tokenizer, example)["input_ids"][: len(prompt)] == prompt
         assert example["target_items"] == targets[example["user_id"]]
         draft = PageDraft.model_validate_json(example["completion"])
-        shown = {pool[h - 1].item_id for m, pool in zip(draft.modules, pools.modules, strict=False) for h in m.items}
+        shown = {pool[h - 1].item_id for m, (_, pool) in zip(draft.modules, serving.written(pools), strict=True)
+                 for h in m.items}
         assert (example["hits"] > 0) == bool(shown & set(example["target_items"]))
         matcher = xgr.GrammarMatcher(backend._grammar(json.dumps(serving.schema(pools))))
         for token in backend.tokenizer.encode(example["completion"], add_special_tokens=False):
