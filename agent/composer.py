@@ -1,62 +1,89 @@
-"""The composer agent: plan -> retrieve -> compose -> check -> repair -> Homepage, within a time
-budget, with a deterministic path as the fallback and a per-user page cache.
+"""The composer: runs a page's stages in order and keeps the guarantee that a caller never gets an
+invalid page.
 
-Every model step is schema-constrained: the plan (a title and a search query per planned module)
-and the draft (a title and item handles per module). What configuration fixes — campaign modules,
-pinned items, sponsored slots — is placed by code, never by the model.
+    1. plan      (agent.planning)   themes for ``planned`` modules — the model, constrained
+    2. pools     (agent.pools)      candidates per module, and what configuration fixes
+    3. prompt    (agent.drafting)   the messages and the grammar of this request
+    4. draft     (agent.drafting)   the model writes; its text is read back into choices
+    5. check     (agent.rules)      typed violations -> one LLM retry -> the fix (agent.repair)
+    6. expand    (agent.assembly)   the ``Homepage``: catalogue facts, reasons, meta
+
+The guarantee: ``compose`` returns a page that passes every rule, or raises one of two documented
+errors — ``InputError`` (a malformed user id) or ``PageUnavailable`` (no valid page can be built
+at all: an empty catalogue, rules the catalogue cannot meet). Any fault on the way — the model
+failing, hanging past the time budget or writing garbage, a template failing to render, a grammar
+failing to compile, a candidate source or the event store failing — gives the deterministic page
+with ``meta.path = "fallback"`` and ``meta.fallback_reason``. The time budget counts from the
+request's arrival and covers waiting for the model.
+
+Cache: a page is cached under everything it depends on (the user's events, the catalogue version,
+templates, rules, skeleton, model and adapter). Fallback and degraded pages are never cached: the
+next request tries the model again.
 """
 
 from __future__ import annotations
 
-import re
+import hashlib
+import threading
 import time
-from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-import numpy as np
-from pydantic import ValidationError
-
+from agent.assembly import assemble, deterministic, expand
 from agent.backends import Generation, LLMBackend
 from agent.cache import PageCache
-from agent.errors import BackendError, InputError
+from agent.drafting import UnusableDraft, draft_messages, draft_schema, parse_draft, retry_messages
+from agent.errors import BackendError, ConfigError, HomepageError, InputError, PageUnavailable
+from agent.planning import PLAN_TOKENS, parse_plan, plan_request
+from agent.pools import Pools, build_pools
 from agent.prompting import Prompt
-from agent.reasons import reason
-from agent.rules import ModuleBody, PageBody, RuleContext, Rules, fix, validate
-from agent.schema import (
-    Homepage,
-    PageDraft,
-    PageItem,
-    PageMeta,
-    PageModule,
-    PlanDraft,
-    PlannedTheme,
-    Violation,
-    draft_json_schema,
-    plan_json_schema,
-)
-from agent.skeleton import ModuleSpec, Skeleton
-from retrieval import Candidate, Event, History, Provenance, Retriever
-from retrieval.vectors import PRODUCTS
+from agent.repair import fix
+from agent.rules import BrandQuota, PageBody, RuleContext, Rules, validate
+from agent.schema import Homepage, PageMeta, PlannedTheme, Violation
+from agent.skeleton import Skeleton
+from retrieval import Event, History, Retriever
+from retrieval.history import build_history
+from retrieval.ids import check_id
 
-_USER_ID = re.compile(r"^[\w.@:+-]{1,128}$")
+T = TypeVar("T")
+_GRACE_S = 0.25  # a backend that checks the deadline itself gets this long to say so
 
 
 def check_user_id(user_id: object) -> str:
-    if not isinstance(user_id, str) or not user_id.strip():
-        raise InputError("user id is empty")
-    user_id = user_id.strip()
-    if not _USER_ID.match(user_id):
-        raise InputError(f"user id {user_id[:40]!r} is malformed: expected 1-128 letters, digits or ._@:+-")
-    return user_id
+    """The id policy shared with ingest (``retrieval.ids``); ids are never rewritten."""
+    try:
+        return check_id(user_id, "user id")
+    except ValueError as exc:
+        raise InputError(str(exc).removeprefix("missing: ").removeprefix("malformed: ")) from None
 
 
-@dataclass
-class Pools:
-    """Per module, the candidates offered to the model; module k's handle h is ``modules[k][h - 1]``."""
+def before(deadline: float | None, call: Callable[[], T]) -> T:
+    """``call()``, or ``BackendError`` once ``deadline`` (``time.monotonic()``) has passed: the
+    budget holds for engines that cannot be interrupted, and covers waiting for a busy model. A call
+    that overruns finishes in the background; its answer is dropped."""
+    if deadline is None:
+        return call()
+    box: dict = {}
+    done = threading.Event()
 
-    modules: list[list[Candidate]]
-    reserve: list[Candidate]  # popular items the deterministic fix tops up from
-    themes: dict[str, PlannedTheme] = field(default_factory=dict)  # module type -> plan, if planned
+    def run() -> None:
+        try:
+            box["value"] = call()
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+        done.set()
+
+    threading.Thread(target=run, daemon=True, name="model-call").start()
+    if not done.wait(max(deadline - time.monotonic(), 0.0) + _GRACE_S):
+        raise BackendError("the model did not answer within the page's time budget", retryable=True)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:300]
 
 
 @dataclass
@@ -66,9 +93,10 @@ class Attempt:
     user_id: str
     history: History
     started: float
-    version: int
+    notes: list[str] = field(default_factory=list)
     themes: dict[str, PlannedTheme] = field(default_factory=dict)
     pools: Pools | None = None
+    messages: list[dict[str, str]] = field(default_factory=list)
     generations: list[Generation] = field(default_factory=list)
     violations: list[Violation] = field(default_factory=list)
     fixed: list[Violation] = field(default_factory=list)
@@ -85,256 +113,183 @@ class Composer:
         self.rules, self.skeleton = rules, skeleton
         self.max_new_tokens, self.llm_retry, self.budget_s = max_new_tokens, llm_retry, budget_s
         self.cache = cache if cache is not None else PageCache()
-        self.ctx = RuleContext(rules, retriever.products, skeleton)
-        self._llm_modules = [m for m in skeleton.modules if m.source != "campaign"]
-        self._planned = [m for m in skeleton.modules if m.source == "planned"]
+        check_configuration(rules, skeleton, retriever.products)
+
+    @property
+    def ctx(self) -> RuleContext:
+        return RuleContext(self.rules, self.retriever.products, self.skeleton)
+
+    # -- the stages, as finetune and eval call them (the same code as serving) -------------------
+    def pools(self, history: History, themes: dict[str, PlannedTheme] | None = None) -> Pools:
+        return build_pools(self.retriever, self.rules, self.skeleton, history, themes)
+
+    def messages(self, history: History, pools: Pools) -> list[dict[str, str]]:
+        return draft_messages(self.prompts["compose"], self.rules, history, pools, self.retriever.products)
+
+    def schema(self, pools: Pools) -> dict:
+        return draft_schema(self.rules, pools)
 
     # -- public ---------------------------------------------------------------------------------
     def compose(self, user_id: str, use_llm: bool = True, use_cache: bool = True) -> Homepage:
-        """One page. The LLM path runs within the time budget; past it, or when the backend fails,
-        the deterministic path answers and ``meta`` says so. Cached until the user's events change."""
-        attempt = self._start(user_id)
-        if use_cache and (page := self.cache.get(attempt.user_id, attempt.version)) is not None:
-            latency = round((time.perf_counter() - attempt.started) * 1000, 2)
-            return page.model_copy(update={"meta": page.meta.model_copy(update={"source": "cache",
-                                                                                "latency_ms": latency})})
+        """One valid page (see the module's docstring for the guarantee and its two errors)."""
+        started = time.perf_counter()
         deadline = None if self.budget_s is None else time.monotonic() + self.budget_s
+        user_id = check_user_id(user_id)
+        notes: list[str] = []
+        key = self._cache_key(user_id, use_llm, notes)
+        if use_cache and key and (page := self.cache.get(user_id, key)) is not None:
+            latency = round((time.perf_counter() - started) * 1000, 2)
+            return page.model_copy(update={"meta": page.meta.model_copy(update={"cached": True,
+                                                                                "latency_ms": latency})})
+        a = Attempt(user_id, self._history(user_id, notes), started, notes)
         if use_llm and self.backend is not None:
             try:
-                self._llm_path(attempt, deadline)
-            except BackendError as exc:
-                attempt.fallback_reason = str(exc)
-                attempt.body = None
-        else:
-            attempt.fallback_reason = "deterministic composer requested"
-        return self._finish(attempt)
+                self._llm_path(a, deadline)
+            except Exception as exc:  # every fault of the model's path ends in the deterministic page
+                a.fallback_reason, a.body = _describe(exc), None
+        page = self._finish(a, use_llm and self.backend is not None)
+        if key and not page.meta.notes and page.meta.path != "fallback":
+            self.cache.put(user_id, key, page)
+        return page
 
     def compose_batch(self, user_ids: list[str], batch_size: int = 8) -> list[Homepage]:
-        """Batch precompute: the LLM steps of several users share forward passes. No time budget."""
+        """Batch precompute: the LLM steps of several users share forward passes. No time budget;
+        a fault costs its batch the model, never a page."""
+        ids = [check_user_id(u) for u in user_ids]
         pages = []
-        for start in range(0, len(user_ids), batch_size):
-            attempts = [self._start(u) for u in user_ids[start : start + batch_size]]
-            self._plan_batch(attempts)
+        for start in range(0, len(ids), batch_size):
+            attempts = []
+            for user_id in ids[start : start + batch_size]:
+                notes: list[str] = []
+                attempts.append(Attempt(user_id, self._history(user_id, notes), time.perf_counter(), notes))
+            try:
+                self._llm_batch(attempts)
+            except Exception as exc:
+                for a in attempts:
+                    a.fallback_reason, a.body = _describe(exc), None
             for a in attempts:
-                a.pools = self.pools(a.history, a.themes)
-            requests = [(self.messages(a.history, a.pools), self.schema(a.pools)) for a in attempts]
-            for a, generation in zip(attempts, self.backend.generate_batch(requests, self.max_new_tokens),
-                                     strict=True):
-                self._take(a, generation)
-            retry = [a for a in attempts if a.violations and self.llm_retry]
-            if retry:
-                requests = [(self._retry_messages(a), self.schema(a.pools)) for a in retry]
-                for a, generation in zip(retry, self.backend.generate_batch(requests, self.max_new_tokens),
-                                         strict=True):
-                    self._take(a, generation)
-            pages.extend(self._finish(a) for a in attempts)
+                page = self._finish(a, True)
+                key = self._cache_key(a.user_id, True, [])
+                if key and not page.meta.notes and page.meta.path != "fallback":
+                    self.cache.put(a.user_id, key, page)
+                pages.append(page)
         return pages
 
     def record_event(self, event: Event) -> bool:
-        """Store an event; the user's cached page is dropped."""
+        """Store an event (ids checked by the shared policy); the user's next page reflects it."""
+        check_user_id(event.user_id)
+        try:
+            check_id(event.item_id, "item id")
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
         added = self.retriever.record_event(event)
         self.cache.invalidate(event.user_id)
         return added
 
-    # -- steps ----------------------------------------------------------------------------------
-    def _start(self, user_id: str) -> Attempt:
-        started = time.perf_counter()
-        user_id = check_user_id(user_id)
-        version = self.retriever.catalog.event_count(user_id)
-        return Attempt(user_id, self.retriever.history(user_id), started, version)
+    # -- orchestration --------------------------------------------------------------------------
+    def _fingerprint(self) -> str:
+        """Everything besides the user and the catalogue that a page depends on."""
+        parts = [*(f"{n}={p.version}" for n, p in sorted(self.prompts.items())), self.rules.model_dump_json(),
+                 self.skeleton.model_dump_json(), self.backend.model_name if self.backend else "",
+                 (self.backend.adapter or "") if self.backend else ""]
+        return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
+
+    def _cache_key(self, user_id: str, use_llm: bool, notes: list[str]) -> str | None:
+        try:
+            catalogue = self.retriever.refresh()
+            events = self.retriever.catalog.event_count(user_id)
+        except Exception as exc:  # the event store is unreadable: compose without the cache
+            notes.append(f"event store failed: {_describe(exc)}")
+            return None
+        return f"{int(use_llm)}:{events}:{catalogue}:{self._fingerprint()}"
+
+    def _history(self, user_id: str, notes: list[str]) -> History:
+        try:
+            return self.retriever.history(user_id)
+        except Exception as exc:  # composed as for a new visitor, and said so
+            notes.append(f"history unavailable, composed as for a new visitor: {_describe(exc)}")
+            return build_history(user_id, [], {})
+
+    def _generate(self, messages: list[dict[str, str]], schema: dict, tokens: int,
+                  deadline: float | None) -> Generation:
+        return before(deadline, lambda: self.backend.generate(messages, schema, tokens, deadline))
 
     def _llm_path(self, a: Attempt, deadline: float | None) -> None:
-        if self._planned:
-            a.themes, generation = self.plan(a.history, deadline)
+        if self.skeleton.planned():
+            messages, schema = plan_request(self.prompts["plan"], self.rules, self.skeleton, a.history)
+            generation = self._generate(messages, schema, PLAN_TOKENS, deadline)
             a.generations.append(generation)
+            a.themes = parse_plan(generation.text, self.rules, self.skeleton)
         a.pools = self.pools(a.history, a.themes)
-        messages, schema = self.messages(a.history, a.pools), self.schema(a.pools)
-        self._take(a, self.backend.generate(messages, schema, self.max_new_tokens, deadline))
+        a.messages = self.messages(a.history, a.pools)
+        schema = self.schema(a.pools)
+        self._take(a, self._generate(a.messages, schema, self.max_new_tokens, deadline))
         if a.violations and self.llm_retry:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is None or remaining > a.generations[-1].seconds:  # else the fix is quicker
-                self._take(a, self.backend.generate(self._retry_messages(a), self.schema(a.pools),
-                                                    self.max_new_tokens, deadline))
+                messages = retry_messages(self.prompts["repair"], self.rules, a.messages, a.generations[-1].text,
+                                          a.violations)
+                self._take(a, self._generate(messages, schema, self.max_new_tokens, deadline))
 
-    def plan_request(self, history: History) -> tuple[list[dict[str, str]], dict]:
-        themes = [{"type": m.type, "title": m.title, "query": m.query} for m in self._planned]
-        messages = self.prompts["plan"].render(summary=history.summary, themes=themes, rules=self.rules.model_dump())
-        return messages, plan_json_schema(len(themes), self.rules.title_min_chars, self.rules.title_max_chars)
-
-    def _parse_plan(self, generation: Generation) -> dict[str, PlannedTheme]:
-        try:
-            plan = PlanDraft.model_validate_json(generation.text)
-        except ValidationError:
-            return {}  # planned modules then use their configured title and query
-        return {m.type: theme for m, theme in zip(self._planned, plan.themes, strict=False)}
-
-    def plan(self, history: History, deadline: float | None = None) -> tuple[dict[str, PlannedTheme], Generation]:
-        messages, schema = self.plan_request(history)
-        generation = self.backend.generate(messages, schema, 60, deadline)
-        return self._parse_plan(generation), generation
-
-    def _plan_batch(self, attempts: list[Attempt]) -> None:
-        if not self._planned:
-            return
-        generations = self.backend.generate_batch([self.plan_request(a.history) for a in attempts], 60)
-        for a, generation in zip(attempts, generations, strict=True):
-            a.themes = self._parse_plan(generation)
-            a.generations.append(generation)
-
-    def _search(self, history: History, query: str, k: int) -> list[Candidate]:
-        """A planned theme's candidates: products whose text is nearest the theme's query."""
-        index = self.retriever.index
-        vector = np.asarray(index.embeddings.embed_query(query))
-        seen = set(history.item_ids)
-        hits = [(i, s) for i, s in index.search(PRODUCTS, vector, k + len(seen)) if i not in seen][:k]
-        return [Candidate(i, s, [Provenance("theme", s, rank, query)]) for rank, (i, s) in enumerate(hits)]
-
-    def pools(self, history: History, themes: dict[str, PlannedTheme] | None = None) -> Pools:
-        """Each candidate is offered to one module only (the first that wants it), so modules
-        cannot repeat each other; excluded items never enter; a pool holds at most the per-module
-        brand quota of any brand, so every pick of distinct handles keeps the brand rule, under any
-        engine; a thin pool is topped up with popular items."""
-        themes = themes or {}
-        products = self.retriever.products
-        sources = {m.source for m in self.skeleton.modules} - {"personal", "planned", "campaign"}
-        # each source retrieved once: the module sources and the fused ones overlap (covisit)
-        per_source = self.retriever.per_source(history, 60, sorted(sources | set(self.retriever.weights)))
-        personal = (self.retriever.sources["popularity"].candidates(history, 60) if history.is_cold else
-                    self.retriever.fused(history, {n: per_source[n] for n in self.retriever.weights}, 60))
-        reserve = [c for c in self.retriever.sources["popularity"].candidates(history, 120)
-                   if not self.skeleton.excludes(products[c.item_id])]
-        taken = {i for m in self.skeleton.modules for i in [*m.items, *m.pinned]} | set(self.skeleton.sponsored_items)
-        modules = []
-        for spec in self.skeleton.modules:
-            if spec.source == "campaign":
-                modules.append([])
-                continue
-            if spec.source == "planned":
-                theme = themes.get(spec.type)
-                source = self._search(history, theme.query if theme else spec.query, 30)
-            else:
-                source = personal if spec.source == "personal" else per_source[spec.source]
-            pool: list[Candidate] = []
-            brands = Counter(products[i].brand for i in spec.pinned if i in products)
-            for candidate in [*source, *reserve]:
-                if len(pool) == spec.pool_size:
-                    break
-                p = products.get(candidate.item_id)
-                if candidate.item_id in taken or p is None or not p.in_stock or self.skeleton.excludes(p):
-                    continue
-                if p.brand and brands[p.brand] >= self.rules.max_items_per_brand:
-                    continue  # left for a later module: this one may show only so many of the brand
-                pool.append(candidate)
-                taken.add(candidate.item_id)
-                brands[p.brand] += 1
-            modules.append(pool)
-        return Pools(modules, reserve, themes)
-
-    def written(self, pools: Pools) -> list[tuple[ModuleSpec, list[Candidate]]]:
-        """The modules the model writes (all but campaigns), with their pools, in page order."""
-        return [(spec, pool) for spec, pool in zip(self.skeleton.modules, pools.modules, strict=True)
-                if spec.source != "campaign"]
-
-    def item_count(self, spec: ModuleSpec, pool: list[Candidate]) -> int:
-        fixed = len(spec.pinned) + spec.sponsored_slots
-        high = min(spec.max_items, self.rules.max_items_per_module) - fixed
-        return max(min(high, len(pool)), 0)
-
-    def messages(self, history: History, pools: Pools) -> list[dict[str, str]]:
-        products = self.retriever.products
-        modules = []
-        for spec, pool in zip(self.skeleton.modules, pools.modules, strict=True):
-            if spec.source == "campaign":
-                continue
-            theme = pools.themes.get(spec.type)
-            candidates = [
-                {"handle": h, "title": products[c.item_id].title, "brand": products[c.item_id].brand,
-                 "category": products[c.item_id].category, "price": products[c.item_id].price}
-                for h, c in enumerate(pool, start=1)
-            ]
-            modules.append({"type": spec.type, "title": spec.title, "theme": theme.title if theme else None,
-                            "count": self.item_count(spec, pool), "min_items": spec.min_items,
-                            "max_items": spec.max_items, "candidates": candidates})
-        return self.prompts["compose"].render(summary=history.summary, modules=modules,
-                                              rules=self.rules.model_dump())
-
-    def schema(self, pools: Pools) -> dict:
-        slots = []
-        for spec, pool in self.written(pools):
-            theme = pools.themes.get(spec.type)
-            slots.append((len(pool), self.item_count(spec, pool), theme.title if theme else None))
-        return draft_json_schema(slots, self.rules.title_min_chars, self.rules.title_max_chars)
-
-    def _retry_messages(self, a: Attempt) -> list[dict[str, str]]:
-        return [*self.messages(a.history, a.pools), {"role": "assistant", "content": a.generations[-1].text},
-                *self.prompts["repair"].render(violations=[v.model_dump() for v in a.violations],
-                                               rules=self.rules.model_dump())]
-
-    def assemble(self, pools: Pools, chosen: list[tuple[str, list[str]]]) -> PageBody:
-        """Modules from the model's (or the deterministic) choices plus what configuration fixes:
-        campaign modules, pinned items first, sponsored items at their slots."""
-        sponsored = iter(i for i in self.skeleton.sponsored_items
-                         if i in self.retriever.products and self.retriever.products[i].in_stock)
-        picks = iter(chosen)
-        quota = self.skeleton.max_sponsored
-        body = PageBody()
-        for spec in self.skeleton.modules:
-            if spec.source == "campaign":
-                body.modules.append(ModuleBody(spec, spec.title, list(spec.items)))
-                continue
-            title, items = next(picks)
-            items = [*spec.pinned, *items]
-            ads = {i for _, i in zip(range(min(spec.sponsored_slots, quota)), sponsored, strict=False)}
-            quota -= len(ads)
-            for offset, item in enumerate(sorted(ads, key=self.skeleton.sponsored_items.index)):
-                items.insert(min(spec.sponsored_position - 1 + offset, len(items)), item)
-            body.modules.append(ModuleBody(spec, title, items, ads))
-        return body
+    def _llm_batch(self, attempts: list[Attempt]) -> None:
+        if self.skeleton.planned():
+            requests = [plan_request(self.prompts["plan"], self.rules, self.skeleton, a.history) for a in attempts]
+            for a, generation in zip(attempts, self.backend.generate_batch(requests, PLAN_TOKENS), strict=True):
+                a.generations.append(generation)
+                a.themes = parse_plan(generation.text, self.rules, self.skeleton)
+        for a in attempts:
+            a.pools = self.pools(a.history, a.themes)
+            a.messages = self.messages(a.history, a.pools)
+        requests = [(a.messages, self.schema(a.pools)) for a in attempts]
+        for a, generation in zip(attempts, self.backend.generate_batch(requests, self.max_new_tokens), strict=True):
+            self._take(a, generation)
+        retry = [a for a in attempts if a.violations and self.llm_retry]
+        if retry:
+            requests = [(retry_messages(self.prompts["repair"], self.rules, a.messages, a.generations[-1].text,
+                                        a.violations), self.schema(a.pools)) for a in retry]
+            for a, generation in zip(retry, self.backend.generate_batch(requests, self.max_new_tokens), strict=True):
+                self._take(a, generation)
 
     def _take(self, a: Attempt, generation: Generation) -> None:
-        """Parse and check one draft; keep it as the body when it parses."""
+        """Read and check one draft; the latest usable draft is the body."""
         a.generations.append(generation)
         try:
-            draft = PageDraft.model_validate_json(generation.text)
-            if len(draft.modules) != len(self._llm_modules):
-                raise ValueError("the draft has the wrong number of modules")
-        except (ValidationError, ValueError) as exc:
-            detail = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
-            a.violations = [Violation(code="unparseable", message=f"the draft is not a valid page: {detail}")]
-            a.fixed.extend(a.violations)
-            a.per_call.append(1)
-            return
-        chosen = [(module.title, [pool[h - 1].item_id for h in module.items if 1 <= h <= len(pool)])
-                  for module, (_, pool) in zip(draft.modules, self.written(a.pools), strict=True)]
-        a.body = self.assemble(a.pools, chosen)
-        a.violations = validate(a.body, self.ctx)
+            chosen = parse_draft(generation.text, a.pools)
+        except UnusableDraft as exc:
+            a.violations = [Violation(code="unparseable", message=str(exc))]
+        else:
+            a.body = assemble(a.pools, chosen)
+            a.violations = validate(a.body, self.ctx)
         a.fixed.extend(a.violations)
         a.per_call.append(len(a.violations))
 
-    def deterministic(self, pools: Pools) -> PageBody:
-        """Retrieval order and template copy (or the planned title); no model."""
-        chosen = []
-        for spec, pool in self.written(pools):
-            theme = pools.themes.get(spec.type)
-            items = [c.item_id for c in pool[: self.item_count(spec, pool)]]
-            chosen.append((theme.title if theme else spec.title, items))
-        return self.assemble(pools, chosen)
+    def _finish(self, a: Attempt, llm_asked: bool) -> Homepage:
+        try:
+            return self._page(a, llm_asked)
+        except HomepageError:
+            raise
+        except Exception as exc:  # nothing else escapes: no page can be built at all
+            raise PageUnavailable(f"no page can be built for {a.user_id}: {_describe(exc)}") from exc
 
-    def _finish(self, a: Attempt) -> Homepage:
-        if a.pools is None:  # the plan step failed or was never run
+    def _page(self, a: Attempt, llm_asked: bool) -> Homepage:
+        if a.pools is None:  # the plan step failed, or the model was not asked
             a.pools = self.pools(a.history, a.themes)
-        if a.fallback_reason:
-            a.body, a.fixed = self.deterministic(a.pools), []
-        if a.body is None or validate(a.body, self.ctx):
-            empty = self.deterministic(a.pools) if a.body is None else a.body
-            a.body = fix(empty, [[c.item_id for c in pool] for pool in a.pools.modules],
-                         [c.item_id for c in a.pools.reserve], self.ctx)
-        remaining = validate(a.body, self.ctx)
-        if remaining:  # the catalogue cannot satisfy the rules: a configuration problem, not a page
-            raise RuntimeError(f"rules cannot be met with this catalogue: {[v.message for v in remaining]}")
-        source = "fallback" if a.fallback_reason else ("repaired" if a.fixed else "llm")
+        if a.body is None and llm_asked and not a.fallback_reason:
+            a.fallback_reason = f"no usable draft: {a.violations[-1].message}" if a.violations else "no draft"
+        if a.body is None or a.fallback_reason:
+            a.body, a.fixed = deterministic(a.pools, self.rules), []
+            path = "fallback" if llm_asked else "deterministic"
+        else:
+            path = "repaired" if a.fixed else "llm"
+        ctx = self.ctx
+        if broken := validate(a.body, ctx):
+            a.body = fix(a.body, a.pools, ctx)
+            if path == "llm":
+                path, a.fixed = "repaired", broken
+        if remaining := validate(a.body, ctx):
+            raise PageUnavailable(f"the rules cannot be met with this catalogue: {[v.message for v in remaining]}")
         meta = PageMeta(
-            source=source, model=self.backend.model_name if self.backend else "",
+            path=path, model=self.backend.model_name if self.backend else "",
             adapter=self.backend.adapter if self.backend else None,
             templates={name: p.version for name, p in self.prompts.items()}, cold_start=a.history.is_cold,
             tokens_generated=sum(g.tokens for g in a.generations),
@@ -342,32 +297,35 @@ class Composer:
             prompt_tokens=sum(g.prompt_tokens for g in a.generations),
             prefill_ms=round(sum(g.prefill_seconds for g in a.generations) * 1000, 1),
             violations_fixed=a.fixed, violations_per_call=a.per_call, plan=a.pools.themes,
-            fallback_reason=a.fallback_reason, composed_at=time.time(),
+            fallback_reason=a.fallback_reason if path == "fallback" else None, notes=[*a.notes, *a.pools.notes],
+            composed_at=time.time(),
         )
-        page = self.expand(a.user_id, a.body, a.pools, meta)
+        page = expand(a.user_id, a.body, a.pools, meta, ctx.products, self.rules)
         page.meta.latency_ms = round((time.perf_counter() - a.started) * 1000, 2)
-        self.cache.put(a.user_id, a.version, page)
         return page
 
-    def expand(self, user_id: str, body: PageBody, pools: Pools, meta: PageMeta) -> Homepage:
-        products = self.retriever.products
-        known = {c.item_id: c for pool in [*pools.modules, pools.reserve] for c in pool}
-        modules = []
-        for mod in body.modules:
-            items = []
-            for item_id in mod.items:
-                p, c = products[item_id], known.get(item_id)
-                if item_id in mod.sponsored:
-                    why, source = "Sponsored", "sponsored"
-                elif mod.spec.source == "campaign" or item_id in mod.spec.pinned:
-                    why = f"Featured: {mod.spec.title}"
-                    source = "campaign" if mod.spec.source == "campaign" else "pinned"
-                else:
-                    why, source = reason(c, products), c.source if c else "popularity"
-                items.append(PageItem(
-                    item_id=item_id, title=p.title, brand=p.brand, category=" > ".join(p.category_path),
-                    price=p.price, reason=why, source=source, score=round(c.score, 6) if c else 0.0,
-                    sponsored=item_id in mod.sponsored,
-                ))
-            modules.append(PageModule(type=mod.spec.type, title=mod.title, items=items))
-        return Homepage(user_id=user_id, modules=modules, meta=meta)
+
+def check_configuration(rules: Rules, skeleton: Skeleton, products: dict) -> None:
+    """What a skeleton can get wrong against the rules and the catalogue, refused before any
+    page: unknown item ids, configured titles that break a title rule, configured items over the
+    brand quota of their module. An empty catalogue (nothing ingested yet) skips the id check."""
+    problems = []
+    if products:
+        unknown = {i: where for i, where in skeleton.configured_items().items() if i not in products}
+        problems += [f"{where}: item {i!r} is not in the catalogue" for i, where in unknown.items()]
+    titles: set[str] = set()
+    for m in skeleton.modules:
+        if problem := rules.title_problem(m.title):
+            problems.append(f"modules.{m.type}.title: {problem}")
+        if m.title.casefold() in titles:
+            problems.append(f"modules.{m.type}.title: {m.title!r} is another module's title too")
+        titles.add(m.title.casefold())
+        quota = BrandQuota(rules.max_items_per_brand, products)
+        for i in [*m.items, *m.pinned]:
+            if not quota.admits(i):
+                problems.append(f"modules.{m.type}: configured item {i!r} exceeds the brand quota "
+                                f"({rules.max_items_per_brand} per module)")
+            quota.add(i)
+    if problems:
+        where = f"{skeleton.source}: " if skeleton.source else ""
+        raise ConfigError(where + "; ".join(problems))

@@ -5,6 +5,9 @@
 - ``DraftRejected``: a model draft broke the rules; the composer repairs it. Carries the violations
   and the raw model text.
 - ``BackendError``: the LLM backend failed; ``retryable`` says whether trying again can help.
+  The composer never lets it reach a caller: the deterministic page answers instead.
+- ``PageUnavailable``: no valid page can be built at all (an empty catalogue, rules the catalogue
+  cannot meet). With ``InputError``, the only errors ``Composer.compose`` raises.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ class BackendError(HomepageError):
     def __init__(self, message: str, retryable: bool = False):
         super().__init__(message)
         self.retryable = retryable
+
+
+class PageUnavailable(HomepageError):
+    """No page passing the rules can be built (see ``agent.composer``)."""
 
 
 class MissingDependency(HomepageError, ImportError):

@@ -1,10 +1,16 @@
-"""Prompt templates: files under ``prompts/``, rendered through LangChain's jinja2 prompt templates.
+"""Prompt templates: files under ``prompts/``, rendered by one strict, bounded Jinja sandbox.
 
-Every template is checked when it loads, so a merchandiser's typo fails with the file, line and
-variable named, never as a prompt with a hole in it:
+The same environment renders at load and at run time (LangChain's jinja2 prompt templates render
+non-strict, so a typo in a branch the load-time sample does not take would render blank there).
+Every template is checked when it loads, so a merchandiser's mistake fails with the file and line
+named, never as a prompt with a hole in it:
 1. it must parse (sandboxed Jinja);
-2. it may only use the variables its prompt provides;
-3. it must render a sample context under ``StrictUndefined`` (this catches ``module.tilte``).
+2. constructs that cannot work here are refused: ``include``, ``import``, ``extends`` (a prompt
+   is the files its name lists, hashed into every page's meta);
+3. it may only use the variables its prompt provides;
+4. it must render a sample context under ``StrictUndefined`` (this catches ``module.tilte``).
+At run time an undefined value raises ``TemplateRenderError`` (the composer falls back), and what
+a template may compute is bounded: ranges, repetition, powers and the rendered size.
 """
 
 from __future__ import annotations
@@ -15,11 +21,46 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jinja2 import FileSystemLoader, StrictUndefined, TemplateError, TemplateSyntaxError, meta
+from jinja2 import StrictUndefined, Template, TemplateError, TemplateSyntaxError, meta, nodes
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
-from langchain_core.prompts import ChatPromptTemplate
 
 from agent.errors import ConfigError
+
+MAX_RENDERED_CHARS = 100_000  # a prompt is a few thousand characters; far more is a runaway loop
+_MAX_PRODUCT = 10_000  # the largest string or number a template's * or ** may build
+_REFUSED = {nodes.Include: "include", nodes.Import: "import", nodes.FromImport: "from ... import",
+            nodes.Extends: "extends"}
+
+
+class TemplateRenderError(ConfigError):
+    """A template failed while rendering a request (names the file and line)."""
+
+
+class BoundedSandbox(SandboxedEnvironment):
+    """Sandboxed, strict, and bounded in what a template may compute."""
+
+    MAX_RANGE = 1_000
+    intercepted_binops = frozenset({"*", "**"})
+
+    def __init__(self) -> None:
+        super().__init__(undefined=StrictUndefined, keep_trailing_newline=True, autoescape=False)
+        self.globals["range"] = self._range
+
+    def _range(self, *args: int) -> range:
+        numbers = range(*args)
+        if len(numbers) > self.MAX_RANGE:
+            raise SecurityError(f"range of {len(numbers)} numbers: a template may loop at most {self.MAX_RANGE} times")
+        return numbers
+
+    def call_binop(self, context, operator: str, left, right):
+        if operator == "**" and isinstance(right, int | float) and abs(right) > 64:
+            raise SecurityError("exponent too large for a template")
+        result = super().call_binop(context, operator, left, right)
+        if (isinstance(result, str | list) and len(result) > _MAX_PRODUCT) or (
+                isinstance(result, int) and not isinstance(result, bool) and abs(result) > 10**_MAX_PRODUCT):
+            raise SecurityError("value too large for a template")
+        return result
 
 _SAMPLE_CANDIDATE = {"handle": 1, "title": "Argan Oil Serum", "brand": "Acme", "category": "Oils", "price": 12.0}
 _SAMPLE_MODULE = {"type": "for_you", "title": "Picked for you", "theme": "Glow essentials", "count": 3,
@@ -47,19 +88,33 @@ PROMPTS: dict[str, tuple[list[tuple[str, str]], dict[str, Any]]] = {
 _ROLES = {"system": "system", "human": "user", "ai": "assistant"}
 
 
+def _failure(path: Path, exc: BaseException) -> str:
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == str(path)]
+    line = frames[-1].lineno if frames else 1
+    return f"{path}:{line}: {getattr(exc, 'message', None) or exc}"
+
+
 @dataclass
 class Prompt:
     name: str
-    template: ChatPromptTemplate
+    parts: list[tuple[str, Path, Template]]  # (role, file, compiled template), in message order
     variables: frozenset[str]
     version: str  # hash of the template files: goes into every page's meta
 
     def render(self, **values: Any) -> list[dict[str, str]]:
         missing = self.variables - set(values)
         if missing:
-            raise ConfigError(f"prompt {self.name!r}: values missing for {sorted(missing)}")
-        messages = self.template.format_messages(**{k: values[k] for k in self.variables})
-        return [{"role": _ROLES[m.type], "content": str(m.content)} for m in messages]
+            raise TemplateRenderError(f"prompt {self.name!r}: values missing for {sorted(missing)}")
+        messages = []
+        for role, path, template in self.parts:
+            try:
+                text = template.render(**values)
+            except Exception as exc:  # undefined values, refused operations, errors in filters
+                raise TemplateRenderError(_failure(path, exc)) from None
+            if len(text) > MAX_RENDERED_CHARS:
+                raise TemplateRenderError(f"{path}: rendered {len(text)} characters, over {MAX_RENDERED_CHARS}")
+            messages.append({"role": _ROLES[role], "content": text})
+        return messages
 
 
 def _line_of(source: str, name: str) -> int:
@@ -71,8 +126,7 @@ def _line_of(source: str, name: str) -> int:
 
 def load_prompt(prompts_dir: Path, name: str) -> Prompt:
     messages, sample = PROMPTS[name]
-    env = SandboxedEnvironment(loader=FileSystemLoader(str(prompts_dir)), undefined=StrictUndefined,
-                               keep_trailing_newline=True)
+    env = BoundedSandbox()
     parts, digest, used = [], hashlib.sha1(), set()
     for role, file in messages:
         path = Path(prompts_dir) / file
@@ -84,21 +138,24 @@ def load_prompt(prompts_dir: Path, name: str) -> Prompt:
             parsed = env.parse(source, filename=str(path))
         except TemplateSyntaxError as exc:
             raise ConfigError(f"{path}:{exc.lineno}: template syntax error: {exc.message}") from None
+        for kind, word in _REFUSED.items():
+            for node in parsed.find_all(kind):
+                raise ConfigError(f"{path}:{node.lineno}: {{% {word} %}} is not supported in prompt templates "
+                                  "(a prompt is exactly the files it lists)")
         unknown = sorted(meta.find_undeclared_variables(parsed) - set(sample))
         if unknown:
             raise ConfigError(f"{path}:{_line_of(source, unknown[0])}: unknown variable {unknown[0]!r} "
                               f"(this template may use: {', '.join(sorted(sample))})")
+        # compiled with its file name, so run-time errors are traced to the template's own lines
+        template = env.template_class.from_code(env, env.compile(source, file, str(path)), env.make_globals(None))
         try:
-            env.get_template(file).render(**sample)
-        except TemplateError as exc:  # an undefined attribute, or access the sandbox refuses
-            frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == str(path)]
-            line = frames[-1].lineno if frames else 1
-            raise ConfigError(f"{path}:{line}: {exc.message}") from None
+            template.render(**sample)
+        except (TemplateError, ArithmeticError, TypeError, ValueError) as exc:  # undefined, refused, bad filter
+            raise ConfigError(_failure(path, exc)) from None
         used |= meta.find_undeclared_variables(parsed)
         digest.update(source.encode())
-        parts.append((role, source))
-    template = ChatPromptTemplate.from_messages(parts, template_format="jinja2")
-    return Prompt(name, template, frozenset(used), digest.hexdigest()[:10])
+        parts.append((role, path, template))
+    return Prompt(name, parts, frozenset(used), digest.hexdigest()[:10])
 
 
 def load_prompts(prompts_dir: Path) -> dict[str, Prompt]:

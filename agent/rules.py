@@ -1,14 +1,16 @@
-"""Business rules: configuration, checks, and the deterministic fix.
+"""Business rules: their configuration and their checks — the one home of each rule.
 
 Each rule is a small function registered under its violation code; ``validate`` runs them all.
-The page they check is a ``PageBody``: module types, titles and item ids, before expansion.
+The page they check is a ``PageBody``: module types, titles and item ids, before expansion. The
+deterministic fix (``agent.repair``) and the stages that build pools use the same helpers
+(``BrandQuota``, ``Rules.title_problem``, ``module_bounds``), never their own copy of a rule.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +47,49 @@ class Rules(BaseModel):
 
     def banned_in(self, text: str) -> list[str]:
         return [w for w in self.banned_words if re.search(rf"\b{re.escape(w)}\b", text, re.IGNORECASE)]
+
+    def title_length_problem(self, title: str) -> str | None:
+        low, high = self.title_min_chars, self.title_max_chars
+        if not low <= len(title) <= high:
+            return f"title {title!r} has {len(title)} chars, needs {low}-{high}"
+        return None
+
+    def title_problem(self, title: str) -> str | None:
+        """Why ``title`` cannot be a module title on its own (length, form, banned words), or None."""
+        if problem := self.title_length_problem(title) or title_form_problem(title):
+            return problem
+        if words := self.banned_in(title):
+            return f"title {title!r} uses banned word(s) {words}"
+        return None
+
+
+# Inside a title: letters and digits of any script, spaces and these marks; it starts with a
+# letter or digit and ends with one or with "!" or "?" (no dangling comma or dash).
+TITLE_MARKS = " ,'’&!?-"
+_WORD = re.compile(r"\w+")
+
+
+def title_form_problem(title: str) -> str | None:
+    if not title:
+        return "the title is empty"
+    odd = sorted({c for c in title if not (c.isalnum() or c in TITLE_MARKS)})
+    if odd:
+        return f"title {title!r} has characters a title may not use: {''.join(odd)!r}"
+    if not title[0].isalnum():
+        return f"title {title!r} must start with a letter or digit"
+    if not (title[-1].isalnum() or title[-1] in "!?"):
+        return f"title {title!r} ends with {title[-1]!r}: dangling punctuation"
+    if "  " in title:
+        return f"title {title!r} has a double space"
+    return None
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.casefold())
+
+
+def _contains(words: list[str], run: list[str]) -> bool:
+    return any(words[i : i + len(run)] == run for i in range(len(words) - len(run) + 1))
 
 
 @dataclass
@@ -110,7 +155,7 @@ def _unique(page: PageBody, ctx: RuleContext) -> list[Violation]:
     return found
 
 
-def _bounds(mod: ModuleBody, rules: Rules) -> tuple[int, int]:
+def module_bounds(mod: ModuleBody, rules: Rules) -> tuple[int, int]:
     return (max(mod.spec.min_items, rules.min_items_per_module), min(mod.spec.max_items, rules.max_items_per_module))
 
 
@@ -118,25 +163,50 @@ def _bounds(mod: ModuleBody, rules: Rules) -> tuple[int, int]:
 def _size(page: PageBody, ctx: RuleContext) -> list[Violation]:
     found = []
     for m, mod in enumerate(page.modules):
-        low, high = _bounds(mod, ctx.rules)
+        low, high = module_bounds(mod, ctx.rules)
         if not low <= len(mod.items) <= high:
             found.append(Violation(code="module_size", module=m,
                                    message=f"module {mod.spec.type} has {len(mod.items)} items, needs {low}-{high}"))
     return found
 
 
+class BrandQuota:
+    """Items per brand within one module, counted by ``Product.brand_key``: the one count that
+    pools, the rule, the fix, category widening and fine-tuning targets all use."""
+
+    def __init__(self, cap: int, products: dict[str, Product], items: Iterable[str] = ()):
+        self.cap, self.products = cap, products
+        self.counts: Counter = Counter()
+        for item in items:
+            self.add(item)
+
+    def _key(self, item: str) -> str | None:
+        product = self.products.get(item)
+        return product.brand_key if product else None
+
+    def admits(self, item: str) -> bool:
+        key = self._key(item)
+        return key is None or self.counts[key] < self.cap
+
+    def add(self, item: str) -> None:
+        if (key := self._key(item)) is not None:
+            self.counts[key] += 1
+
+    def remove(self, item: str) -> None:
+        if (key := self._key(item)) is not None:
+            self.counts[key] -= 1
+
+
 @rule("brand_cap")
 def _brand_cap(page: PageBody, ctx: RuleContext) -> list[Violation]:
     found = []
     for m, mod in enumerate(page.modules):
-        counts: Counter = Counter()
+        quota = BrandQuota(ctx.rules.max_items_per_brand, ctx.products)
         for i in mod.items:
-            brand = ctx.products[i].brand if i in ctx.products else None
-            if brand:
-                counts[brand.lower()] += 1
-                if counts[brand.lower()] > ctx.rules.max_items_per_brand:
-                    found.append(Violation(code="brand_cap", module=m, item=i,
-                                           message=f"more than {ctx.rules.max_items_per_brand} items of {brand}"))
+            if not quota.admits(i):
+                found.append(Violation(code="brand_cap", module=m, item=i, message=f"more than "
+                                       f"{ctx.rules.max_items_per_brand} items of {ctx.products[i].brand}"))
+            quota.add(i)
     return found
 
 
@@ -151,13 +221,42 @@ def _categories(page: PageBody, ctx: RuleContext) -> list[Violation]:
 
 @rule("title_length")
 def _title_length(page: PageBody, ctx: RuleContext) -> list[Violation]:
-    low, high = ctx.rules.title_min_chars, ctx.rules.title_max_chars
-    return [
-        Violation(code="title_length", module=m,
-                  message=f"title {mod.title!r} has {len(mod.title)} chars, needs {low}-{high}")
-        for m, mod in enumerate(page.modules)
-        if not low <= len(mod.title.strip()) <= high
-    ]
+    return [Violation(code="title_length", module=m, message=problem)
+            for m, mod in enumerate(page.modules) if (problem := ctx.rules.title_length_problem(mod.title))]
+
+
+@rule("title_form")
+def _title_form(page: PageBody, ctx: RuleContext) -> list[Violation]:
+    return [Violation(code="title_form", module=m, message=problem)
+            for m, mod in enumerate(page.modules) if (problem := title_form_problem(mod.title))]
+
+
+@rule("duplicate_title")
+def _duplicate_title(page: PageBody, ctx: RuleContext) -> list[Violation]:
+    seen: set[str] = set()
+    found = []
+    for m, mod in enumerate(page.modules):
+        key = " ".join(mod.title.split()).casefold()
+        if key in seen:
+            found.append(Violation(code="duplicate_title", module=m, message=f"title {mod.title!r} is used twice"))
+        seen.add(key)
+    return found
+
+
+@rule("product_name_title")
+def _product_name_title(page: PageBody, ctx: RuleContext) -> list[Violation]:
+    """A module title is copy about the module, not a product's name (the model tends to echo the
+    first candidate's title): three or more of its words in a row from a title on the page fail."""
+    titles = [_words(ctx.products[i].title) for mod in page.modules for i in mod.items if i in ctx.products]
+    found = []
+    for m, mod in enumerate(page.modules):
+        words = _words(mod.title)
+        if mod.title == mod.spec.title:
+            continue  # the merchandiser's own copy
+        if len(words) >= 3 and any(_contains(title, words) for title in titles):
+            found.append(Violation(code="product_name_title", module=m,
+                                   message=f"title {mod.title!r} is a product's name, not copy"))
+    return found
 
 
 @rule("banned_word")
@@ -190,77 +289,3 @@ def _sponsored(page: PageBody, ctx: RuleContext) -> list[Violation]:
 
 def validate(page: PageBody, ctx: RuleContext) -> list[Violation]:
     return [v for check in RULES.values() for v in check(page, ctx)]
-
-
-def fix(page: PageBody, pools: list[list[str]], reserve: list[str], ctx: RuleContext) -> PageBody:
-    """Deterministic repair: drop what breaks a rule, then back-fill from the module's own pool,
-    then from the reserve (popular items). Always returns a page that passes when the catalogue
-    holds enough distinct items."""
-    rules, products = ctx.rules, ctx.products
-    used: set[str] = set()
-    sponsored_left = ctx.skeleton.max_sponsored if ctx.skeleton else 0
-    fixed = PageBody()
-
-    def fits(item: str, items: list[str]) -> bool:
-        p = products.get(item)
-        if p is None or not p.in_stock or item in used:
-            return False
-        if ctx.skeleton is not None and ctx.skeleton.excludes(p):
-            return False
-        brand = (p.brand or "").lower()
-        return not brand or sum((products[i].brand or "").lower() == brand for i in items) < rules.max_items_per_brand
-
-    for mod, pool in zip(page.modules, pools, strict=True):
-        low, high = _bounds(mod, rules)
-        items: list[str] = []
-        for item in mod.items:  # the chosen items first, up to the maximum
-            sponsored = item in mod.sponsored  # over the page quota, a sponsored item loses its slot
-            if len(items) < high and fits(item, items) and (not sponsored or sponsored_left > 0):
-                items.append(item)
-                used.add(item)
-                sponsored_left -= sponsored
-        for item in [*pool, *reserve]:  # then top up to the minimum
-            if len(items) >= low:
-                break
-            if fits(item, items):
-                items.append(item)
-                used.add(item)
-        title = mod.title.strip()
-        if rules.banned_in(title) or not rules.title_min_chars <= len(title) <= rules.title_max_chars:
-            title = mod.spec.title[: rules.title_max_chars]
-        fixed.modules.append(ModuleBody(mod.spec, title, items, mod.sponsored & set(items)))
-
-    _widen_categories(fixed, [*(i for pool in pools for i in pool), *reserve], ctx, used)
-    return fixed
-
-
-def _widen_categories(page: PageBody, candidates: list[str], ctx: RuleContext, used: set[str]) -> None:
-    """Add items of categories not yet on the page where a module has room; otherwise swap out an
-    item whose category appears more than once."""
-    products = ctx.products
-
-    def categories() -> Counter:
-        return Counter(products[i].category for mod in page.modules for i in mod.items)
-
-    for candidate in candidates:
-        have = categories()
-        if len(have) >= ctx.rules.min_categories:
-            return
-        p = products.get(candidate)
-        if p is None or candidate in used or not p.in_stock or p.category in have:
-            continue
-        brand = (p.brand or "").lower()
-        for mod in sorted(page.modules, key=lambda m: len(m.items)):
-            same_brand = sum((products[i].brand or "").lower() == brand for i in mod.items) if brand else 0
-            if same_brand >= ctx.rules.max_items_per_brand:
-                continue
-            if len(mod.items) < _bounds(mod, ctx.rules)[1]:
-                mod.items.append(candidate)
-            else:
-                victims = [i for i in reversed(mod.items) if have[products[i].category] > 1]
-                if not victims:
-                    continue
-                mod.items[mod.items.index(victims[0])] = candidate
-                used.discard(victims[0])
-            used.add(candidate)
-            break

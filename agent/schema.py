@@ -64,7 +64,11 @@ class PlanDraft(BaseModel):
 
 class PageMeta(BaseModel):
     model_config = _FORBID
-    source: Literal["llm", "repaired", "fallback", "cache"]
+    path: Literal["llm", "repaired", "deterministic", "fallback"] = Field(
+        description="how the page was made: the model's draft as written (llm) or after the fix (repaired); the "
+        "deterministic composer as asked (deterministic) or after a fault or the time budget (fallback, see "
+        "fallback_reason)")
+    cached: bool = Field(False, description="served from the page cache (composed_at says when it was made)")
     model: str
     adapter: str | None = None
     templates: dict[str, str] = Field(default_factory=dict, description="template name -> content hash")
@@ -79,6 +83,8 @@ class PageMeta(BaseModel):
     violations_per_call: list[int] = Field(default_factory=list, description="rule violations after each draft")
     plan: dict[str, PlannedTheme] = Field(default_factory=dict, description="module type -> planned theme")
     fallback_reason: str | None = None
+    notes: list[str] = Field(default_factory=list, description="what was degraded: a source that failed, a module "
+                             "left off because its source could not fill it")
     composed_at: float = Field(0.0, description="unix time the page was composed (cache hits keep it)")
 
 
@@ -93,10 +99,18 @@ class Homepage(BaseModel):
         return [item.item_id for module in self.modules for item in module.items]
 
 
+# ASCII that a title may not use (JSON/markup characters, most punctuation); every other character
+# (letters and digits of any script) passes the grammar, and the title_form rule checks the rest.
+_NOT_FIRST = r"\x00-\x2f\x3a-\x40\x5b-\x60\x7b-\x7f"  # a letter or digit starts it
+_NOT_INSIDE = r"\x00-\x1f\x22-\x25\x28-\x2b\x2e\x2f\x3a-\x40\x5b-\x60\x7b-\x7f"  # space , ' & ! - inside
+_NOT_LAST = r"\x00-\x20\x22-\x2f\x3a-\x3e\x40\x5b-\x60\x7b-\x7f"  # a letter, digit, ! or ? ends it
+
+
 def title_pattern(low: int, high: int) -> str:
-    """Plain words, no numbering, quotes or markup. The length bound lives in the pattern alone:
-    xgrammar ignores min/maxLength on a string that has a pattern."""
-    return rf"^[A-Z][A-Za-z ,'&!-]{{{low - 1},{high - 1}}}$"
+    """Words in any script and digits ("Crème", "Top 10 picks", "Für dich"); no quotes, markup or
+    dangling punctuation. The length bound lives in the pattern alone: xgrammar ignores
+    min/maxLength on a string that has a pattern."""
+    return rf"^[^{_NOT_FIRST}][^{_NOT_INSIDE}]{{{max(low - 2, 0)},{high - 2}}}[^{_NOT_LAST}]$"
 
 
 def query_pattern(high: int = 30) -> str:
@@ -138,8 +152,9 @@ def draft_json_schema(slots: list[tuple[int, int, str | None]], title_min: int, 
             "properties": {
                 "title": {"const": fixed} if fixed else {"type": "string",
                                                          "pattern": title_pattern(title_min, title_max)},
-                "items": {"type": "array", "items": {"enum": list(range(1, n + 1))}, "uniqueItems": True,
-                          "minItems": count, "maxItems": count},
+                # an empty pool offers no handle: the array can only be empty (an empty enum does not compile)
+                "items": ({"type": "array", "items": {"enum": list(range(1, n + 1))}, "uniqueItems": True,
+                           "minItems": count, "maxItems": count} if n and count else {"type": "array", "maxItems": 0}),
             },
             "required": ["title", "items"],
             "additionalProperties": False,

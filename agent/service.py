@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+from agent.adapters import check_adapter_inputs, file_digest
 from agent.backends import LLMBackend, load_backend
 from agent.cache import PageCache
 from agent.composer import Composer
@@ -31,6 +32,16 @@ def composer_for(settings: Settings, retriever: Retriever, backend: LLMBackend |
     return Composer(retriever, backend, prompts, rules, skeleton, settings.max_new_tokens, **(options | overrides))
 
 
+def adapter_inputs(settings: Settings, composer: Composer) -> dict:
+    """What an adapter's training saw, as serving has it now (the keys of its metadata)."""
+    return {
+        "templates": {name: p.version for name, p in composer.prompts.items()},
+        "rules_hash": file_digest(settings.rules_file), "skeleton_hash": file_digest(settings.skeleton_file),
+        "retrieval": {"sources": settings.sources, "source_options": settings.source_options,
+                      "rrf_k": settings.rrf_k, "embedding_model": settings.embedding_model},
+    }
+
+
 def build_composer(settings: Settings | None = None) -> Composer:
     settings = settings or Settings()
     key = settings.model_dump_json()
@@ -38,11 +49,14 @@ def build_composer(settings: Settings | None = None) -> Composer:
         if key not in _composers:
             # merchandiser files first: a broken file fails fast, before any model loads
             composer = composer_for(settings, Retriever.open(settings.retrieval_config()))
+            if settings.adapter:
+                check_adapter_inputs(settings.adapter, adapter_inputs(settings, composer), settings.adapter_mismatch)
             composer.backend = load_backend(settings)
             _composers[key] = composer
         return _composers[key]
 
 
 def compose_homepage(user_id: str, settings: Settings | None = None) -> Homepage:
-    """The personalised homepage for one user; never an invalid page (see ``Homepage.meta``)."""
+    """The personalised homepage for one user: a page that passes every rule, or ``InputError`` (a
+    malformed id) or ``PageUnavailable`` (no valid page can be built); see ``agent.composer``."""
     return build_composer(settings).compose(user_id)

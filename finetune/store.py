@@ -13,6 +13,7 @@ import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from agent.adapters import file_digest
 from agent.errors import UserError
 from agent.settings import Settings
 from retrieval import EventColumns, Retriever, ingest
@@ -28,15 +29,6 @@ class Logs:
     catalogue: Path
     events: list[Event]
     digest: str  # of the catalogue and events files: the training data's identity
-
-
-def file_digest(*paths: Path) -> str:
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
 
 
 def read_logs(data: Path, settings: Settings, quarantine: Path) -> Logs:

@@ -3,12 +3,14 @@ histories and candidate sources. Imports nothing from the rest of the project.""
 
 from retrieval.columns import CatalogueColumns, EventColumns
 from retrieval.history import History
-from retrieval.ingest import IngestReport, ingest
+from retrieval.ingest import IngestReport, ingest, remove_products
 from retrieval.loading import DataFileError, LoadReport
 from retrieval.records import Candidate, Event, Product, Provenance
 from retrieval.retriever import RetrievalConfig, Retriever
+from retrieval.vectors import StoreInUse
 
 __all__ = [
     "Candidate", "CatalogueColumns", "DataFileError", "Event", "EventColumns", "History",
-    "IngestReport", "LoadReport", "Product", "Provenance", "RetrievalConfig", "Retriever", "ingest",
+    "IngestReport", "LoadReport", "Product", "Provenance", "RetrievalConfig", "Retriever", "StoreInUse", "ingest",
+    "remove_products",
 ]

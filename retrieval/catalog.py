@@ -2,12 +2,18 @@
 
 SQLite keeps events across restarts and makes re-ingestion idempotent (primary keys, upserts);
 the catalogue is small enough to be held in memory once opened.
+
+Concurrency: each thread gets its own connection (a connection is not shared across threads), the
+file is in WAL mode so readers never block the one writer, and a writer waits for another's lock
+(``busy_timeout``) instead of failing. Every catalogue change bumps ``catalogue_version``; readers
+in any process see the bump on their next ``refresh()`` and reload the products.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,53 +33,115 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE UNIQUE INDEX IF NOT EXISTS events_key
     ON events (user_id, item_id, IFNULL(timestamp, -1), IFNULL(seq_pos, -1), event_type);
 CREATE INDEX IF NOT EXISTS events_user ON events (user_id);
+CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO store_meta VALUES ('catalogue_version', 0);
 """
+_BUSY_MS = 30_000
 
 
 class Catalog:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False)
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
         self._db.executescript(_SCHEMA)
         self._products: dict[str, Product] | None = None
+        self._loaded_version: int | None = None
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=_BUSY_MS / 1000)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
+            self._local.db = db
+            with self._connections_lock:
+                self._connections.append(db)
+        return db
 
     def close(self) -> None:
-        self._db.close()
+        with self._connections_lock:
+            for db in self._connections:
+                db.close()
+            self._connections.clear()
+        self._local = threading.local()
 
     # -- catalogue ---------------------------------------------------------------------------
-    def upsert_products(self, products: Iterable[Product]) -> None:
-        self._db.executemany(
-            "INSERT INTO products VALUES (?,?,?,?,?,?,?) ON CONFLICT(item_id) DO UPDATE SET "
-            "title=excluded.title, category_path=excluded.category_path, brand=excluded.brand, "
-            "price=excluded.price, description=excluded.description, stock=excluded.stock",
-            [
-                (p.item_id, p.title, json.dumps(p.category_path), p.brand, p.price, p.description, p.stock)
-                for p in products
-            ],
-        )
-        self._db.commit()
+    def version(self) -> int:
+        """Bumped by every catalogue change, in any process: part of every cached page's key."""
+        return self._db.execute("SELECT value FROM store_meta WHERE key = 'catalogue_version'").fetchone()[0]
+
+    def _bump(self, db: sqlite3.Connection) -> None:
+        db.execute("UPDATE store_meta SET value = value + 1 WHERE key = 'catalogue_version'")
+
+    def upsert_products(self, products: Iterable[Product]) -> int:
+        """Insert or update products; returns how many were new or changed (unchanged rows do not
+        bump the catalogue version, so re-ingesting the same file keeps every cached page)."""
+        rows = [(p.item_id, p.title, json.dumps(p.category_path), p.brand, p.price, p.description, p.stock)
+                for p in products]
+        db = self._db
+        with db:
+            before = db.total_changes
+            db.executemany(
+                "INSERT INTO products VALUES (?,?,?,?,?,?,?) ON CONFLICT(item_id) DO UPDATE SET "
+                "title=excluded.title, category_path=excluded.category_path, brand=excluded.brand, "
+                "price=excluded.price, description=excluded.description, stock=excluded.stock "
+                "WHERE (title, category_path, brand, price, description, stock) IS NOT "
+                "(excluded.title, excluded.category_path, excluded.brand, excluded.price, excluded.description, "
+                "excluded.stock)",
+                rows,
+            )
+            changed = db.total_changes - before
+            if changed:
+                self._bump(db)
         self._products = None
+        return changed
+
+    def remove_products(self, item_ids: Iterable[str]) -> list[str]:
+        """Remove products from the catalogue; their events stay (a history skips unknown items).
+        Returns the ids that were there."""
+        ids = list(dict.fromkeys(item_ids))
+        db = self._db
+        with db:
+            found = [i for i in ids if db.execute("SELECT 1 FROM products WHERE item_id = ?", (i,)).fetchone()]
+            db.executemany("DELETE FROM products WHERE item_id = ?", [(i,) for i in found])
+            if found:
+                self._bump(db)
+        self._products = None
+        return found
+
+    def refresh(self) -> bool:
+        """Drop the in-memory products if the catalogue changed since they were read (by any
+        process); True when it did. One indexed read."""
+        version = self.version()
+        if version != self._loaded_version:
+            self._products, self._loaded_version = None, version
+            return True
+        return False
 
     @property
     def products(self) -> dict[str, Product]:
-        if self._products is None:
+        products = self._products
+        if products is None:
             rows = self._db.execute("SELECT * FROM products ORDER BY item_id")
-            self._products = {
-                r[0]: Product(r[0], r[1], tuple(json.loads(r[2])), r[3], r[4], r[5], r[6]) for r in rows
-            }
-        return self._products
+            products = {r[0]: Product(r[0], r[1], tuple(json.loads(r[2])), r[3], r[4], r[5], r[6]) for r in rows}
+            self._products = products
+        return products
 
     # -- events ------------------------------------------------------------------------------
     def add_events(self, events: Iterable[Event]) -> int:
         """Insert events, ignoring exact duplicates; returns how many were new."""
-        before = self._db.total_changes
-        self._db.executemany(
-            "INSERT OR IGNORE INTO events VALUES (?,?,?,?,?)",
-            [(e.user_id, e.item_id, e.timestamp, e.seq_pos, e.event_type) for e in events],
-        )
-        self._db.commit()
-        return self._db.total_changes - before
+        db = self._db
+        with db:
+            before = db.total_changes
+            db.executemany(
+                "INSERT OR IGNORE INTO events VALUES (?,?,?,?,?)",
+                [(e.user_id, e.item_id, e.timestamp, e.seq_pos, e.event_type) for e in events],
+            )
+            return db.total_changes - before
 
     def user_events(self, user_id: str) -> list[Event]:
         """A user's events, oldest first (by timestamp, then sequence position)."""

@@ -1,12 +1,17 @@
 """Ingestion: catalogue and events files -> catalogue/event store + vector collections.
 
 Idempotent: products and user documents are upserted by id (and only re-embedded when their text
-changed); events are keyed by their natural key, so a rerun adds nothing twice.
+changed; a changed price or stock updates the vector store's metadata without re-embedding); events
+are keyed by their natural key, so a rerun adds nothing twice. Each run keeps its rejected rows in
+a folder of its own, ``quarantine/<UTC time>-<pid>/``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
+import os
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +26,7 @@ from retrieval.vectors import BEHAVIOUR, PRODUCTS, LocalEmbeddings, VectorIndex,
 
 @dataclass
 class IngestReport:
-    catalogue: LoadReport
+    catalogue: LoadReport | None
     events: LoadReport
     new_events: int
     embedded_products: int
@@ -29,7 +34,7 @@ class IngestReport:
 
     def lines(self) -> list[str]:
         return [
-            str(self.catalogue),
+            *([str(self.catalogue)] if self.catalogue else []),
             str(self.events),
             f"events new in the store: {self.new_events}",
             f"embedded: {self.embedded_products} products, {self.embedded_users} user behaviour texts "
@@ -42,16 +47,49 @@ def _digest(text: str) -> str:
 
 
 def _upsert_changed(index: VectorIndex, name: str, docs: dict[str, tuple[str, dict]], progress: bool) -> int:
-    """Embed only the documents that are new or whose text changed since the last ingest."""
+    """Embed only the documents that are new or whose text changed since the last ingest; where
+    only the metadata changed (price, stock), update it in place. Returns how many were embedded."""
     existing = index.stores[name].get(ids=list(docs), include=["metadatas"]) if docs else {"ids": []}
-    old = {i: (m or {}).get("digest") for i, m in zip(existing["ids"], existing.get("metadatas") or [], strict=False)}
-    changed = [i for i, (text, _) in docs.items() if old.get(i) != _digest(text)]
-    if changed:
-        index.upsert(
-            name, changed, [docs[i][0] for i in changed],
-            [{**docs[i][1], "digest": _digest(docs[i][0])} for i in changed], progress=progress,
-        )
-    return len(changed)
+    old = dict(zip(existing["ids"], (m or {} for m in existing.get("metadatas") or []), strict=False))
+    wanted = {i: {**meta, "digest": _digest(text)} for i, (text, meta) in docs.items()}
+    embed = [i for i in docs if old.get(i, {}).get("digest") != wanted[i]["digest"]]
+    if embed:
+        index.upsert(name, embed, [docs[i][0] for i in embed], [wanted[i] for i in embed], progress=progress)
+    retag = [i for i in docs if i in old and i not in embed and old[i] != wanted[i]]
+    if retag:
+        index.stores[name]._collection.update(ids=retag, metadatas=[wanted[i] for i in retag])
+    return len(embed)
+
+
+def _product_metadata(p) -> dict:
+    return {"title": p.title, "brand": p.brand or "", "department": p.department, "category": p.category,
+            "price": p.price if p.price is not None else -1.0, "in_stock": p.in_stock}
+
+
+_RUNS = itertools.count(1)
+
+
+def run_quarantine_dir(store: Path) -> Path:
+    """This run's own quarantine folder (time, process, run in the process): earlier runs'
+    rejected rows are never overwritten."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return Path(store) / "quarantine" / f"{stamp}-{os.getpid()}-{next(_RUNS)}"
+
+
+def remove_products(config: RetrievalConfig, item_ids: list[str]) -> list[str]:
+    """Take products out of the catalogue and the vector store; returns the ids that were there.
+    Their events stay (histories skip products that are gone); cached pages see the new catalogue
+    version and are recomposed."""
+    store = Path(config.store_dir)
+    catalog = Catalog(store / CATALOG_FILE)
+    try:
+        removed = catalog.remove_products(item_ids)
+        if removed:
+            client = chroma_client(store / CHROMA_DIR, config.chroma_host, config.chroma_port)
+            VectorIndex(client, LocalEmbeddings(config.embedding_model)).stores[PRODUCTS].delete(ids=removed)
+    finally:
+        catalog.close()
+    return removed
 
 
 def ingest(
@@ -61,37 +99,38 @@ def ingest(
     catalogue_columns: CatalogueColumns | None = None,
     event_columns: EventColumns | None = None,
     progress: bool = True,
+    events_only: bool = False,
 ) -> IngestReport:
+    """Load both files into the stores. ``events_only``: add the events file to the event store
+    alone (SQLite, safe from any process while another owns the embedded vector store); the
+    behaviour texts are refreshed by the next full ingest."""
     store = Path(config.store_dir)
-    quarantine_dir = store / "quarantine"
-    products, catalogue_report = load_products(
-        Path(catalogue_path), catalogue_columns or CatalogueColumns(), quarantine_dir
-    )
+    quarantine_dir = run_quarantine_dir(store)
     catalog = Catalog(store / CATALOG_FILE)
     try:
-        catalog.upsert_products(products)
+        products, catalogue_report = [], None
+        if not events_only:
+            products, catalogue_report = load_products(
+                Path(catalogue_path), catalogue_columns or CatalogueColumns(), quarantine_dir
+            )
+            catalog.upsert_products(products)
         known = set(catalog.products)
         events, events_report = load_events(
             Path(events_path), event_columns or EventColumns(), known, quarantine_dir
         )
         new_events = catalog.add_events(events)
+        if events_only:
+            return IngestReport(None, events_report, new_events, 0, 0)
 
         client = chroma_client(store / CHROMA_DIR, config.chroma_host, config.chroma_port)
         index = VectorIndex(client, LocalEmbeddings(config.embedding_model))
-        product_docs = {
-            p.item_id: (
-                p.text(),
-                {"title": p.title, "brand": p.brand or "", "department": p.department,
-                 "category": p.category, "price": p.price if p.price is not None else -1.0,
-                 "in_stock": p.in_stock},
-            )
-            for p in products
-        }
+        product_docs = {p.item_id: (p.text(), _product_metadata(p)) for p in products}
         embedded_products = _upsert_changed(index, PRODUCTS, product_docs, progress)
 
         by_user: dict[str, list] = defaultdict(list)
         for e in catalog.all_events():
-            by_user[e.user_id].append(catalog.products[e.item_id])
+            if e.item_id in catalog.products:  # a removed product's events stay, unsummarised
+                by_user[e.user_id].append(catalog.products[e.item_id])
         user_docs = {user: (summarise(items), {"events": len(items)}) for user, items in by_user.items()}
         embedded_users = _upsert_changed(index, BEHAVIOUR, user_docs, progress)
     finally:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from retrieval.columns import CatalogueColumns, EventColumns
+from retrieval.ids import check_id
 from retrieval.records import Event, Product
 
 
@@ -42,7 +43,9 @@ class LoadReport:
 
 
 class Quarantine:
-    """Appends rejected rows to ``<dir>/<file stem>.quarantine.jsonl`` with where and why."""
+    """Writes rejected rows to ``<dir>/<file name>.quarantine.jsonl`` with where and why. The
+    caller gives each run its own ``dir`` (``ingest``: ``quarantine/<UTC time>-<pid>/``), so a
+    run never overwrites what an earlier one kept aside."""
 
     def __init__(self, directory: Path, source: Path, report: LoadReport):
         self.path = directory / f"{source.name}.quarantine.jsonl"
@@ -111,6 +114,16 @@ def clean_text(value: Any) -> str | None:
     return text or None
 
 
+def _raw_id(value: Any) -> Any:
+    """Ids are checked as written (never cleaned); a whole number read from Parquet/JSON counts as
+    its digits, a missing value as empty."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
 def parse_number(value: Any, name: str) -> float | None:
     text = clean_text(value)
     if text is None:
@@ -129,13 +142,15 @@ def parse_timestamp(value: Any) -> float | None:
     if text is None:
         return None
     try:
-        return float(text)
+        number = float(text)
     except ValueError:
-        pass
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        raise ValueError(f"timestamp is neither unix seconds nor ISO 8601: {text!r}") from None
+        try:
+            return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            raise ValueError(f"timestamp is neither unix seconds nor ISO 8601: {text!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"timestamp must be a finite number of seconds, got {text!r}")
+    return number
 
 
 def _require_columns(path: Path, row: dict[str, Any], needed: dict[str, str]) -> None:
@@ -176,10 +191,8 @@ def load_products(
 def _product(row: dict[str, Any], c: CatalogueColumns) -> Product:
     if "_error" in row:
         raise ValueError(f"malformed: {row['_error']}")
-    item_id = clean_text(row.get(c.item_id))
+    item_id = check_id(_raw_id(row.get(c.item_id)), "item_id")
     title = clean_text(row.get(c.title)) or clean_text(row.get(c.title_fallback))
-    if item_id is None:
-        raise ValueError("missing: item_id is empty")
     if title is None:
         raise ValueError("missing: title is empty")
     category = clean_text(row.get(c.category))
@@ -225,12 +238,8 @@ def load_events(
 def _event(row: dict[str, Any], c: EventColumns, line: int) -> Event:
     if "_error" in row:
         raise ValueError(f"malformed: {row['_error']}")
-    user_id = clean_text(row.get(c.user_id))
-    item_id = clean_text(row.get(c.item_id))
-    if user_id is None:
-        raise ValueError("missing: user_id is empty")
-    if item_id is None:
-        raise ValueError("missing: item_id is empty")
+    user_id = check_id(_raw_id(row.get(c.user_id)), "user_id")
+    item_id = check_id(_raw_id(row.get(c.item_id)), "item_id")
     timestamp = parse_timestamp(row.get(c.timestamp))
     seq = parse_number(row.get(c.seq_pos), "seq_pos")
     if timestamp is None and seq is None:

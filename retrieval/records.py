@@ -5,6 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def brand_key(brand: str | None) -> str | None:
+    """A brand as every brand rule compares it: case folded (``ß`` = ``SS``) and runs of spaces
+    collapsed, so "TIGI", "Tigi" and " tigi" are one brand. The one brand normalisation."""
+    key = " ".join((brand or "").split()).casefold()
+    return key or None
+
+
 @dataclass(frozen=True)
 class Product:
     item_id: str
@@ -18,6 +25,10 @@ class Product:
     @property
     def in_stock(self) -> bool:
         return self.stock is None or self.stock > 0
+
+    @property
+    def brand_key(self) -> str | None:
+        return brand_key(self.brand)
 
     @property
     def category(self) -> str:

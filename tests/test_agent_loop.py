@@ -90,7 +90,7 @@ def test_a_failing_backend_gives_a_fallback_page(composer, sample_users):
     c = Composer(composer.retriever, FailingBackend(), composer.prompts, composer.rules, composer.skeleton)
     page = c.compose(sample_users[4])
     assert_valid_page(page, c)
-    assert page.meta.source == "fallback" and page.meta.fallback_reason == "LLM server unreachable"
+    assert page.meta.path == "fallback" and page.meta.fallback_reason.endswith("LLM server unreachable")
     assert [m.title for m in page.modules] == [m.title for m in composer.skeleton.modules]  # template copy
 
 
@@ -99,23 +99,23 @@ def test_the_real_model_past_its_budget_falls_back(composer, sample_users):
                  budget_s=0.05)
     page = c.compose(sample_users[6])
     assert_valid_page(page, c)
-    assert page.meta.source == "fallback" and "time budget" in page.meta.fallback_reason
+    assert page.meta.path == "fallback" and "time budget" in page.meta.fallback_reason
     # the shared system-prompt cache was restored: the next unbudgeted page is normal
     c.budget_s = None
-    assert c.compose(sample_users[7]).meta.source in {"llm", "repaired"}
+    assert c.compose(sample_users[7]).meta.path in {"llm", "repaired"}
 
 
-def test_cache_hits_until_the_users_events_change(composer, retriever, sample_users):
-    user = sample_users[8]
+def test_cache_hits_until_the_users_events_change(composer, retriever, full_users):
+    user = full_users[8]
     c = scripted(composer, json.dumps(GOOD), json.dumps(GOOD))
     first = c.compose(user)
     hit = c.compose(user)
-    assert hit.meta.source == "cache" and hit.item_ids() == first.item_ids()
+    assert hit.meta.cached and hit.item_ids() == first.item_ids()
     assert hit.meta.composed_at == first.meta.composed_at and hit.meta.latency_ms < first.meta.latency_ms
     item = next(i for i in retriever.products if i not in retriever.history(user).item_ids)
     assert c.record_event(Event(user, item, seq_pos=99_999, event_type="view"))
     after = c.compose(user)
-    assert after.meta.source != "cache" and item not in after.item_ids()  # seen items are not offered
+    assert not after.meta.cached and item not in after.item_ids()  # seen items are not offered
     assert len(c.backend.texts) == 0  # the model was asked again
 
 
@@ -125,5 +125,5 @@ def test_batch_precompute_gives_valid_pages(composer, sample_users):
     assert [p.user_id for p in pages] == users
     for page in pages:
         assert_valid_page(page, composer)
-        assert page.meta.source in {"llm", "repaired"}
-    assert composer.compose(users[0]).meta.source == "cache"  # precomputed pages serve from the cache
+        assert page.meta.path in {"llm", "repaired"}
+    assert composer.compose(users[0]).meta.cached  # precomputed pages serve from the cache

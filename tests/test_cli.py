@@ -2,13 +2,13 @@ import json
 import subprocess
 import sys
 
-from agent.cli import main
 from agent.schema import Homepage
+from homepage.cli import main
 
 
 def test_bad_user_ids_exit_2_with_one_line(tmp_path):
     for bad in ["", "no spaces please"]:
-        result = subprocess.run([sys.executable, "-m", "agent.cli", "--store", str(tmp_path), "compose", bad],
+        result = subprocess.run([sys.executable, "-m", "homepage", "--store", str(tmp_path), "compose", bad],
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 2
         assert result.stdout == ""
@@ -28,7 +28,7 @@ def test_compose_json_is_a_valid_homepage(settings, composer, sample_users, monk
     assert page.user_id == sample_users[1] and len(ids) == len(set(ids))
     assert all(i in composer.retriever.products for i in ids)
     # the CLI runs with the default time budget: on a busy machine the page may come from the fallback
-    assert json.loads(page.model_dump_json())["meta"]["source"] in {"llm", "repaired", "fallback"}
+    assert json.loads(page.model_dump_json())["meta"]["path"] in {"llm", "repaired", "fallback"}
 
 
 def test_help_shows_an_example(capsys):

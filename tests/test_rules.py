@@ -5,10 +5,12 @@ from pathlib import Path
 import pytest
 
 from agent.errors import ConfigError
-from agent.rules import RULES, ModuleBody, PageBody, RuleContext, Rules, fix, validate
+from agent.pools import ModulePool, Pools
+from agent.repair import fix
+from agent.rules import RULES, ModuleBody, PageBody, RuleContext, Rules, validate
 from agent.settings import PROMPTS_DIR
 from agent.skeleton import ModuleSpec, Skeleton
-from retrieval import Product
+from retrieval import Candidate, Product
 
 PRODUCTS = {
     p.item_id: p
@@ -34,6 +36,12 @@ def page(*modules: tuple[str, list[str]]) -> PageBody:
     return PageBody([ModuleBody(SPEC, title, items) for title, items in modules])
 
 
+def pools(body: PageBody, offered: list[list[str]], reserve: list[str]) -> Pools:
+    """The pools a page was drawn from: each module's own candidates, and popular items."""
+    return Pools([ModulePool(mod.spec, mod.spec.title, [Candidate(i, 0.0) for i in items])
+                  for mod, items in zip(body.modules, offered, strict=True)], [Candidate(i, 0.0) for i in reserve])
+
+
 def codes(body: PageBody) -> list[str]:
     return [v.code for v in validate(body, RuleContext(RULES_, PRODUCTS))]
 
@@ -44,7 +52,8 @@ GOOD = page(("For you", ["a1", "b1", "c1"]), ("More", ["a2", "d1"]))
 def test_a_good_page_passes_every_rule():
     assert codes(GOOD) == []
     assert set(RULES) == {"unknown_item", "out_of_stock", "duplicate_item", "module_size", "brand_cap",
-                          "few_categories", "title_length", "banned_word", "excluded", "sponsored_quota"}
+                          "few_categories", "title_length", "title_form", "duplicate_title", "product_name_title",
+                          "banned_word", "excluded", "sponsored_quota"}
 
 
 def test_exclusions_and_the_sponsored_quota():
@@ -59,7 +68,7 @@ def test_exclusions_and_the_sponsored_quota():
     assert validate(ok, ctx) == []
     ok.modules[1].sponsored = {"e1"}
     assert [v.code for v in validate(ok, ctx)] == ["sponsored_quota"]
-    fixed = fix(ok, pools=[[], []], reserve=["f1"], ctx=ctx)
+    fixed = fix(ok, pools(ok, [[], []], ["f1"]), ctx)
     assert validate(fixed, ctx) == [] and fixed.modules[1].items == ["a2", "f1"]
 
 
@@ -96,7 +105,7 @@ def test_fix_repairs_every_violation_and_keeps_good_choices_first():
     ctx = RuleContext(RULES_, PRODUCTS)
     assert set(codes(broken)) == {"unknown_item", "duplicate_item", "brand_cap", "module_size",
                                   "out_of_stock", "banned_word"}
-    fixed = fix(broken, pools=[["b1", "a3"], ["b2", "d1"]], reserve=["c1", "d1"], ctx=ctx)
+    fixed = fix(broken, pools(broken, [["b1", "a3"], ["b2", "d1"]], ["c1", "d1"]), ctx)
     assert validate(fixed, ctx) == []
     assert fixed.modules[0].items[:2] == ["a1", "a2"]  # the model's valid picks, in its order
     assert fixed.modules[0].title == "Picked for you"  # skeleton copy replaces the banned title
@@ -108,7 +117,7 @@ def test_fix_widens_categories():
     assert codes(narrow) == []
     one_dept = Rules(**{**RULES_.model_dump(), "min_categories": 5})
     ctx = RuleContext(one_dept, PRODUCTS)
-    fixed = fix(narrow, pools=[[], []], reserve=["c1", "d1"], ctx=ctx)
+    fixed = fix(narrow, pools(narrow, [[], []], ["c1", "d1"]), ctx)
     assert validate(fixed, ctx) == []
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import threading
 import time
 from functools import lru_cache
@@ -82,14 +84,19 @@ def load_base(model: str, gguf_file: str | None, dtype: str, cache_dir: str):
         if not (converted / "config.json").exists():
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf, **kwargs)
             net = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, **kwargs)
-            partial = converted.with_name(converted.name + ".partial")
+            # each process writes its own folder, then renames it into place: two processes converting
+            # at once both succeed, the second rename finds the folder there and drops its own copy
+            partial = converted.with_name(f"{converted.name}.partial-{os.getpid()}-{threading.get_ident()}")
             # the weights are already dequantised; drop the GGUF marker so they save as plain tensors
             net.hf_quantizer = None
             if hasattr(net.config, "quantization_config"):
                 del net.config.quantization_config
             net.save_pretrained(partial)
             tokenizer.save_pretrained(partial)
-            partial.rename(converted)
+            try:
+                partial.rename(converted)
+            except OSError:  # another process finished first
+                shutil.rmtree(partial, ignore_errors=True)
         source = str(converted)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
@@ -116,10 +123,12 @@ def load_model(model: str, gguf_file: str | None, adapter: str | None, dtype: st
 class TransformersBackend(LLMBackend):
     name = "transformers"
 
-    def __init__(self, tokenizer, model, model_name: str, adapter: str | None = None, speculate: int = 8):
+    def __init__(self, tokenizer, model, model_name: str, adapter: str | None = None, speculate: int = 8,
+                 share_system_prefix: bool = True):
         import xgrammar as xgr
 
         self.speculate = speculate  # tokens guessed per step (0: off)
+        self.share_system_prefix = share_system_prefix
         self.tokenizer, self.model = tokenizer, model
         self.model_name, self.adapter = model_name, adapter
         self._vocab = model.config.vocab_size
@@ -140,7 +149,8 @@ class TransformersBackend(LLMBackend):
     def from_settings(cls, settings) -> TransformersBackend:
         tokenizer, model = load_model(settings.model, settings.gguf_file, settings.adapter, settings.dtype,
                                       str(settings.model_cache_dir))
-        return cls(tokenizer, model, settings.model, settings.adapter, settings.speculate)
+        return cls(tokenizer, model, settings.model, settings.adapter, settings.speculate,
+                   settings.share_system_prefix)
 
     @lru_cache(maxsize=256)  # noqa: B019 - one backend per process; schemas repeat per skeleton
     def _grammar(self, schema_json: str):
@@ -208,7 +218,7 @@ class TransformersBackend(LLMBackend):
         page shares it, so its prefill is paid once per process, not once per page."""
         import torch
 
-        if not messages or messages[0]["role"] != "system":
+        if not self.share_system_prefix or not messages or messages[0]["role"] != "system":
             return 0, None
         if self._prefix is None or ids[: len(self._prefix[0])] != self._prefix[0]:
             encoded = self.tokenizer.apply_chat_template(messages[:1], tokenize=True)

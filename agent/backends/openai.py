@@ -41,6 +41,13 @@ class OpenAICompatibleBackend(LLMBackend):
         if response.status_code >= 400:
             raise BackendError(f"LLM server answered {response.status_code}: {response.text[:200]}",
                                retryable=response.status_code >= 500 or response.status_code == 429)
-        data = response.json()
-        tokens = data.get("usage", {}).get("completion_tokens", 0)
-        return Generation(data["choices"][0]["message"]["content"], tokens, tokens, time.perf_counter() - started)
+        try:  # a server that answers 200 with something else is a backend fault, not a crash
+            data = response.json()
+            text = data["choices"][0]["message"]["content"]
+            tokens = int((data.get("usage") or {}).get("completion_tokens", 0))
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise BackendError(f"LLM server answered an unreadable response ({type(exc).__name__}: {exc})",
+                               retryable=True) from None
+        if not isinstance(text, str):
+            raise BackendError("LLM server answered no text", retryable=True)
+        return Generation(text, tokens, tokens, time.perf_counter() - started)

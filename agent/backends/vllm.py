@@ -74,5 +74,6 @@ class VLLMBackend(LLMBackend):
         ]
 
     def generate(self, messages, schema, max_new_tokens, deadline=None):
-        # an in-process engine step cannot be interrupted; the composer's budget check applies after
+        # an in-process engine call cannot be interrupted: the composer waits for it only until the
+        # deadline (agent.composer.before), then answers with the deterministic page
         return self.generate_batch([(messages, schema)], max_new_tokens)[0]

@@ -33,7 +33,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     report = ingest(
         settings.retrieval_config(), Path(args.catalogue or settings.catalogue), Path(args.events or settings.events),
-        settings.catalogue_columns, settings.event_columns,
+        settings.catalogue_columns, settings.event_columns, events_only=getattr(args, "events_only", False),
     )
     for line in report.lines():
         print(line)
@@ -43,7 +43,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def _print_page(page) -> None:
     meta = page.meta
-    print(f"== {page.user_id}  [{meta.source}, {meta.latency_ms:.0f} ms, {meta.tokens_generated} tokens, "
+    path = f"{meta.path}, cached" if meta.cached else meta.path
+    print(f"== {page.user_id}  [{path}, {meta.latency_ms:.0f} ms, {meta.tokens_generated} tokens, "
           f"{meta.forward_passes} model steps{', cold start' if meta.cold_start else ''}]")
     for module in page.modules:
         print(f"  {module.title}  ({module.type})")
@@ -52,6 +53,10 @@ def _print_page(page) -> None:
             print(f"    - {item.title[:60]:60}  {price:>8}  | {item.reason}")
     for violation in meta.violations_fixed:
         print(f"  repaired: {violation.code}: {violation.message}")
+    if meta.fallback_reason:
+        print(f"  fallback: {meta.fallback_reason}")
+    for note in meta.notes:
+        print(f"  note: {note}")
 
 
 def _compose(settings, user_ids: list[str], as_json: bool) -> None:
@@ -101,6 +106,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     step = max(len(users) // max(args.users, 1), 1)
     picked = [*users[::step][: args.users], "new-visitor-0001"]
     _compose(settings, picked, as_json=False)
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    from retrieval import remove_products
+
+    settings = _settings(args)
+    _ensure_store(settings)
+    removed = remove_products(settings.retrieval_config(), args.items)
+    missing = sorted(set(args.items) - set(removed))
+    print(f"removed {len(removed)} product(s)" + (f"; not in the catalogue: {missing}" if missing else ""))
     return 0
 
 
@@ -232,7 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     ingest = sub.add_parser("ingest", help="load catalogue and events into the stores (idempotent)")
     ingest.add_argument("--catalogue", help="catalogue file (.csv, .jsonl, .parquet)")
     ingest.add_argument("--events", help="events file (.csv, .jsonl, .parquet)")
+    ingest.add_argument("--events-only", action="store_true",
+                        help="add the events to the event store alone (safe while another process owns the store)")
     ingest.set_defaults(run=cmd_ingest)
+
+    remove = sub.add_parser("remove", help="take products out of the catalogue and the vector store")
+    remove.add_argument("items", nargs="+", help="product ids")
+    remove.set_defaults(run=cmd_remove)
 
     compose = sub.add_parser("compose", help="compose one user's homepage")
     compose.add_argument("user", help="user id (an unknown id gets a cold-start page)")
@@ -309,10 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"homepage: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # data files that cannot be read are the caller's to fix too
-        from retrieval import DataFileError
+    except Exception as exc:  # data files that cannot be read, a store in use: the caller's to fix too
+        from agent.errors import PageUnavailable
+        from retrieval import DataFileError, StoreInUse
 
-        if isinstance(exc, DataFileError):
+        if isinstance(exc, DataFileError | StoreInUse | PageUnavailable):
             print(f"homepage: {exc}", file=sys.stderr)
             return 2
         raise

@@ -1,0 +1,60 @@
+"""Stages 3-4 of a page: the prompt the model reads, the grammar it writes under, and the reading
+of what it wrote. The model decides only copy and the order of its module's handles."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from agent.pools import Pools
+from agent.prompting import Prompt
+from agent.rules import Rules
+from agent.schema import PageDraft, Violation, draft_json_schema
+from retrieval import History, Product
+
+
+class UnusableDraft(ValueError):
+    """The model's text is not a page of this request (bad JSON, wrong shape)."""
+
+
+def draft_messages(prompt: Prompt, rules: Rules, history: History, pools: Pools,
+                   products: dict[str, Product]) -> list[dict[str, str]]:
+    modules = []
+    for module in pools.written():
+        theme = pools.themes.get(module.spec.type)
+        candidates = [
+            {"handle": h, "title": products[c.item_id].title, "brand": products[c.item_id].brand,
+             "category": products[c.item_id].category, "price": products[c.item_id].price}
+            for h, c in enumerate(module.candidates, start=1)
+        ]
+        modules.append({"type": module.spec.type, "title": module.spec.title, "theme": theme.title if theme else None,
+                        "count": module.count(rules), "min_items": module.spec.min_items,
+                        "max_items": module.spec.max_items, "candidates": candidates})
+    return prompt.render(summary=history.summary, modules=modules, rules=rules.model_dump())
+
+
+def draft_schema(rules: Rules, pools: Pools) -> dict:
+    slots = []
+    for module in pools.written():
+        theme = pools.themes.get(module.spec.type)
+        slots.append((len(module.candidates), module.count(rules), theme.title if theme else None))
+    return draft_json_schema(slots, rules.title_min_chars, rules.title_max_chars)
+
+
+def retry_messages(prompt: Prompt, rules: Rules, messages: list[dict[str, str]], text: str,
+                   violations: list[Violation]) -> list[dict[str, str]]:
+    """The first request, the model's draft, and what broke which rule."""
+    return [*messages, {"role": "assistant", "content": text},
+            *prompt.render(violations=[v.model_dump() for v in violations], rules=rules.model_dump())]
+
+
+def parse_draft(text: str, pools: Pools) -> list[tuple[str, list[str]]]:
+    """(title, item ids) per written module, in page order; ``UnusableDraft`` if it is not one."""
+    try:
+        draft = PageDraft.model_validate_json(text)
+    except ValidationError as exc:
+        raise UnusableDraft(f"the draft is not a valid page: {exc.errors()[0]['msg']}") from None
+    written = pools.written()
+    if len(draft.modules) != len(written):
+        raise UnusableDraft(f"the draft has {len(draft.modules)} modules, the page {len(written)}")
+    return [(module.title, [pool.candidates[h - 1].item_id for h in module.items if 1 <= h <= len(pool.candidates)])
+            for module, pool in zip(draft.modules, written, strict=True)]

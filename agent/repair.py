@@ -1,0 +1,117 @@
+"""Stage 5 of a page, the deterministic fix: drop what breaks a rule and back-fill honestly.
+
+What configuration fixes is never changed here: campaign modules stay exactly as configured, and
+pinned and sponsored items keep their places (the pools stage already placed only available ones,
+within the sponsored quota). The fix edits the model's picks alone: it drops picks that break a
+rule, tops a module up from its own pool (and popular items, only where the module may show them),
+replaces an unusable title with the configured one, and widens the page's categories.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from agent.pools import TOPPED_UP, Pools
+from agent.rules import BrandQuota, ModuleBody, PageBody, RuleContext, module_bounds, validate
+
+TITLE_CODES = frozenset({"title_length", "title_form", "duplicate_title", "product_name_title", "banned_word"})
+
+
+def _configured(mod: ModuleBody) -> set[str]:
+    return set(mod.items) if mod.spec.source == "campaign" else set(mod.spec.pinned) | mod.sponsored
+
+
+def _within_quota(page: PageBody, ctx: RuleContext) -> None:
+    """Sponsored items past the page's quota (also configuration) lose their slot, in page order;
+    the pools stage never places more, so this only guards a hand-made body."""
+    left = ctx.skeleton.max_sponsored if ctx.skeleton else 0
+    for mod in page.modules:
+        for item in [i for i in mod.items if i in mod.sponsored]:
+            if left > 0:
+                left -= 1
+            else:
+                mod.items.remove(item)
+                mod.sponsored.discard(item)
+
+
+def fix(page: PageBody, pools: Pools, ctx: RuleContext) -> PageBody:
+    rules, products = ctx.rules, ctx.products
+    page = PageBody([ModuleBody(m.spec, m.title, list(m.items), set(m.sponsored)) for m in page.modules])
+    _within_quota(page, ctx)
+    reserve = [c.item_id for c in pools.reserve]
+    used = {i for mod in page.modules for i in mod.items if i in _configured(mod)}
+    fixed = PageBody()
+
+    def fits(item: str, quota: BrandQuota) -> bool:
+        p = products.get(item)
+        excluded = ctx.skeleton is not None and p is not None and ctx.skeleton.excludes(p)
+        return p is not None and p.in_stock and not excluded and item not in used and quota.admits(item)
+
+    for mod, pool in zip(page.modules, pools.modules, strict=True):
+        if mod.spec.source == "campaign":
+            fixed.modules.append(ModuleBody(mod.spec, mod.title, list(mod.items), set(mod.sponsored)))
+            continue
+        low, high = module_bounds(mod, rules)
+        configured = [(pos, i) for pos, i in enumerate(mod.items) if i in _configured(mod)]
+        quota = BrandQuota(rules.max_items_per_brand, products, [i for _, i in configured])
+        picks: list[str] = []
+        offered = [c.item_id for c in pool.candidates] + (reserve if mod.spec.source in TOPPED_UP else [])
+        chosen = [i for i in mod.items if i not in _configured(mod)]
+        for item in [*chosen, *offered]:  # the model's picks first, then top up to the minimum
+            room = high if item in chosen else low
+            if len(picks) + len(configured) >= room:
+                continue
+            if fits(item, quota):
+                picks.append(item)
+                used.add(item)
+                quota.add(item)
+        for pos, item in configured:  # configuration's items back at their places
+            picks.insert(min(pos, len(picks)), item)
+        fixed.modules.append(ModuleBody(mod.spec, mod.title.strip(), picks, set(mod.sponsored)))
+
+    _widen_categories(fixed, pools, ctx, used)
+    for v in validate(fixed, ctx):
+        if v.code in TITLE_CODES and v.module is not None:
+            mod = fixed.modules[v.module]
+            if mod.spec.source != "campaign":
+                mod.title = mod.spec.title  # checked at load: passes every title rule
+    return fixed
+
+
+def _widen_categories(page: PageBody, pools: Pools, ctx: RuleContext, used: set[str]) -> None:
+    """Add items of categories not yet on the page to a module that may show them: where it has
+    room, else in place of one of its picks whose category appears more than once. Candidates
+    come from the module's own pool (popular items only where the module may show them)."""
+    products = ctx.products
+
+    def categories() -> Counter:
+        return Counter(products[i].category for mod in page.modules for i in mod.items)
+
+    reserve = [c.item_id for c in pools.reserve]
+    for mod, pool in sorted(zip(page.modules, pools.modules, strict=True), key=lambda mp: len(mp[0].items)):
+        if mod.spec.source == "campaign":
+            continue
+        configured = _configured(mod)
+        offered = [c.item_id for c in pool.candidates] + (reserve if mod.spec.source in TOPPED_UP else [])
+        for candidate in offered:
+            have = categories()
+            if len(have) >= ctx.rules.min_categories:
+                return
+            p = products.get(candidate)
+            if p is None or candidate in used or not p.in_stock or p.category in have:
+                continue
+            if ctx.skeleton is not None and ctx.skeleton.excludes(p):
+                continue
+            if len(mod.items) < module_bounds(mod, ctx.rules)[1]:
+                if not BrandQuota(ctx.rules.max_items_per_brand, products, mod.items).admits(candidate):
+                    continue
+                mod.items.append(candidate)
+            else:
+                victims = [i for i in reversed(mod.items) if i not in configured and have[products[i].category] > 1
+                           and BrandQuota(ctx.rules.max_items_per_brand, products,
+                                          [j for j in mod.items if j != i]).admits(candidate)]
+                if not victims:
+                    continue
+                mod.items[mod.items.index(victims[0])] = candidate
+                used.discard(victims[0])
+            used.add(candidate)

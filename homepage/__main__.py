@@ -1,0 +1,5 @@
+import sys
+
+from homepage.cli import main
+
+sys.exit(main())
