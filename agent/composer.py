@@ -93,7 +93,7 @@ class Attempt:
     user_id: str
     history: History
     started: float
-    notes: list[str] = field(default_factory=list)
+    faults: list[str] = field(default_factory=list)  # what failed on the way (the page is then not cached)
     themes: dict[str, PlannedTheme] = field(default_factory=dict)
     pools: Pools | None = None
     messages: list[dict[str, str]] = field(default_factory=list)
@@ -135,21 +135,20 @@ class Composer:
         started = time.perf_counter()
         deadline = None if self.budget_s is None else time.monotonic() + self.budget_s
         user_id = check_user_id(user_id)
-        notes: list[str] = []
-        key = self._cache_key(user_id, use_llm, notes)
+        faults: list[str] = []
+        key = self._cache_key(user_id, use_llm, faults)
         if use_cache and key and (page := self.cache.get(user_id, key)) is not None:
             latency = round((time.perf_counter() - started) * 1000, 2)
             return page.model_copy(update={"meta": page.meta.model_copy(update={"cached": True,
                                                                                 "latency_ms": latency})})
-        a = Attempt(user_id, self._history(user_id, notes), started, notes)
+        a = Attempt(user_id, self._history(user_id, faults), started, faults)
         if use_llm and self.backend is not None:
             try:
                 self._llm_path(a, deadline)
             except Exception as exc:  # every fault of the model's path ends in the deterministic page
                 a.fallback_reason, a.body = _describe(exc), None
         page = self._finish(a, use_llm and self.backend is not None)
-        if key and not page.meta.notes and page.meta.path != "fallback":
-            self.cache.put(user_id, key, page)
+        self._keep(a, key, page)
         return page
 
     def compose_batch(self, user_ids: list[str], batch_size: int = 8) -> list[Homepage]:
@@ -158,20 +157,19 @@ class Composer:
         ids = [check_user_id(u) for u in user_ids]
         pages = []
         for start in range(0, len(ids), batch_size):
-            attempts = []
+            attempts, keys = [], []
             for user_id in ids[start : start + batch_size]:
-                notes: list[str] = []
-                attempts.append(Attempt(user_id, self._history(user_id, notes), time.perf_counter(), notes))
+                faults: list[str] = []
+                keys.append(self._cache_key(user_id, True, faults))  # before composing: events may arrive
+                attempts.append(Attempt(user_id, self._history(user_id, faults), time.perf_counter(), faults))
             try:
                 self._llm_batch(attempts)
             except Exception as exc:
                 for a in attempts:
                     a.fallback_reason, a.body = _describe(exc), None
-            for a in attempts:
+            for a, key in zip(attempts, keys, strict=True):
                 page = self._finish(a, True)
-                key = self._cache_key(a.user_id, True, [])
-                if key and not page.meta.notes and page.meta.path != "fallback":
-                    self.cache.put(a.user_id, key, page)
+                self._keep(a, key, page)
                 pages.append(page)
         return pages
 
@@ -187,6 +185,12 @@ class Composer:
         return added
 
     # -- orchestration --------------------------------------------------------------------------
+    def _keep(self, a: Attempt, key: str | None, page: Homepage) -> None:
+        """Cache a page made as asked, with nothing failing on the way: a fallback or degraded page
+        is served once, and the next request tries again."""
+        if key and page.meta.path != "fallback" and not a.faults and not a.pools.faults:
+            self.cache.put(a.user_id, key, page)
+
     def _fingerprint(self) -> str:
         """Everything besides the user and the catalogue that a page depends on."""
         parts = [*(f"{n}={p.version}" for n, p in sorted(self.prompts.items())), self.rules.model_dump_json(),
@@ -194,20 +198,20 @@ class Composer:
                  (self.backend.adapter or "") if self.backend else ""]
         return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
 
-    def _cache_key(self, user_id: str, use_llm: bool, notes: list[str]) -> str | None:
+    def _cache_key(self, user_id: str, use_llm: bool, faults: list[str]) -> str | None:
         try:
             catalogue = self.retriever.refresh()
             events = self.retriever.catalog.event_count(user_id)
         except Exception as exc:  # the event store is unreadable: compose without the cache
-            notes.append(f"event store failed: {_describe(exc)}")
+            faults.append(f"event store failed: {_describe(exc)}")
             return None
         return f"{int(use_llm)}:{events}:{catalogue}:{self._fingerprint()}"
 
-    def _history(self, user_id: str, notes: list[str]) -> History:
+    def _history(self, user_id: str, faults: list[str]) -> History:
         try:
             return self.retriever.history(user_id)
         except Exception as exc:  # composed as for a new visitor, and said so
-            notes.append(f"history unavailable, composed as for a new visitor: {_describe(exc)}")
+            faults.append(f"history unavailable, composed as for a new visitor: {_describe(exc)}")
             return build_history(user_id, [], {})
 
     def _generate(self, messages: list[dict[str, str]], schema: dict, tokens: int,
@@ -297,7 +301,8 @@ class Composer:
             prompt_tokens=sum(g.prompt_tokens for g in a.generations),
             prefill_ms=round(sum(g.prefill_seconds for g in a.generations) * 1000, 1),
             violations_fixed=a.fixed, violations_per_call=a.per_call, plan=a.pools.themes,
-            fallback_reason=a.fallback_reason if path == "fallback" else None, notes=[*a.notes, *a.pools.notes],
+            fallback_reason=a.fallback_reason if path == "fallback" else None,
+            notes=[*a.faults, *a.pools.faults, *a.pools.notes],
             composed_at=time.time(),
         )
         page = expand(a.user_id, a.body, a.pools, meta, ctx.products, self.rules)

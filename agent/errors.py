@@ -2,8 +2,6 @@
 
 - ``UserError``: the caller or a merchandiser fixes it (bad id, broken template, bad rule file).
   The CLI prints one line and exits with code 2.
-- ``DraftRejected``: a model draft broke the rules; the composer repairs it. Carries the violations
-  and the raw model text.
 - ``BackendError``: the LLM backend failed; ``retryable`` says whether trying again can help.
   The composer never lets it reach a caller: the deterministic page answers instead.
 - ``PageUnavailable``: no valid page can be built at all (an empty catalogue, rules the catalogue
@@ -28,13 +26,6 @@ class ConfigError(UserError):
 
 class InputError(UserError):
     """A request the caller must fix (an empty or malformed user id, ...)."""
-
-
-class DraftRejected(HomepageError):
-    def __init__(self, violations: list, raw: str):
-        super().__init__(f"{len(violations)} rule violation(s)")
-        self.violations = violations
-        self.raw = raw
 
 
 class BackendError(HomepageError):

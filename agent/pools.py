@@ -50,7 +50,8 @@ class Pools:
     modules: list[ModulePool]  # the modules on this user's page, in page order
     reserve: list[Candidate]  # popular items: top-ups of the modules that may show them
     themes: dict[str, PlannedTheme] = field(default_factory=dict)  # module type -> plan, if planned
-    notes: list[str] = field(default_factory=list)  # sources that failed, modules left off
+    notes: list[str] = field(default_factory=list)  # modules left off this user's page, and why
+    faults: list[str] = field(default_factory=list)  # sources that failed: the page is degraded
 
     def written(self) -> list[ModulePool]:
         return [m for m in self.modules if m.written]
@@ -70,7 +71,7 @@ def _theme_search(retriever: Retriever, history: History, query: str, k: int) ->
     return [Candidate(i, s, [Provenance("theme", s, rank, query)]) for rank, (i, s) in enumerate(hits)]
 
 
-def _retrieve(retriever: Retriever, history: History, names: list[str], notes: list[str]) -> dict:
+def _retrieve(retriever: Retriever, history: History, names: list[str], faults: list[str]) -> dict:
     """Each source once; a source that fails (its vector store unreachable, ...) gives nothing and
     a note, and the page is built from the others."""
     found = {}
@@ -79,7 +80,7 @@ def _retrieve(retriever: Retriever, history: History, names: list[str], notes: l
             found[name] = retriever.sources[name].candidates(history, POOL_DEPTH)
         except Exception as exc:  # any failure of one source must not cost the page
             found[name] = []
-            notes.append(f"source {name} failed: {type(exc).__name__}: {exc}"[:300])
+            faults.append(f"source {name} failed: {type(exc).__name__}: {exc}"[:300])
     return found
 
 
@@ -87,8 +88,9 @@ def build_pools(retriever: Retriever, rules: Rules, skeleton: Skeleton, history:
                 themes: dict[str, PlannedTheme] | None = None) -> Pools:
     themes = themes or {}
     notes: list[str] = []
+    faults: list[str] = []
     wanted = {m.source for m in skeleton.modules} - {"personal", "planned", "campaign"}
-    per_source = _retrieve(retriever, history, sorted(wanted | set(retriever.weights) | {"popularity"}), notes)
+    per_source = _retrieve(retriever, history, sorted(wanted | set(retriever.weights) | {"popularity"}), faults)
     if history.is_cold:
         personal = per_source["popularity"]
     else:
@@ -118,7 +120,7 @@ def build_pools(retriever: Retriever, rules: Rules, skeleton: Skeleton, history:
                 source = _theme_search(retriever, history, theme.query if theme else spec.query, 30)
             except Exception as exc:
                 source = []
-                notes.append(f"theme search for {spec.type} failed: {type(exc).__name__}: {exc}"[:300])
+                faults.append(f"theme search for {spec.type} failed: {type(exc).__name__}: {exc}"[:300])
         else:
             source = personal if spec.source == "personal" else per_source[spec.source]
         brands = BrandQuota(rules.max_items_per_brand, retriever.products, [*module.pinned, *module.ads])
@@ -139,4 +141,4 @@ def build_pools(retriever: Retriever, rules: Rules, skeleton: Skeleton, history:
             continue
         modules.append(module)
     return Pools(modules, reserve, {t: v for t, v in themes.items() if any(m.spec.type == t for m in modules)},
-                 notes)
+                 notes, faults)

@@ -56,10 +56,6 @@ class ModuleSpec(BaseModel):
     def pool_size(self) -> int:
         return self.pool or min(2 * self.max_items, 9)
 
-    @property
-    def llm_items(self) -> int:
-        """How many items the model picks: the module's fill minus what configuration fixes."""
-        return max(self.max_items - len(self.pinned) - self.sponsored_slots, 0)
 
 
 class Exclusions(BaseModel):

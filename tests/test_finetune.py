@@ -161,7 +161,7 @@ def test_examples_render_with_the_production_prompt_and_fit_the_grammar(run, set
         assert encode(backend.tokenizer, example)["input_ids"][: len(prompt)] == prompt
         assert example["target_items"] == targets[example["user_id"]]
         draft = PageDraft.model_validate_json(example["completion"])
-        shown = {pool[h - 1].item_id for m, (_, pool) in zip(draft.modules, serving.written(pools), strict=True)
+        shown = {module.candidates[h - 1].item_id for m, module in zip(draft.modules, pools.written(), strict=True)
                  for h in m.items}
         assert (example["hits"] > 0) == bool(shown & set(example["target_items"]))
         matcher = xgr.GrammarMatcher(backend._grammar(json.dumps(serving.schema(pools))))

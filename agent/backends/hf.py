@@ -5,9 +5,11 @@ cost of a page is the number of model steps, and three things cut them:
 - jump-forward: tokens the grammar forces (JSON keys, brackets, commas) are appended without a step;
 - speculation: a cheap guess of the next tokens (the next handles in order; or, for copy, the text
   that followed the same tokens in the prompt) is checked in the same step that produces the next
-  token; every guessed token the model agrees with is one step saved, and the output is the greedy
-  output (a wrong guess is cut from the KV cache; only float rounding between a one-token and a
-  several-token step can tip a near tie);
+  token; every guessed token the model agrees with is one step saved. The model reads the very
+  tokens it reads without guessing (a wrong guess is cut from the KV cache; forced tokens are kept
+  only where the guess holds their exact tokenisation), so the output is the greedy output — a test
+  checks it over a set of users (only float rounding between a one-token and a several-token step
+  could tip an exact tie);
 - the system prompt's KV cache is computed once and shared by every page.
 """
 
@@ -239,22 +241,23 @@ class TransformersBackend(LLMBackend):
         keys = unique_array_keys(schema)
         output: list[int] = []
 
-        def force() -> list[int]:
-            """Append what the grammar forces next, without a model step ("jump-forward")."""
+        def forced() -> list[int]:
+            """What the grammar forces next (JSON keys, brackets, commas), as the tokens a step
+            would read: appended without a model step ("jump-forward"). Not yet accepted."""
             text = matcher.find_jump_forward_string()
-            if not text:
-                return []
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
-            for token in ids:
+            return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+
+        def take(tokens: list[int]) -> list[int]:
+            for token in tokens:
                 if not matcher.accept_token(token):
-                    raise BackendError(f"grammar refused forced text {text!r}")
-            output.extend(ids)
-            return ids
+                    raise BackendError(f"grammar refused forced token {token}")
+            output.extend(tokens)
+            return tokens
 
         with self._lock, torch.inference_mode():
             ids = self.prompt_ids(messages)
             reused, past = self._system_prefix(messages, ids)
-            step_ids = ids[reused:] + force()
+            step_ids = ids[reused:] + take(forced())
             passes, prefill = 0, 0.0
             try:
                 while len(output) < max_new_tokens and not matcher.is_completed():
@@ -266,11 +269,15 @@ class TransformersBackend(LLMBackend):
                     past = out.past_key_values
                     if passes == 1:
                         prefill = time.perf_counter() - started
-                    # position j of these logits predicts the token after guess[j - 1] (j = 0: after step_ids)
+                    # row r of these logits predicts the token after guess[:r] (r = 0: after step_ids)
                     logits = out.logits[0, len(step_ids) - 1 :, : self._vocab].float()
-                    agreed, finished = 0, False
-                    for j in range(len(guess) + 1):
-                        token = self._choose(logits[j : j + 1], matcher, bitmask, 0, output, keys)
+                    # The model reads exactly the tokens it would read without guessing: a guessed
+                    # token is kept only if the model chose it, and where the grammar forces tokens
+                    # after it, only if the guess holds those very tokens; else they are the next
+                    # step's input, as in a step without a guess.
+                    row, kept, finished = 0, 0, False
+                    while True:
+                        token = self._choose(logits[row : row + 1], matcher, bitmask, 0, output, keys)
                         if not matcher.accept_token(token):
                             raise BackendError(f"grammar refused token {token}")
                         if matcher.is_terminated():
@@ -280,15 +287,23 @@ class TransformersBackend(LLMBackend):
                         if matcher.is_completed():
                             finished = True
                             break
-                        if j < len(guess) and token == guess[j]:
-                            agreed += 1  # its KV entry is already computed: a step saved
-                            continue
-                        break
-                    if len(guess) > agreed:  # drop the KV entries of guesses the model did not make
-                        past.crop(agreed - len(guess))
+                        if row >= len(guess) or token != guess[row]:
+                            step_ids = [token, *take(forced())]
+                            break
+                        kept = row + 1  # its KV entry is already computed: a step saved
+                        after = forced()
+                        if after and (guess[kept : kept + len(after)] != after or kept + len(after) > len(guess)):
+                            step_ids = take(after)
+                            break
+                        kept += len(take(after))
+                        row = kept
+                        if matcher.is_completed():
+                            finished = True
+                            break
+                    if len(guess) > kept:  # drop the KV entries of guesses the model did not make
+                        past.crop(kept - len(guess))
                     if finished:
                         break
-                    step_ids = [token, *force()]
             finally:
                 # the shared cache was extended in place: cut it back to the system prompt alone
                 extra = past.get_seq_length() - reused if reused and past is not None else 0
