@@ -45,6 +45,7 @@ from agent.skeleton import Skeleton
 from retrieval import Event, History, Retriever
 from retrieval.history import build_history
 from retrieval.ids import check_id
+from retrieval.sources import SOURCES
 
 T = TypeVar("T")
 _GRACE_S = 0.25  # a backend that checks the deadline itself gets this long to say so
@@ -320,6 +321,9 @@ def check_configuration(rules: Rules, skeleton: Skeleton, products: dict) -> Non
         problems += [f"{where}: item {i!r} is not in the catalogue" for i, where in unknown.items()]
     titles: set[str] = set()
     for m in skeleton.modules:
+        if m.source not in {"personal", "planned", "campaign", *SOURCES}:
+            problems.append(f"modules.{m.type}.source: unknown source {m.source!r}; known: personal, planned, "
+                            f"campaign, {', '.join(sorted(SOURCES))}")
         if problem := rules.title_problem(m.title):
             problems.append(f"modules.{m.type}.title: {problem}")
         if m.title.casefold() in titles:
@@ -332,5 +336,5 @@ def check_configuration(rules: Rules, skeleton: Skeleton, products: dict) -> Non
                                 f"({rules.max_items_per_brand} per module)")
             quota.add(i)
     if problems:
-        where = f"{skeleton.source}: " if skeleton.source else ""
+        where = f"{skeleton.path}: " if skeleton.path else ""
         raise ConfigError(where + "; ".join(problems))

@@ -77,7 +77,7 @@ def _retrieve(retriever: Retriever, history: History, names: list[str], faults: 
     found = {}
     for name in names:
         try:
-            found[name] = retriever.sources[name].candidates(history, POOL_DEPTH)
+            found[name] = retriever.source(name).candidates(history, POOL_DEPTH)
         except Exception as exc:  # any failure of one source must not cost the page
             found[name] = []
             faults.append(f"source {name} failed: {type(exc).__name__}: {exc}"[:300])
@@ -98,6 +98,7 @@ def build_pools(retriever: Retriever, rules: Rules, skeleton: Skeleton, history:
     reserve = [c for c in per_source["popularity"] if _available(c.item_id, retriever, skeleton)]
 
     taken = {i for m in skeleton.modules for i in [*m.items, *m.pinned]} | set(skeleton.sponsored_items)
+    owned = set(history.item_ids)
     sponsored = [i for i in skeleton.sponsored_items if _available(i, retriever, skeleton)]
     quota = skeleton.max_sponsored
     modules = []
@@ -130,6 +131,8 @@ def build_pools(retriever: Retriever, rules: Rules, skeleton: Skeleton, history:
             item = candidate.item_id
             if item in taken or not _available(item, retriever, skeleton) or not brands.admits(item):
                 continue  # a brand over quota is left for a later module
+            if item in owned and not spec.show_owned:
+                continue
             module.candidates.append(candidate)
             taken.add(item)
             brands.add(item)

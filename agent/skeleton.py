@@ -7,6 +7,9 @@ Module sources:
 - ``planned``: the LLM plans the theme (a title and a search query) for this user; ``title`` and
   ``query`` are what the deterministic composer uses when there is no plan;
 - ``campaign``: exactly the listed ``items`` with the given ``title``; the LLM does not touch it.
+
+Whether a module may show items the shopper already has is the module's ``show_owned`` (a
+``buy_again`` module must; discovery modules do not).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ class ModuleSpec(BaseModel):
     max_items: int = Field(6, ge=1)
     sponsored_slots: int = Field(0, ge=0, description="positions in this module given to sponsored items")
     sponsored_position: int = Field(2, ge=1, description="1-based position of the first sponsored slot")
+    show_owned: bool = Field(False, description="may show items the shopper already has (a buy-again module); "
+                             "discovery modules leave them out")
     pool: int | None = Field(
         None, ge=1, le=9, description="candidates offered to the model, at most 9 so each handle is one token "
         "(default: min(2 x max_items, 9))"
@@ -46,6 +51,8 @@ class ModuleSpec(BaseModel):
             raise ValueError("a campaign module needs its items")
         if self.source != "campaign" and self.items:
             raise ValueError("items are only for campaign modules (use pinned to fix items in a module)")
+        if self.source == "buy_again" and not self.show_owned:
+            raise ValueError("a buy_again module shows items the shopper has: set show_owned: true")
         if self.source == "planned" and not self.query:
             raise ValueError("a planned module needs a fallback query")
         if len(self.pinned) + self.sponsored_slots > self.max_items:
@@ -73,7 +80,7 @@ class Skeleton(BaseModel):
     max_sponsored: int = Field(1, ge=0, description="quota: sponsored items on one page at most")
     exclude: Exclusions = Field(default_factory=Exclusions)
     order: Literal["fixed"] = Field("fixed", description="modules appear in the order listed")
-    _source: Path | None = PrivateAttr(None)
+    _path: Path | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _consistent(self) -> Skeleton:
@@ -88,13 +95,13 @@ class Skeleton(BaseModel):
     @classmethod
     def load(cls, path: Path) -> Skeleton:
         skeleton = load_yaml_model(path, cls)
-        skeleton._source = Path(path)
+        skeleton._path = Path(path)
         return skeleton
 
     @property
-    def source(self) -> Path | None:
+    def path(self) -> Path | None:
         """The file it was loaded from, for error messages."""
-        return self._source
+        return self._path
 
     def planned(self) -> list[ModuleSpec]:
         return [m for m in self.modules if m.source == "planned"]

@@ -164,6 +164,10 @@ class Catalog:
             return self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
         return self._db.execute("SELECT COUNT(*) FROM events WHERE user_id = ?", (user_id,)).fetchone()[0]
 
+    def latest_time(self) -> float | None:
+        """The latest event time in the store (None when events carry no timestamps)."""
+        return self._db.execute("SELECT MAX(timestamp) FROM events").fetchone()[0]
+
     def users(self, limit: int | None = None) -> list[str]:
         sql = "SELECT user_id FROM events GROUP BY user_id ORDER BY COUNT(*) DESC, user_id"
         if limit:

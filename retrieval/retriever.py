@@ -45,12 +45,12 @@ class Retriever:
             raise ValueError(f"unknown candidate source(s) {unknown}; known: {sorted(SOURCES)}")
         self.catalog = catalog
         self.index = index
-        context = SourceContext(catalog, index, catalog.path.parent, dict(options or {}))
+        self._context = SourceContext(catalog, index, catalog.path.parent, dict(options or {}))
         self.weights = dict(sources)
         self.rrf_k = rrf_k
         # popularity is always built: it is the cold-start fallback and the "trending" module
         names = dict.fromkeys([*sources, "popularity"])
-        self.sources = {name: SOURCES[name](context) for name in names}
+        self.sources = {name: SOURCES[name](self._context) for name in names}
         self._histories: dict[str, tuple[int, History]] = {}
 
     @classmethod
@@ -83,6 +83,15 @@ class Retriever:
 
     def record_event(self, event: Event) -> bool:
         return self.catalog.add_events([event]) == 1
+
+    def source(self, name: str):
+        """A candidate source by name, built on first use (a skeleton module may name a source
+        that fusion does not weigh, such as ``buy_again``)."""
+        if name not in self.sources:
+            if name not in SOURCES:
+                raise ValueError(f"unknown candidate source {name!r}; known: {sorted(SOURCES)}")
+            self.sources[name] = SOURCES[name](self._context)
+        return self.sources[name]
 
     def per_source(self, history: History, k: int, names: list[str] | None = None) -> dict[str, list[Candidate]]:
         return {name: self.sources[name].candidates(history, k) for name in names or self.weights}

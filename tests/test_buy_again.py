@@ -1,0 +1,54 @@
+"""A shopper with a regular purchase sees it due again in a buy-again module, with its reason;
+discovery modules never show what the shopper has."""
+
+import pytest
+
+from agent.composer import Composer
+from agent.prompting import load_prompts
+from agent.rules import Rules
+from agent.skeleton import Skeleton
+from prompts import PROMPTS_DIR
+from retrieval import RetrievalConfig, Retriever, ingest
+
+DAY = 86_400
+ITEMS = ["milk", "bread", "eggs", "rice", "tea", "soap", "jam", "salt"]
+
+
+@pytest.fixture(scope="module")
+def grocery(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("grocery")
+    (folder / "items.csv").write_text("item_id,title,category_path,brand,price_usd\n" + "".join(
+        f"{item},{item.title()} pack,Grocery > {item.title()},Brand{n},{n + 1}\n" for n, item in enumerate(ITEMS)))
+    rows = [("shopper", "milk", d) for d in (0, 30, 60, 90)]  # every 30 days; day 120 is "now": due
+    rows += [("shopper", "bread", d) for d in (10, 40, 70)]  # every 30 days, last 50 days ago: overdue
+    rows += [("shopper", "eggs", 5)]  # once: not a repeat
+    rows += [(f"other{n}", item, 100 + n) for n in range(6) for item in ("eggs", "rice", "tea", "soap")]
+    rows += [("other9", "jam", 120), ("other9", "salt", 120)]
+    (folder / "events.csv").write_text("user_id,item_id,timestamp,event_type\n" + "".join(
+        f"{u},{i},{d * DAY},purchase\n" for u, i, d in rows))
+    config = RetrievalConfig(store_dir=folder / "store")
+    ingest(config, folder / "items.csv", folder / "events.csv", progress=False)
+    retriever = Retriever.open(config)
+    yield retriever
+    retriever.close()
+
+
+def test_a_regular_purchase_is_due_again_with_its_reason(grocery):
+    skeleton = Skeleton.model_validate({"modules": [
+        {"type": "buy_again", "source": "buy_again", "show_owned": True, "title": "Buy it again",
+         "min_items": 2, "max_items": 4},
+        {"type": "for_you", "source": "personal", "title": "Picked for you", "min_items": 2, "max_items": 4},
+    ]})
+    c = Composer(grocery, None, load_prompts(PROMPTS_DIR), Rules(min_categories=3), skeleton)
+    page = c.compose("shopper")
+    again, for_you = page.modules
+    # by hand: milk is due today (bought every 30 days, last 30 days ago), bread 20 days overdue
+    assert [i.item_id for i in again.items] == ["milk", "bread"]
+    assert again.items[0].reason == "You buy this about every 4 weeks"
+    assert {i.source for i in again.items} == {"buy_again"}
+    assert not {"milk", "bread", "eggs"} & {i.item_id for i in for_you.items}  # discovery: nothing owned
+
+
+def test_a_buy_again_module_must_say_it_shows_owned_items():
+    with pytest.raises(ValueError, match="show_owned"):
+        Skeleton.model_validate({"modules": [{"type": "a", "source": "buy_again", "title": "Again"}]})
