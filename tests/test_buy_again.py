@@ -11,7 +11,7 @@ from prompts import PROMPTS_DIR
 from retrieval import RetrievalConfig, Retriever, ingest
 
 DAY = 86_400
-ITEMS = ["milk", "bread", "eggs", "rice", "tea", "soap", "jam", "salt"]
+ITEMS = ["milk", "bread", "eggs", "rice", "tea", "soap", "jam", "salt", "oil", "flour", "sugar", "corn"]
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def grocery(tmp_path_factory):
     rows += [("shopper", "bread", d) for d in (10, 40, 70)]  # every 30 days, last 50 days ago: overdue
     rows += [("shopper", "eggs", 5)]  # once: not a repeat
     rows += [(f"other{n}", item, 100 + n) for n in range(6) for item in ("eggs", "rice", "tea", "soap")]
-    rows += [("other9", "jam", 120), ("other9", "salt", 120)]
+    rows += [("other9", item, 120) for item in ("jam", "salt", "oil", "flour", "sugar", "corn")]
     (folder / "events.csv").write_text("user_id,item_id,timestamp,event_type\n" + "".join(
         f"{u},{i},{d * DAY},purchase\n" for u, i, d in rows))
     config = RetrievalConfig(store_dir=folder / "store")
@@ -52,3 +52,28 @@ def test_a_regular_purchase_is_due_again_with_its_reason(grocery):
 def test_a_buy_again_module_must_say_it_shows_owned_items():
     with pytest.raises(ValueError, match="show_owned"):
         Skeleton.model_validate({"modules": [{"type": "a", "source": "buy_again", "title": "Again"}]})
+
+
+def test_unavailable_configured_items_are_left_out(grocery):
+    from dataclasses import replace
+
+    jam = grocery.products["jam"]
+    grocery.catalog.upsert_products([replace(jam, stock=0)])
+    try:
+        skeleton = Skeleton.model_validate({"modules": [
+            {"type": "deals", "source": "campaign", "title": "Weekly deals", "items": ["jam", "salt", "tea"],
+             "min_items": 2, "max_items": 3},
+            {"type": "short", "source": "campaign", "title": "Short deals", "items": ["jam", "soap"],
+             "min_items": 2, "max_items": 2},
+            {"type": "for_you", "source": "personal", "title": "Picked for you", "pinned": ["jam", "rice"],
+             "min_items": 2, "max_items": 4},
+        ]})
+        c = Composer(grocery, None, load_prompts(PROMPTS_DIR), Rules(min_categories=3), skeleton)
+        page = c.compose("shopper")
+        assert [m.type for m in page.modules] == ["deals", "for_you"]
+        assert [i.item_id for i in page.modules[0].items] == ["salt", "tea"]  # as configured, minus jam
+        assert page.modules[1].items[0].item_id == "rice" and page.modules[1].items[0].source == "pinned"
+        assert "jam" not in page.item_ids()
+        assert any(n.startswith("module short left off") for n in page.meta.notes)
+    finally:
+        grocery.catalog.upsert_products([jam])

@@ -182,3 +182,22 @@ def test_an_adapter_trained_on_other_files_is_refused_or_warned(tmp_path):
         assert check_adapter_inputs(folder, serving, "warn") == ["rules_hash: trained with 'aaa', serving 'bbb'"]
     assert [w.category for w in caught] == [AdapterMismatch]
     assert check_adapter_inputs(folder, {"rules_hash": "aaa"}, "refuse") == []
+
+
+def test_a_reason_citing_a_banned_word_is_replaced():
+    from agent.assembly import expand
+    from agent.pools import ModulePool, Pools
+    from agent.schema import PageMeta
+    from retrieval import Candidate, Product, Provenance
+
+    products = {"a": Product("a", "Free gift set", ("Beauty", "Sets"), "Acme"),
+                "b": Product("b", "Night cream", ("Beauty", "Creams"), "Bee")}
+    spec = Skeleton.model_validate({"modules": [{"type": "x", "title": "Picked for you", "min_items": 1}]}).modules[0]
+    cited = Candidate("b", 1.0, [Provenance("covisit", 1.0, 0, "a")])
+    pools = Pools([ModulePool(spec, spec.title, [cited])], [])
+    page = expand("u", PageBody([ModuleBody(spec, "Picked for you", ["b"])]), pools, PageMeta(path="llm", model=""),
+                  products, Rules(banned_words=["free"]))
+    assert page.modules[0].items[0].reason == "Picked for you"
+    page = expand("u", PageBody([ModuleBody(spec, "Picked for you", ["b"])]), pools, PageMeta(path="llm", model=""),
+                  products, Rules(banned_words=[]))
+    assert page.modules[0].items[0].reason == "Often bought with Free gift set, which you bought"
