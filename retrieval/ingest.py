@@ -3,7 +3,7 @@
 Idempotent: products and user documents are upserted by id (and only re-embedded when their text
 changed; a changed price or stock updates the vector store's metadata without re-embedding); events
 are keyed by their natural key, so a rerun adds nothing twice. Each run keeps its rejected rows in
-a folder of its own, ``quarantine/<UTC time>-<pid>/``.
+a folder of its own, ``quarantine/<UTC time>-<pid>-<run>/``.
 """
 
 from __future__ import annotations

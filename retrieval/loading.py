@@ -44,7 +44,7 @@ class LoadReport:
 
 class Quarantine:
     """Writes rejected rows to ``<dir>/<file name>.quarantine.jsonl`` with where and why. The
-    caller gives each run its own ``dir`` (``ingest``: ``quarantine/<UTC time>-<pid>/``), so a
+    caller gives each run its own ``dir`` (``ingest``: ``quarantine/<UTC time>-<pid>-<run>/``), so a
     run never overwrites what an earlier one kept aside."""
 
     def __init__(self, directory: Path, source: Path, report: LoadReport):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from itertools import islice
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -91,7 +92,8 @@ class Popularity(CandidateSource):
     def candidates(self, history: History, k: int) -> list[Candidate]:
         products = self.context.catalog.products
         seen = set(history.item_ids)
-        top = [i for i in self.ranked[: k + len(seen)] if i not in seen][:k]
+        # ranked when built; products removed or out of stock since are skipped
+        top = list(islice((i for i in self.ranked if i not in seen and i in products and products[i].in_stock), k))
         return [Candidate(i, self.scores[i], [Provenance(self.name, self.scores[i], rank, products[i].department)])
                 for rank, i in enumerate(top)]
 
