@@ -11,8 +11,9 @@ here (never the serving store):
    with the store holding history only.
 3. Test: the store holds history + validation items; every system ranks each evaluated user's items.
 
-"page" is the order the deterministic composer would show: its module pools top to bottom, each in
-retrieval order (``Composer.pools``), read as one list; the LLM is not run (~5 s a page).
+"pools" is the candidates the composer offers the model: its module pools top to bottom, each in
+retrieval order (``Composer.pools``), read as one list. It is not the page a user sees (that is
+fewer items, chosen by the model); the LLM is not run (~5 s a page).
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ class _Slice:
 
 class _Replay:
     """Stands in for the retriever inside ``Composer.pools``: answers from lists already retrieved,
-    so the page costs no second retrieval. Same slicing and fusion as the real retriever."""
+    so the pools cost no second retrieval. Same slicing and fusion as the real retriever."""
 
     def __init__(self, retriever: Retriever, lists: dict[str, list[Candidate]]):
         self.retriever, self.lists = retriever, lists
@@ -161,6 +162,9 @@ class _Replay:
     def __getattr__(self, name: str):  # products, index, history...: the real retriever's
         return getattr(self.retriever, name)
 
+    def source(self, name: str):
+        return self.sources[name] if name in self.sources else self.retriever.source(name)
+
     def per_source(self, history: History, k: int, names: list[str] | None = None) -> dict[str, list[Candidate]]:
         return {name: self.lists[name][:k] for name in names or self.weights}
 
@@ -168,8 +172,8 @@ class _Replay:
         return self.retriever.fused(history, {n: self.lists[n] for n in self.weights}, k)
 
 
-def page_order(composer, history: History) -> list[str]:
-    """The page as one ranked list: the composer's module pools top to bottom, each in order."""
+def pools_order(composer, history: History) -> list[str]:
+    """The pools as one ranked list: the composer's module pools top to bottom, each in order."""
     return [c.item_id for module in composer.pools(history).modules for c in module.candidates]
 
 
@@ -187,9 +191,9 @@ def _composer(retriever: Retriever, skeleton_path: Path | None):
 
 def rank_users(retriever: Retriever, users: list[str], k: int, progress: bool, desc: str,
                composer=None) -> dict[str, dict[str, list[str]]]:
-    """system -> user -> ranked item ids (sources at depth k, their fusion, and the page)."""
+    """system -> user -> ranked item ids (sources at depth k, their fusion, and the pools)."""
     names = [n for n in SOURCES_EVALUATED if n in retriever.sources]
-    out: dict[str, dict[str, list[str]]] = {n: {} for n in [*names, "fused", "page"]}
+    out: dict[str, dict[str, list[str]]] = {n: {} for n in [*names, "fused", "pools"]}
     for user in tqdm(users, desc=desc, unit="user", disable=not progress):
         history = retriever.history(user)
         lists = retriever.per_source(history, k, names)
@@ -199,9 +203,9 @@ def rank_users(retriever: Retriever, users: list[str], k: int, progress: bool, d
         if composer is not None:
             replay = _Replay(retriever, lists)
             composer.retriever = replay
-            out["page"][user] = page_order(composer, history)
+            out["pools"][user] = pools_order(composer, history)
     if composer is None:
-        del out["page"]
+        del out["pools"]
     return out
 
 
@@ -364,8 +368,8 @@ def write_report(out: Path, results: dict[str, dict[str, float]], meta: dict) ->
     (out / "run.json").write_text(json.dumps(meta, indent=2, default=str))
     (out / "ranking.md").write_text(
         f"# Ranking on {Path(meta['data']).name} ({meta['users_evaluated']} users, test split)\n\n"
-        f"{table(results)}\n\nR@K = retrieval recall (the ceiling for re-ranking). Page = the deterministic "
-        f"composer's module pools in order (no LLM).\n"
+        f"{table(results)}\n\nR@K = retrieval recall (the ceiling for re-ranking). Pools = the candidates "
+        f"the composer offers the model, module by module in order (not the page a user sees; no LLM).\n"
     )
     systems = [*results, *PUBLISHED]
     recall = [results[s]["recall@10"] if s in results else PUBLISHED[s][0] for s in systems]
