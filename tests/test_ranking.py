@@ -163,7 +163,7 @@ def test_ranking_run_on_the_sample_writes_the_report(tmp_path):
     assert set(saved) == systems and 0.0 <= saved["fused"]["ndcg@10"] <= saved["fused"]["recall@10"] <= 1.0
     assert saved["fused"]["retrieval_recall@200"] >= saved["fused"]["recall@50"]
     assert (tmp_path / "out" / "ranking.png").stat().st_size > 0
-    assert "| page |" in (tmp_path / "out" / "ranking.md").read_text()
+    assert "| pools |" in (tmp_path / "out" / "ranking.md").read_text()
     # seeded: a second run (the trained model and the product vectors from the cache) gives the same numbers
     assert run(config)["results"] == report["results"]
     assert report["meta"]["users_evaluated"] == 40
