@@ -4,12 +4,12 @@
     page = compose_homepage("A2V5R832QCSOMX")
 """
 
-from agent.errors import BackendError, ConfigError, HomepageError, InputError, UserError
+from agent.errors import BackendError, ConfigError, HomepageError, InputError, PageUnavailable, UserError
 from agent.schema import Homepage, PageDraft
 from agent.service import build_composer, compose_homepage
 from agent.settings import Settings
 
 __all__ = [
-    "BackendError", "ConfigError", "Homepage", "HomepageError", "InputError", "PageDraft", "Settings",
-    "UserError", "build_composer", "compose_homepage",
+    "BackendError", "ConfigError", "Homepage", "HomepageError", "InputError", "PageDraft", "PageUnavailable",
+    "Settings", "UserError", "build_composer", "compose_homepage",
 ]
