@@ -39,7 +39,7 @@ from agent.planning import PLAN_TOKENS, parse_plan, plan_request
 from agent.pools import Pools, build_pools
 from agent.prompting import Prompt
 from agent.repair import fix
-from agent.rules import BrandQuota, PageBody, RuleContext, Rules, validate
+from agent.rules import BrandQuota, PageBody, RuleContext, Rules, title_key, validate
 from agent.schema import Homepage, PageMeta, PlannedTheme, Violation
 from agent.skeleton import Skeleton
 from retrieval import Event, History, Retriever
@@ -326,9 +326,9 @@ def check_configuration(rules: Rules, skeleton: Skeleton, products: dict) -> Non
                             f"campaign, {', '.join(sorted(SOURCES))}")
         if problem := rules.title_problem(m.title):
             problems.append(f"modules.{m.type}.title: {problem}")
-        if m.title.casefold() in titles:
+        if title_key(m.title) in titles:
             problems.append(f"modules.{m.type}.title: {m.title!r} is another module's title too")
-        titles.add(m.title.casefold())
+        titles.add(title_key(m.title))
         quota = BrandQuota(rules.max_items_per_brand, products)
         for i in [*m.items, *m.pinned]:
             if not quota.admits(i):

@@ -21,14 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jinja2 import StrictUndefined, Template, TemplateError, TemplateSyntaxError, meta, nodes
+from jinja2 import StrictUndefined, Template, TemplateSyntaxError, meta, nodes
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 
 from agent.errors import ConfigError
 
 MAX_RENDERED_CHARS = 100_000  # a prompt is a few thousand characters; far more is a runaway loop
-_MAX_PRODUCT = 10_000  # the largest string or number a template's * or ** may build
+_MAX_PRODUCT = 10_000  # the longest string or list a template's * may build
 _REFUSED = {nodes.Include: "include", nodes.Import: "import", nodes.FromImport: "from ... import",
             nodes.Extends: "extends"}
 
@@ -57,8 +57,7 @@ class BoundedSandbox(SandboxedEnvironment):
         if operator == "**" and isinstance(right, int | float) and abs(right) > 64:
             raise SecurityError("exponent too large for a template")
         result = super().call_binop(context, operator, left, right)
-        if (isinstance(result, str | list) and len(result) > _MAX_PRODUCT) or (
-                isinstance(result, int) and not isinstance(result, bool) and abs(result) > 10**_MAX_PRODUCT):
+        if isinstance(result, str | list) and len(result) > _MAX_PRODUCT:
             raise SecurityError("value too large for a template")
         return result
 
@@ -88,10 +87,18 @@ PROMPTS: dict[str, tuple[list[tuple[str, str]], dict[str, Any]]] = {
 _ROLES = {"system": "system", "human": "user", "ai": "assistant"}
 
 
-def _failure(path: Path, exc: BaseException) -> str:
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == str(path)]
-    line = frames[-1].lineno if frames else 1
-    return f"{path}:{line}: {getattr(exc, 'message', None) or exc}"
+def _render(path: Path, template: Template, values: dict[str, Any]) -> str:
+    """One template rendered, at load (the sample) and at run time alike; any failure names the
+    file and line."""
+    try:
+        text = template.render(**values)
+    except Exception as exc:  # undefined values, refused operations, errors in filters
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == str(path)]
+        line = frames[-1].lineno if frames else 1
+        raise TemplateRenderError(f"{path}:{line}: {getattr(exc, 'message', None) or exc}") from None
+    if len(text) > MAX_RENDERED_CHARS:
+        raise TemplateRenderError(f"{path}: rendered {len(text)} characters, over {MAX_RENDERED_CHARS}")
+    return text
 
 
 @dataclass
@@ -105,16 +112,8 @@ class Prompt:
         missing = self.variables - set(values)
         if missing:
             raise TemplateRenderError(f"prompt {self.name!r}: values missing for {sorted(missing)}")
-        messages = []
-        for role, path, template in self.parts:
-            try:
-                text = template.render(**values)
-            except Exception as exc:  # undefined values, refused operations, errors in filters
-                raise TemplateRenderError(_failure(path, exc)) from None
-            if len(text) > MAX_RENDERED_CHARS:
-                raise TemplateRenderError(f"{path}: rendered {len(text)} characters, over {MAX_RENDERED_CHARS}")
-            messages.append({"role": _ROLES[role], "content": text})
-        return messages
+        return [{"role": _ROLES[role], "content": _render(path, template, values)}
+                for role, path, template in self.parts]
 
 
 def _line_of(source: str, name: str) -> int:
@@ -148,10 +147,7 @@ def load_prompt(prompts_dir: Path, name: str) -> Prompt:
                               f"(this template may use: {', '.join(sorted(sample))})")
         # compiled with its file name, so run-time errors are traced to the template's own lines
         template = env.template_class.from_code(env, env.compile(source, file, str(path)), env.make_globals(None))
-        try:
-            template.render(**sample)
-        except (TemplateError, ArithmeticError, TypeError, ValueError) as exc:  # undefined, refused, bad filter
-            raise ConfigError(_failure(path, exc)) from None
+        _render(path, template, sample)  # TemplateRenderError is a ConfigError
         used |= meta.find_undeclared_variables(parsed)
         digest.update(source.encode())
         parts.append((role, path, template))

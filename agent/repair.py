@@ -49,14 +49,15 @@ def fix(page: PageBody, pools: Pools, ctx: RuleContext) -> PageBody:
 
     for mod, pool in zip(page.modules, pools.modules, strict=True):
         if mod.spec.source == "campaign":
-            fixed.modules.append(ModuleBody(mod.spec, mod.title, list(mod.items), set(mod.sponsored)))
+            fixed.modules.append(mod)  # a copy already: configuration, never edited
             continue
         low, high = module_bounds(mod, rules)
-        configured = [(pos, i) for pos, i in enumerate(mod.items) if i in _configured(mod)]
+        kept = _configured(mod)
+        configured = [(pos, i) for pos, i in enumerate(mod.items) if i in kept]
         quota = BrandQuota(rules.max_items_per_brand, products, [i for _, i in configured])
         picks: list[str] = []
         offered = [c.item_id for c in pool.candidates] + (reserve if mod.spec.source in TOPPED_UP else [])
-        chosen = [i for i in mod.items if i not in _configured(mod)]
+        chosen = [i for i in mod.items if i not in kept]
         for item in [*chosen, *offered]:  # the model's picks first, then top up to the minimum
             room = high if item in chosen else low
             if len(picks) + len(configured) >= room:

@@ -84,6 +84,11 @@ def title_form_problem(title: str) -> str | None:
     return None
 
 
+def title_key(title: str) -> str:
+    """Titles compared as a shopper reads them: case and runs of spaces folded."""
+    return " ".join(title.split()).casefold()
+
+
 def _words(text: str) -> list[str]:
     return _WORD.findall(text.casefold())
 
@@ -192,10 +197,6 @@ class BrandQuota:
         if (key := self._key(item)) is not None:
             self.counts[key] += 1
 
-    def remove(self, item: str) -> None:
-        if (key := self._key(item)) is not None:
-            self.counts[key] -= 1
-
 
 @rule("brand_cap")
 def _brand_cap(page: PageBody, ctx: RuleContext) -> list[Violation]:
@@ -236,7 +237,7 @@ def _duplicate_title(page: PageBody, ctx: RuleContext) -> list[Violation]:
     seen: set[str] = set()
     found = []
     for m, mod in enumerate(page.modules):
-        key = " ".join(mod.title.split()).casefold()
+        key = title_key(mod.title)
         if key in seen:
             found.append(Violation(code="duplicate_title", module=m, message=f"title {mod.title!r} is used twice"))
         seen.add(key)

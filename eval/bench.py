@@ -111,11 +111,11 @@ def validity(composer, users: list[str], progress: bool) -> dict:
     """Pages through the single-page LLM path without a time budget (on this CPU it is faster than
     batch precompute, see README), every one checked."""
     counts = {"pages": 0, "exceptions": 0, "schema_valid": 0, "violating_before_repair": 0,
-              "violating_after_llm_retry": 0, "violations_in_returned_pages": 0, "paths": {},
-              "violations_before_repair_by_code": {}, "errors": []}
+              "violating_after_llm_retry": 0, "violations_in_returned_pages": 0, "errors": []}
     started = time.perf_counter()
     budget, composer.budget_s = composer.budget_s, None
     by_code: Counter = Counter()
+    paths: Counter = Counter()
     for user in tqdm(users, desc="validity", disable=not progress):
         counts["pages"] += 1
         try:
@@ -132,8 +132,8 @@ def validity(composer, users: list[str], progress: bool) -> dict:
         first = page.meta.violations_fixed[: per_call[0]] if per_call else []
         by_code.update(v.code for v in first)
         counts["violations_in_returned_pages"] += len(returned_violations(composer, page))
-        counts["paths"][page.meta.path] = counts["paths"].get(page.meta.path, 0) + 1
-    counts["violations_before_repair_by_code"] = dict(by_code)
+        paths[page.meta.path] += 1
+    counts["violations_before_repair_by_code"], counts["paths"] = dict(by_code), dict(paths)
     composer.budget_s = budget
     counts["seconds"] = round(time.perf_counter() - started, 1)
     return counts

@@ -113,14 +113,18 @@ class Catalog:
         self._products = None
         return found
 
-    def refresh(self) -> bool:
+    def refresh(self) -> int:
         """Drop the in-memory products if the catalogue changed since they were read (by any
-        process); True when it did. One indexed read."""
+        process); returns the version now held. One indexed read."""
         version = self.version()
         if version != self._loaded_version:
             self._products, self._loaded_version = None, version
-            return True
-        return False
+        return version
+
+    @property
+    def loaded_version(self) -> int | None:
+        """The catalogue version of the last ``refresh`` (None before the first)."""
+        return self._loaded_version
 
     @property
     def products(self) -> dict[str, Product]:

@@ -51,7 +51,7 @@ class Retriever:
         # popularity is always built: it is the cold-start fallback and the "trending" module
         names = dict.fromkeys([*sources, "popularity"])
         self.sources = {name: SOURCES[name](self._context) for name in names}
-        self._histories: dict[str, tuple[int, History]] = {}
+        self._histories: dict[str, tuple[tuple[int, int | None], History]] = {}
 
     @classmethod
     def open(cls, config: RetrievalConfig) -> Retriever:
@@ -67,17 +67,15 @@ class Retriever:
 
     def refresh(self) -> int:
         """See catalogue changes made by any process since the last call (one indexed read);
-        returns the catalogue version. Histories are rebuilt against the new products."""
-        if self.catalog.refresh():
-            self._histories.clear()
-        return self.catalog._loaded_version
+        returns the catalogue version."""
+        return self.catalog.refresh()
     def history(self, user_id: str) -> History:
-        """Cached per user; a new event for the user (a changed count) rebuilds it."""
-        count = self.catalog.event_count(user_id)
+        """Cached per user; a new event for the user or a catalogue change rebuilds it."""
+        key = (self.catalog.event_count(user_id), self.catalog.loaded_version)
         cached = self._histories.get(user_id)
-        if cached is None or cached[0] != count:
+        if cached is None or cached[0] != key:
             events = self.catalog.user_events(user_id)
-            cached = (count, build_history(user_id, events, self.products))
+            cached = (key, build_history(user_id, events, self.products))
             self._histories[user_id] = cached
         return cached[1]
 

@@ -47,9 +47,15 @@ def register_source(name: str) -> Callable[[type[CandidateSource]], type[Candida
 
 class CandidateSource:
     name = "base"
+    defaults: ClassVar[dict[str, float]] = {}  # the source's options and their defaults
 
     def __init__(self, context: SourceContext):
         self.context = context
+        given = context.settings(self.name)
+        unknown = set(given) - set(self.defaults)
+        if unknown:
+            raise ValueError(f"{self.name}: unknown option(s) {sorted(unknown)}; known: {sorted(self.defaults)}")
+        self.params = {**self.defaults, **given}
 
     def candidates(self, history: History, k: int) -> list[Candidate]:
         raise NotImplementedError
@@ -114,10 +120,6 @@ class CoVisit(CandidateSource):
 
     def __init__(self, context: SourceContext):
         super().__init__(context)
-        unknown = set(context.settings(self.name)) - set(self.defaults)
-        if unknown:
-            raise ValueError(f"covisit: unknown option(s) {sorted(unknown)}; known: {sorted(self.defaults)}")
-        self.params = {**self.defaults, **context.settings(self.name)}
         window, decay, forward = int(self.params["window"]), self.params["decay"], self.params["forward"]
         by_user: dict[str, list[str]] = defaultdict(list)
         for e in context.catalog.all_events():
@@ -171,10 +173,6 @@ class BuyAgain(CandidateSource):
 
     def __init__(self, context: SourceContext):
         super().__init__(context)
-        unknown = set(context.settings(self.name)) - set(self.defaults)
-        if unknown:
-            raise ValueError(f"buy_again: unknown option(s) {sorted(unknown)}; known: {sorted(self.defaults)}")
-        self.params = {**self.defaults, **context.settings(self.name)}
         self.now = context.catalog.latest_time()
 
     def candidates(self, history: History, k: int) -> list[Candidate]:

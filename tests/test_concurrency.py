@@ -2,6 +2,7 @@
 embedded vector store; the decoder's speed-ups leave its output unchanged."""
 
 import json
+import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +53,7 @@ def test_a_second_process_cannot_open_the_embedded_store(composer, settings):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "open in another process" in result.stderr and "chroma_host" in result.stderr
+    assert f"(pid {os.getpid()})" in result.stderr  # the owner, named
 
 
 @pytest.mark.slow

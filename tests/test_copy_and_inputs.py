@@ -78,21 +78,21 @@ def _copy_prompts(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("construct", ['{% include "system.jinja" %}', '{% import "system.jinja" as s %}',
-                                       '{% extends "system.jinja" %}'])
-def test_constructs_that_cannot_work_are_refused_at_load(tmp_path, construct):
+@pytest.mark.parametrize(("line", "refusal"), [
+    # constructs that cannot work in a prompt
+    ('{% include "system.jinja" %}', r"repair.user.jinja:2: .* is not supported"),
+    ('{% import "system.jinja" as s %}', r"repair.user.jinja:2: .* is not supported"),
+    ('{% extends "system.jinja" %}', r"repair.user.jinja:2: .* is not supported"),
+    # what a template may compute is bounded
+    ('{{ "x" * 100000 }}', r"repair.user.jinja:2: value too large"),
+    ("{% for i in range(100000) %}.{% endfor %}", r"repair.user.jinja:2: range of 100000 numbers"),
+    ("{{ 10 ** 100000 }}", r"repair.user.jinja:2: exponent too large"),
+    ("{% for i in range(999) %}{{ 'x' * 999 }}{% endfor %}", r"repair.user.jinja: rendered 998013 characters"),  # 11 + 999 * 999 + 1
+])
+def test_templates_that_cannot_work_or_run_away_are_refused_at_load(tmp_path, line, refusal):
     folder = _copy_prompts(tmp_path)
-    (folder / "repair.user.jinja").write_text("Fix these.\n" + construct + "\n")
-    with pytest.raises(ConfigError, match=r"repair.user.jinja:2: .* is not supported"):
-        load_prompt(folder, "repair")
-
-
-@pytest.mark.parametrize("runaway", ['{{ "x" * 100000 }}', "{% for i in range(100000) %}.{% endfor %}",
-                                     "{{ 10 ** 100000 }}"])
-def test_what_a_template_may_compute_is_bounded(tmp_path, runaway):
-    folder = _copy_prompts(tmp_path)
-    (folder / "repair.user.jinja").write_text("Fix these.\n" + runaway + "\n")
-    with pytest.raises(ConfigError, match=r"repair.user.jinja:2"):
+    (folder / "repair.user.jinja").write_text("Fix these.\n" + line + "\n")
+    with pytest.raises(ConfigError, match=refusal):
         load_prompt(folder, "repair")
 
 

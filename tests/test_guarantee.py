@@ -95,11 +95,19 @@ def test_a_grammar_that_fails_to_compile_falls_back(composer, full_users, monkey
 
 def test_an_empty_pool_compiles_to_an_empty_module(composer):
     """An empty enum would not compile: the schema asks for an empty array instead."""
+    import xgrammar as xgr
+
     from agent.schema import draft_json_schema
 
     schema = draft_json_schema([(0, 0, None), (3, 2, None)], 3, 32)
     grammar = composer.backend._grammar(json.dumps(schema))
-    assert grammar is not None
+
+    def accepts(text: str) -> bool:
+        matcher = xgr.GrammarMatcher(grammar, terminate_without_stop_token=True)
+        return matcher.accept_string(text) and matcher.is_terminated()
+
+    assert accepts('{"modules":[{"title":"Empty one","items":[]},{"title":"Two picks","items":[3,1]}]}')
+    assert not accepts('{"modules":[{"title":"Empty one","items":[1]},{"title":"Two picks","items":[3,1]}]}')
 
 
 def test_a_failing_vector_store_degrades_to_the_other_sources(composer, full_users, monkeypatch):
@@ -124,7 +132,7 @@ def test_a_failing_event_store_gives_a_new_visitors_page(composer, full_users, m
     products = composer.retriever.products  # loaded before the store fails
     monkeypatch.setattr(composer.retriever.catalog, "event_count", down)
     monkeypatch.setattr(composer.retriever.catalog, "user_events", down)
-    monkeypatch.setattr(composer.retriever.catalog, "refresh", lambda: False)
+    monkeypatch.setattr(composer.retriever.catalog, "refresh", lambda: composer.retriever.catalog.loaded_version)
     monkeypatch.setattr(composer.retriever, "_histories", {})
     assert composer.retriever.products is products
     page = with_backend(composer, Raising(BackendError("down"))).compose(full_users[5])
