@@ -87,7 +87,8 @@ def _copy_prompts(tmp_path: Path) -> Path:
     ('{{ "x" * 100000 }}', r"repair.user.jinja:2: value too large"),
     ("{% for i in range(100000) %}.{% endfor %}", r"repair.user.jinja:2: range of 100000 numbers"),
     ("{{ 10 ** 100000 }}", r"repair.user.jinja:2: exponent too large"),
-    ("{% for i in range(999) %}{{ 'x' * 999 }}{% endfor %}", r"repair.user.jinja: rendered 998013 characters"),  # 11 + 999 * 999 + 1
+    # "Fix these.\n" (11) + 999 * 999 + "\n" (1) characters
+    ("{% for i in range(999) %}{{ 'x' * 999 }}{% endfor %}", r"repair.user.jinja: rendered 998013 characters"),
 ])
 def test_templates_that_cannot_work_or_run_away_are_refused_at_load(tmp_path, line, refusal):
     folder = _copy_prompts(tmp_path)
