@@ -47,3 +47,46 @@ def mean_metrics(
                 recall, ndcg = recall + basket_recall(ranked, target, k), ndcg + basket_ndcg(ranked, target, k)
         result[f"recall@{k}"], result[f"ndcg@{k}"] = recall / n, ndcg / n
     return result
+
+
+SUBSETS = ("all", "repeat", "explore")
+
+
+def subset_targets(targets: Collection[str], history: Collection[str], subset: str) -> list[str]:
+    """The part of a held-out basket a subset scores: every item, the items the user had bought
+    before (repeat) or the others (explore), as in the next-basket literature."""
+    owned = set(history)
+    if subset == "all":
+        return list(targets)
+    return [i for i in targets if (i in owned) == (subset == "repeat")]
+
+
+def per_user(ranked: dict[str, Sequence[str]], targets: dict[str, Collection[str]],
+             history: dict[str, Collection[str]], subset: str = "all", ks: Sequence[int] = (5, 10, 20, 50),
+             ) -> dict[str, dict[str, float]]:
+    """metric -> user -> value, over the users whose basket has items of the subset (a user with no
+    repeat item in the basket does not count towards repeat metrics)."""
+    out: dict[str, dict[str, float]] = {f"{m}@{k}": {} for k in ks for m in ("recall", "ndcg")}
+    for user, found in ranked.items():
+        wanted = subset_targets(targets[user], history.get(user, ()), subset)
+        if not wanted:
+            continue
+        for k in ks:
+            out[f"recall@{k}"][user] = basket_recall(found, wanted, k)
+            out[f"ndcg@{k}"][user] = basket_ndcg(found, wanted, k)
+    return out
+
+
+def paired_interval(a: dict[str, float], b: dict[str, float], samples: int = 1000, seed: int = 0,
+                    ) -> tuple[float, float, float]:
+    """Mean of a - b over the users both have, and its 95 % paired-bootstrap interval."""
+    import numpy as np
+
+    users = sorted(set(a) & set(b))
+    if not users:
+        return 0.0, 0.0, 0.0
+    diff = np.array([a[u] - b[u] for u in users])
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(samples, len(diff)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(diff.mean()), float(low), float(high)

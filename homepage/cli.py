@@ -121,18 +121,27 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_ranking(args: argparse.Namespace) -> int:
-    from eval.ranking import RankingConfig, run, table
+    from eval.ranking import SOURCES_EVALUATED, RankingConfig, intervals_table, run, table, transfer_table
 
     if not (Path(args.data) / "interactions.csv").exists() or not (Path(args.data) / "items.csv").exists():
         raise UserError(f"--data {args.data}: expected items.csv and interactions.csv in it")
+    sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
+    if not sources or set(sources) - set(SOURCES_EVALUATED):
+        raise UserError(f"--sources {args.sources}: choose from {','.join(SOURCES_EVALUATED)}")
+    settings = _settings(args)  # the column mapping, as ingest reads it
     started = time.perf_counter()
     config = RankingConfig(data=Path(args.data), users=args.users, seed=args.seed, out=args.out,
-                           cache=None if args.no_cache else Path(args.cache), tune_users=args.tune_users)
+                           cache=None if args.no_cache else Path(args.cache), tune_users=args.tune_users,
+                           sources=sources, catalogue_columns=settings.catalogue_columns,
+                           event_columns=settings.event_columns)
     config.sasrec.seed, config.sasrec.threads, config.sasrec.max_minutes = args.seed, args.threads, args.minutes
     report = run(config)
-    print(table(report["results"]))
     meta = report["meta"]
-    print(f"covisit {meta['covisit']}; fusion {meta['fusion_weights']}, rrf_k {meta['rrf_k']}")
+    print(table(report["results"]))
+    print(intervals_table([r for r in meta["comparisons"] if r["system"] == "page"]))
+    print(transfer_table(meta["transfer"]))
+    print(f"covisit {meta['covisit']}; fusion {meta['fusion_weights']}, rrf_k {meta['rrf_k']}; "
+          f"buy_again min_probability {meta['buy_again_min_probability']}")
     print(f"timings {meta['timings']}")
     print(f"{meta['users_evaluated']} users; wall time {time.perf_counter() - started:.1f} s"
           + (f"; report in {args.out}" if args.out else ""))
@@ -279,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="offline evaluation suites")
     eval_sub = evaluate.add_subparsers(dest="suite", required=True)
     ranking = eval_sub.add_parser(
-        "ranking", help="ranking metrics of every source, the fusion and the page, side by side",
+        "ranking", help="ranking metrics of every source, the baselines, the fusion and the page, side by side; "
+        "columns mapped as for ingest (HOMEPAGE_CATALOGUE_COLUMNS, HOMEPAGE_EVENT_COLUMNS)",
         description="Example: homepage eval ranking --data data/amazon-beauty --users 2000 --out reports/ranking")
     ranking.add_argument("--data", required=True, help="folder with items.csv and interactions.csv")
     ranking.add_argument("--users", type=int, help="evaluate a seeded sample of N users (default: all)")
@@ -290,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     ranking.add_argument("--no-cache", action="store_true", help="train and embed from scratch, keep nothing")
     ranking.add_argument("--minutes", type=float, default=15.0, help="wall-clock cap on SASRec training")
     ranking.add_argument("--threads", type=int, default=2, help="torch threads for training (1 on a busy CPU)")
+    ranking.add_argument("--sources", default="popularity,covisit,semantic,sasrec,buy_again",
+                         help="candidate sources to evaluate, comma-separated (leaving sasrec out skips its training)")
     ranking.set_defaults(run=cmd_eval_ranking)
     adapter = eval_sub.add_parser(
         "adapter", help="base model vs LoRA adapter on the same validation users",

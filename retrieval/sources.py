@@ -17,6 +17,7 @@ import numpy as np
 from retrieval.catalog import Catalog
 from retrieval.history import History
 from retrieval.records import Candidate, Provenance
+from retrieval.repeat import RepeatModel, cycle_days, purchase_baskets
 from retrieval.vectors import BEHAVIOUR, ITEM_VECTORS, PRODUCTS, VectorIndex
 
 
@@ -157,50 +158,40 @@ class CoVisit(CandidateSource):
         return self._ranked(scores, {i: b[1] for i, b in best.items()}, k, history)
 
 
-DAY = 86_400.0
-
-
 @register_source("buy_again")
 class BuyAgain(CandidateSource):
     """The shopper's own items, for a module that may show them (a skeleton module's
-    ``show_owned``): items bought at least ``min_count`` times, scored by how often and how recently,
-    and — where the times show a cycle (an item bought every ~30 days) — by how due it is now.
+    ``show_owned``), ranked by the probability that the next basket holds them
+    (``retrieval.repeat.RepeatModel``, learned from this store's logs when the source is built).
+    Items below ``min_probability`` or bought fewer than ``min_count`` times are not proposed.
     "Now" is the latest event time in the store (or the shopper's own, if later), so replayed logs
-    and live traffic are scored alike. Purchases count when the shopper has any, else every event.
-    Evidence: the cycle in days ("every 28 days"), or how many times ("3 times")."""
+    and live traffic are scored alike. Evidence: the cycle in days ("every 28 days"), or how many
+    times ("3 times", "once")."""
 
-    defaults: ClassVar[dict[str, float]] = {"min_count": 2, "half_life_days": 90.0, "min_cycle_days": 2.0}
+    defaults: ClassVar[dict[str, float]] = {"min_count": 1, "min_probability": 0.0, "min_cycle_days": 2.0}
 
     def __init__(self, context: SourceContext):
         super().__init__(context)
         self.now = context.catalog.latest_time()
+        by_user: dict[str, list] = defaultdict(list)
+        for e in context.catalog.all_events():
+            by_user[e.user_id].append(e)
+        self.model = RepeatModel(self.params["min_cycle_days"]).fit(by_user)
 
     def candidates(self, history: History, k: int) -> list[Candidate]:
-        bought = [e for e in history.events if e.event_type == "purchase"] or list(history.events)
-        times: dict[str, list[float | None]] = defaultdict(list)
-        for event in bought:
-            times[event.item_id].append(event.timestamp)
-        known = [t for e in bought if (t := e.timestamp) is not None]
+        baskets = purchase_baskets(history.events)
+        known = [t for basket in baskets for e in basket if (t := e.timestamp) is not None]
         now = max([t for t in [self.now, *known] if t is not None], default=None)
         products = self.context.catalog.products
         scores, because = {}, {}
-        for item, when in times.items():
-            if len(when) < self.params["min_count"] or item not in products or not products[item].in_stock:
+        for item, (probability, owned) in self.model.probabilities(baskets, now).items():
+            if (owned.baskets < self.params["min_count"] or probability < self.params["min_probability"]
+                    or item not in products or not products[item].in_stock):
                 continue
-            score, because[item] = float(len(when)), f"{len(when)} times"
-            stamps = sorted(t for t in when if t is not None)
-            if now is not None and len(stamps) >= 2:
-                # bought on distinct days only: several rows of one basket are one purchase
-                days = sorted({round(t / DAY) for t in stamps})
-                since = (now - stamps[-1]) / DAY
-                score *= 0.5 ** (since / self.params["half_life_days"])
-                if len(days) >= 2:
-                    cycle = (days[-1] - days[0]) / (len(days) - 1)
-                    if cycle >= self.params["min_cycle_days"]:
-                        due = since / cycle  # 1.0: due today; the score peaks there
-                        score *= 1.0 + 2.0 / (1.0 + 4.0 * (due - 1.0) ** 2)
-                        because[item] = f"every {round(cycle)} days"
-            scores[item] = score
+            scores[item] = probability
+            cycle = cycle_days(owned)
+            because[item] = (f"every {round(cycle)} days" if cycle and cycle >= self.params["min_cycle_days"]
+                             else "once" if owned.baskets == 1 else f"{owned.baskets} times")
         ranked = sorted(scores, key=lambda i: (-scores[i], i))[:k]
         return [Candidate(i, scores[i], [Provenance(self.name, scores[i], rank, because[i])])
                 for rank, i in enumerate(ranked)]

@@ -9,21 +9,29 @@ from agent.rules import Rules
 from agent.skeleton import Skeleton
 from prompts import PROMPTS_DIR
 from retrieval import RetrievalConfig, Retriever, ingest
+from retrieval.repeat import purchase_baskets
 
 DAY = 86_400
 ITEMS = ["milk", "bread", "eggs", "rice", "tea", "soap", "jam", "salt", "oil", "flour", "sugar", "corn"]
+# the logs the repeat model learns from: 30 shoppers who buy a staple every 30 days (due, and bought,
+# in their last basket) and a one-off item in every basket (never bought again)
+STAPLES = [f"staple{n}" for n in range(5)]
+ONE_OFFS = [f"x{k}b{b}" for k in range(30) for b in range(4)]
 
 
 @pytest.fixture(scope="module")
 def grocery(tmp_path_factory):
     folder = tmp_path_factory.mktemp("grocery")
     (folder / "items.csv").write_text("item_id,title,category_path,brand,price_usd\n" + "".join(
-        f"{item},{item.title()} pack,Grocery > {item.title()},Brand{n},{n + 1}\n" for n, item in enumerate(ITEMS)))
+        f"{item},{item.title()} pack,Grocery > {item.title()},Brand{n},{n + 1}\n"
+        for n, item in enumerate(ITEMS + STAPLES + ONE_OFFS)))
     rows = [("shopper", "milk", d) for d in (0, 30, 60, 90)]  # every 30 days; day 120 is "now": due
     rows += [("shopper", "bread", d) for d in (10, 40, 70)]  # every 30 days, last 50 days ago: overdue
     rows += [("shopper", "eggs", 5)]  # once: not a repeat
     rows += [(f"other{n}", item, 100 + n) for n in range(6) for item in ("eggs", "rice", "tea", "soap")]
     rows += [("other9", item, 120) for item in ("jam", "salt", "oil", "flour", "sugar", "corn")]
+    for k in range(30):
+        rows += [(f"regular{k}", item, k + 30 * b) for b in range(4) for item in (STAPLES[k % 5], f"x{k}b{b}")]
     (folder / "events.csv").write_text("user_id,item_id,timestamp,event_type\n" + "".join(
         f"{u},{i},{d * DAY},purchase\n" for u, i, d in rows))
     config = RetrievalConfig(store_dir=folder / "store")
@@ -41,10 +49,17 @@ def test_a_regular_purchase_is_due_again_with_its_reason(grocery):
     ]})
     c = Composer(grocery, None, load_prompts(PROMPTS_DIR), Rules(min_categories=3), skeleton)
     page = c.compose("shopper")
+    model = grocery.source("buy_again").model
+    # each regular shopper's staple, bought when due, and the shopper's own milk on day 90
+    assert model.fitted and model.positives == 31
+    chances = {i: p for i, (p, _) in model.probabilities(purchase_baskets(grocery.history("shopper").events),
+                                                          grocery.catalog.latest_time()).items()}
+    assert chances["milk"] > 0.5 > chances["eggs"]  # a staple due today vs an item bought once
     again, for_you = page.modules
     # by hand: milk is due today (bought every 30 days, last 30 days ago), bread 20 days overdue
-    assert [i.item_id for i in again.items] == ["milk", "bread"]
+    assert [i.item_id for i in again.items][:2] == ["milk", "bread"]
     assert again.items[0].reason == "You buy this about every 4 weeks"
+    assert "eggs" not in [i.item_id for i in again.items][:2]  # bought once, like the one-offs
     assert {i.source for i in again.items} == {"buy_again"}
     assert not {"milk", "bread", "eggs"} & {i.item_id for i in for_you.items}  # discovery: nothing owned
 
