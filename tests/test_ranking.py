@@ -157,7 +157,7 @@ def test_ranking_run_on_the_sample_writes_the_report(tmp_path):
                            cache=tmp_path / "cache",
                            sasrec=SASRecConfig(hidden=32, epochs=2, eval_every=1, threads=1), progress=False)
     report = run(config)
-    systems = {"popularity", "covisit", "semantic", "sasrec", "buy_again", "fused", "pools", "page",
+    systems = {"popularity", "covisit", "semantic", "sasrec", "buy_again", "fused", "pools", "page", "page_discovery",
                "g_topfreq", "p_topfreq", "tifu_knn"}
     assert set(report["results"]) == systems
     saved = json.loads((tmp_path / "out" / "ranking.json").read_text())
