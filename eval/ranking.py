@@ -385,7 +385,6 @@ def run(config: RankingConfig) -> dict:
             histories = {u: retriever.history(u) for u in tune}
             threshold, page_tried = tune_page(composer, retriever, lists, histories, valid)
             timings["tuning_s"] = round(time.perf_counter() - mark, 1)
-            retriever.close()
 
             # test: history + validation items in the store, the model continued on them
             mark = time.perf_counter()

@@ -92,3 +92,12 @@ def test_unavailable_configured_items_are_left_out(grocery):
         assert any(n.startswith("module short left off") for n in page.meta.notes)
     finally:
         grocery.catalog.upsert_products([jam])
+
+
+def test_the_shipped_skeleton_opens_with_buy_again(grocery):
+    c = Composer(grocery, None, load_prompts(PROMPTS_DIR), Rules.load(PROMPTS_DIR / "rules.yaml"),
+                 Skeleton.load(PROMPTS_DIR / "skeleton.yaml"))
+    page = c.compose("shopper", use_llm=False)
+    first = page.modules[0]
+    assert first.type == "buy_again" and first.items[0].item_id == "milk"
+    assert first.items[0].reason == "You buy this about every 4 weeks"
