@@ -23,6 +23,8 @@ next request tries the model again.
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import threading
 import time
@@ -115,11 +117,11 @@ class Composer:
         self.max_new_tokens, self.llm_retry, self.budget_s = max_new_tokens, llm_retry, budget_s
         self.cache = cache if cache is not None else PageCache()
         check_configuration(rules, skeleton, retriever.products)
+        # built now rather than on the first page (the buy-again model learns from every event); a
+        # source that fails here fails again on each page that asks it, which notes the fault
         for name in sorted({m.source for m in skeleton.modules} - {"personal", "planned", "campaign"}):
-            try:  # built now rather than on the first page: the buy-again model learns from every event
+            with contextlib.suppress(Exception):
                 retriever.source(name)
-            except Exception:  # noqa: S110 - each page that asks the source notes the failure
-                pass
 
     @property
     def ctx(self) -> RuleContext:
