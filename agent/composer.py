@@ -24,7 +24,6 @@ next request tries the model again.
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 import threading
 import time
