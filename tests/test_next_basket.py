@@ -10,9 +10,10 @@ import pytest
 
 from eval.baselines import rank_baselines, tifu_vector
 from eval.metrics import paired_interval, per_user, subset_targets
-from eval.ranking import RankingConfig, choose_fusion, run
+from eval.ranking import RankingConfig, _fused, choose_fusion, run
 from retrieval.columns import CatalogueColumns, EventColumns
 from retrieval.records import Candidate, Event
+from retrieval.sources import fuse
 from retrieval.split import Split
 
 DAY = 86_400.0
@@ -70,7 +71,7 @@ def test_a_source_enters_the_fusion_only_where_it_wins():
     fillers = [f"f{n}" for n in range(10)]
 
     def listed(items):
-        return [Candidate(i, 0.0) for i in items]
+        return list(items)
 
     # "good" finds three users in four; "copy" is the same list; "helper" knows only the fourth user
     good = {u: listed([f"t{u}", *fillers] if n % 4 else fillers) for n, u in enumerate(users)}
@@ -82,6 +83,17 @@ def test_a_source_enters_the_fusion_only_where_it_wins():
     assert entered == {"copy" if mixes[0].added == "good" else "good": False, "helper": True}
     helped = next(m for m in mixes if m.added == "helper")
     assert helped.val_ndcg10 == 1.0 and helped.gain[1] > 0
+
+
+def test_the_evaluation_fuses_ids_as_the_retriever_fuses_candidates():
+    rng = np.random.default_rng(1)
+    catalogue = [f"i{n}" for n in range(30)]
+    lists = {name: list(rng.choice(catalogue, 12, replace=False)) for name in ("a", "b", "c")}
+    weights = {"a": 1.0, "b": 0.5, "c": 2.0}
+    as_candidates = {n: [Candidate(i, 0.0) for i in found] for n, found in lists.items()}
+    for rrf_k in (10, 60):
+        expected = [c.item_id for c in fuse(as_candidates, weights, 15, rrf_k)]
+        assert _fused(lists, weights, rrf_k, 15) == expected
 
 
 @pytest.fixture(scope="module")
