@@ -129,7 +129,8 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
 
 def test_shipped_rule_and_skeleton_files_load():
     assert Rules.load(PROMPTS_DIR / "rules.yaml").banned_words
-    assert Skeleton.load(PROMPTS_DIR / "skeleton.yaml").modules[0].type == "for_you"
+    first, second = Skeleton.load(PROMPTS_DIR / "skeleton.yaml").modules[:2]
+    assert (first.type, first.show_owned, second.type, second.show_owned) == ("buy_again", True, "for_you", False)
 
 
 @pytest.mark.parametrize(
