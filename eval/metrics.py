@@ -2,12 +2,16 @@
 protocol: Recall@K is a hit rate, NDCG@K is 1/log2(rank + 1) for a hit at 1-based rank.
 
 A held-out basket (several items bought at one time) is scored by ``basket_recall``/``basket_ndcg``:
-the share of the basket found, and DCG over the ideal DCG; for one item both equal the above."""
+the share of the basket found, and DCG over the ideal DCG; for one item both equal the above.
+``per_user`` scores a basket's repeat or explore items alone; ``paired_interval`` compares two
+systems on the same users."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Collection, Sequence
+
+import numpy as np
 
 
 def recall_at_k(ranked: Sequence[str], target: str, k: int) -> float:
@@ -80,8 +84,6 @@ def per_user(ranked: dict[str, Sequence[str]], targets: dict[str, Collection[str
 def paired_interval(a: dict[str, float], b: dict[str, float], samples: int = 1000, seed: int = 0,
                     ) -> tuple[float, float, float]:
     """Mean of a - b over the users both have, and its 95 % paired-bootstrap interval."""
-    import numpy as np
-
     users = sorted(set(a) & set(b))
     if not users:
         return 0.0, 0.0, 0.0
