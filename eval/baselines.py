@@ -13,6 +13,7 @@ included, as the next-basket literature ranks them):
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from itertools import islice
 
 import numpy as np
 import scipy.sparse as sp
@@ -31,8 +32,9 @@ def _baskets(train: list[Event]) -> dict[str, list[list[str]]]:
 
 
 def _topped_up(own: list[str], best: list[str], k: int) -> list[str]:
+    """The first k of ``own``, then best-sellers the user does not own (read only as far as needed)."""
     mine = set(own)
-    return (own + [i for i in best if i not in mine])[:k]
+    return own[:k] + list(islice((i for i in best if i not in mine), max(k - len(own), 0)))
 
 
 def tifu_vector(user_baskets: list[list[str]], group: int = 7, within: float = 0.9, between: float = 0.7,
@@ -53,7 +55,7 @@ def rank_baselines(train: list[Event], users: list[str], k: int, neighbours: int
                    ) -> dict[str, dict[str, list[str]]]:
     per_user = _baskets(train)
     counts = Counter(i for bs in per_user.values() for b in bs for i in b)
-    best = sorted(counts, key=lambda i: (-counts[i], i))[: k + 200]
+    best = sorted(counts, key=lambda i: (-counts[i], i))
     out: dict[str, dict[str, list[str]]] = {name: {} for name in BASELINES}
     for user in users:
         own = Counter(i for b in per_user.get(user, []) for i in b)

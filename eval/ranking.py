@@ -201,14 +201,12 @@ def _composer(retriever: Retriever, skeleton_path: Path | None):
                     skeleton=skeleton)
 
 
-def page_orders(composer, retriever: Retriever, history: History, lists: dict[str, list[Candidate]],
-                min_probability: float) -> tuple[list[str], list[str]]:
+def page_orders(composer, retriever: Retriever, history: History,
+                lists: dict[str, list[Candidate]]) -> tuple[list[str], list[str]]:
     """(pools, page): the composer's module pools top to bottom, each in retrieval order, and the
     deterministic page built from them (what a user sees without the model), page order."""
     from agent.assembly import deterministic
 
-    if "buy_again" in lists:  # the buy-again module's threshold, as ``source_options`` would set it
-        lists = {**lists, "buy_again": [c for c in lists["buy_again"] if c.score >= min_probability]}
     composer.retriever = _Replay(retriever, lists)
     pools = composer.pools(history)
     page = deterministic(pools, composer.rules)
@@ -336,8 +334,12 @@ def tune_page(composer, retriever: Retriever, lists: dict[str, dict[str, list[Ca
         return 0.0, {}
     scored = {}
     for threshold in MIN_PROBABILITY_GRID:
-        pages = {u: page_orders(composer, retriever, histories[u], {n: lists[n][u] for n in lists}, threshold)[1]
-                 for u in histories}
+        pages = {}
+        for u in histories:
+            # the lists the source would give with ``min_probability`` set (as the test run sets it)
+            found = {n: lists[n][u] for n in lists}
+            found["buy_again"] = [c for c in found["buy_again"] if c.score >= threshold]
+            pages[u] = page_orders(composer, retriever, histories[u], found)[1]
         scored[threshold] = {subset: float(np.mean(list(per_user(pages, split.targets, split.history, subset,
                                                                   (10,))["ndcg@10"].values()) or [0.0]))
                              for subset in ("all", "explore")}
@@ -355,7 +357,7 @@ def run(config: RankingConfig) -> dict:
     started = time.perf_counter()
     timings: dict[str, float] = {}
     rng = np.random.default_rng(config.seed)
-    names = [n for n in config.sources]
+    names = list(config.sources)
     unknown = sorted(set(names) - set(SOURCES_EVALUATED))
     if unknown:
         raise ValueError(f"unknown source(s) {unknown}; evaluated: {list(SOURCES_EVALUATED)}")
@@ -425,8 +427,7 @@ def run(config: RankingConfig) -> dict:
                 ranked["fused"][user] = _fused(mine, chosen.weights, chosen.rrf_k, depth)
                 for n, mix in enumerate(mixes):
                     transfer[f"mix {n}"][user] = _fused(mine, mix.weights, mix.rrf_k, 10)
-                ranked["pools"][user], ranked["page"][user] = page_orders(composer, retriever, history, found,
-                                                                          threshold)
+                ranked["pools"][user], ranked["page"][user] = page_orders(composer, retriever, history, found)
                 owned = set(history.item_ids)
                 ranked["page_discovery"][user] = [i for i in ranked["page"][user] if i not in owned]
             ranked.update(rank_baselines(test.train, users, depth))
