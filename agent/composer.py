@@ -34,7 +34,7 @@ from typing import TypeVar
 from agent.assembly import assemble, deterministic, expand
 from agent.backends import Generation, LLMBackend
 from agent.cache import PageCache
-from agent.drafting import UnusableDraft, draft_messages, draft_schema, parse_draft, retry_messages
+from agent.drafting import UnusableDraft, draft_messages, draft_schema, handle_order, parse_draft, retry_messages
 from agent.errors import BackendError, ConfigError, HomepageError, InputError, PageUnavailable
 from agent.planning import PLAN_TOKENS, parse_plan, plan_request
 from agent.pools import Pools, build_pools
@@ -110,10 +110,11 @@ class Attempt:
 class Composer:
     def __init__(self, retriever: Retriever, backend: LLMBackend | None, prompts: dict[str, Prompt], rules: Rules,
                  skeleton: Skeleton, max_new_tokens: int = 160, llm_retry: bool = True,
-                 budget_s: float | None = 4.0, cache: PageCache | None = None):
+                 budget_s: float | None = 4.0, cache: PageCache | None = None, handle_prior: float | None = None):
         self.retriever, self.backend, self.prompts = retriever, backend, prompts
         self.rules, self.skeleton = rules, skeleton
         self.max_new_tokens, self.llm_retry, self.budget_s = max_new_tokens, llm_retry, budget_s
+        self.handle_prior = handle_prior  # None: the model writes each module's order token by token
         self.cache = cache if cache is not None else PageCache()
         check_configuration(rules, skeleton, retriever.products)
         # built now rather than on the first page (the buy-again model learns from every event); a
@@ -135,6 +136,12 @@ class Composer:
 
     def schema(self, pools: Pools) -> dict:
         return draft_schema(self.rules, pools)
+
+    def order(self, pools: Pools):
+        """How the model's handle scores order each module, where the backend reads them (else None)."""
+        if self.handle_prior is None or self.backend is None or not self.backend.orders_handles:
+            return None
+        return handle_order(pools, self.rules, self.handle_prior)
 
     # -- public ---------------------------------------------------------------------------------
     def compose(self, user_id: str, use_llm: bool = True, use_cache: bool = True) -> Homepage:
@@ -222,8 +229,9 @@ class Composer:
             return build_history(user_id, [], {})
 
     def _generate(self, messages: list[dict[str, str]], schema: dict, tokens: int,
-                  deadline: float | None) -> Generation:
-        return before(deadline, lambda: self.backend.generate(messages, schema, tokens, deadline))
+                  deadline: float | None, order=None) -> Generation:
+        extra = {} if order is None else {"order": order}
+        return before(deadline, lambda: self.backend.generate(messages, schema, tokens, deadline, **extra))
 
     def _llm_path(self, a: Attempt, deadline: float | None) -> None:
         if self.skeleton.planned():
@@ -233,14 +241,14 @@ class Composer:
             a.themes = parse_plan(generation.text, self.rules, self.skeleton)
         a.pools = self.pools(a.history, a.themes)
         a.messages = self.messages(a.history, a.pools)
-        schema = self.schema(a.pools)
-        self._take(a, self._generate(a.messages, schema, self.max_new_tokens, deadline))
+        schema, order = self.schema(a.pools), self.order(a.pools)
+        self._take(a, self._generate(a.messages, schema, self.max_new_tokens, deadline, order))
         if a.violations and self.llm_retry:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is None or remaining > a.generations[-1].seconds:  # else the fix is quicker
                 messages = retry_messages(self.prompts["repair"], self.rules, a.messages, a.generations[-1].text,
                                           a.violations)
-                self._take(a, self._generate(messages, schema, self.max_new_tokens, deadline))
+                self._take(a, self._generate(messages, schema, self.max_new_tokens, deadline, order))
 
     def _llm_batch(self, attempts: list[Attempt]) -> None:
         if self.skeleton.planned():
@@ -252,14 +260,20 @@ class Composer:
             a.pools = self.pools(a.history, a.themes)
             a.messages = self.messages(a.history, a.pools)
         requests = [(a.messages, self.schema(a.pools)) for a in attempts]
-        for a, generation in zip(attempts, self.backend.generate_batch(requests, self.max_new_tokens), strict=True):
+        for a, generation in zip(attempts, self._generate_batch(requests, attempts), strict=True):
             self._take(a, generation)
         retry = [a for a in attempts if a.violations and self.llm_retry]
         if retry:
             requests = [(retry_messages(self.prompts["repair"], self.rules, a.messages, a.generations[-1].text,
                                         a.violations), self.schema(a.pools)) for a in retry]
-            for a, generation in zip(retry, self.backend.generate_batch(requests, self.max_new_tokens), strict=True):
+            for a, generation in zip(retry, self._generate_batch(requests, retry), strict=True):
                 self._take(a, generation)
+
+    def _generate_batch(self, requests: list[tuple[list[dict[str, str]], dict]],
+                        attempts: list[Attempt]) -> list[Generation]:
+        orders = [self.order(a.pools) for a in attempts]
+        extra = {} if None in orders else {"orders": orders}
+        return self.backend.generate_batch(requests, self.max_new_tokens, **extra)
 
     def _take(self, a: Attempt, generation: Generation) -> None:
         """Read and check one draft; the latest usable draft is the body."""

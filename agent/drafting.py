@@ -3,8 +3,11 @@ of what it wrote. The model decides only copy and the order of its module's hand
 
 from __future__ import annotations
 
+import math
+
 from pydantic import ValidationError
 
+from agent.backends import HandleOrder
 from agent.pools import Pools
 from agent.prompting import Prompt
 from agent.rules import Rules
@@ -58,3 +61,17 @@ def parse_draft(text: str, pools: Pools) -> list[tuple[str, list[str]]]:
         raise UnusableDraft(f"the draft has {len(draft.modules)} modules, the page {len(written)}")
     return [(module.title, [pool.candidates[h - 1].item_id for h in module.items if 1 <= h <= len(pool.candidates)])
             for module, pool in zip(draft.modules, written, strict=True)]
+
+
+def handle_order(pools: Pools, rules: Rules, prior: float) -> HandleOrder:
+    """How the model's handle scores order a module (the verbalizer): by the model's log-probability
+    of each handle blended with the pool's retrieval order, ``log p(h) - prior * ln(h)``; ``prior``
+    0 is the model's order alone, ``inf`` the pool's order. Each module gets its count of handles."""
+    counts = [module.count(rules) for module in pools.written()]
+
+    def order(index: int, scores: dict[int, float]) -> list[int]:
+        if math.isinf(prior):
+            return sorted(scores)[: counts[index]]
+        return sorted(scores, key=lambda h: (prior * math.log(h) - scores[h], h))[: counts[index]]
+
+    return order

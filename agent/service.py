@@ -22,13 +22,14 @@ _lock = threading.Lock()
 def composer_for(settings: Settings, retriever: Retriever, backend: LLMBackend | None = None,
                  **overrides) -> Composer:
     """A composer with the configured templates, rules and skeleton over ``retriever``; ``overrides``
-    replace the configured ``llm_retry``, ``budget_s`` or ``cache``. Without a backend it composes
+    replace the configured ``llm_retry``, ``budget_s``, ``cache`` or ``handle_prior``. Without a backend it composes
     deterministically (prompts and pools still render exactly as in serving)."""
     prompts = load_prompts(settings.prompts_dir)
     rules = Rules.load(settings.rules_file)
     skeleton = Skeleton.load(settings.skeleton_file)
     budget = None if settings.budget_ms is None else settings.budget_ms / 1000
-    options = {"llm_retry": settings.llm_retry, "budget_s": budget, "cache": PageCache(settings.cache_users)}
+    options = {"llm_retry": settings.llm_retry, "budget_s": budget, "cache": PageCache(settings.cache_users),
+               "handle_prior": settings.handle_prior}
     return Composer(retriever, backend, prompts, rules, skeleton, settings.max_new_tokens, **(options | overrides))
 
 

@@ -1,9 +1,10 @@
 """``homepage bench``: where a page's time goes, measured side by side in one run.
 
 Paths: the LLM path (plan, compose, check, one retry, fix; measured without the time budget so the
-figures show the model's real cost, then counted against the budget), the deterministic path, the
-cache path, and batch precompute. Then validity at scale: pages for a seeded random sample of users
-through the single-page LLM path, counting exceptions, schema-valid pages and rule violations
+figures show the model's real cost, then counted against the budget), with ``before`` a second
+configuration's LLM path interleaved user by user (both see the same machine), the deterministic
+path, the cache path, and batch precompute. Then validity at scale: pages for a seeded random sample
+of users through the single-page LLM path, counting exceptions, schema-valid pages and rule violations
 before repair (by code), after the LLM retry and in the returned pages (the bar: 0 and 0).
 """
 
@@ -44,26 +45,10 @@ def returned_violations(composer, page: Homepage) -> list:
     return validate(body, composer.ctx)
 
 
-def run_bench(composer, users: int = 40, batch_size: int = 8, validity_users: int = 1000, seed: int = 0,
-              progress: bool = True) -> dict:
-    known = composer.retriever.catalog.users()
-    rng = random.Random(seed)
-    picked = rng.sample(known, min(users, len(known)))
-    picked[-max(users // 10, 1):] = [f"bench-new-user-{i}" for i in range(max(users // 10, 1))]  # cold starts
-    report: dict = {"users": len(picked), "model": composer.backend.model_name, "budget_s": composer.budget_s}
-
-    composer.compose(picked[0], use_cache=False)  # warm-up: grammar compile, system-prompt KV cache
-
-    budget, composer.budget_s = composer.budget_s, None
-    rows = []
-    for user in tqdm(picked, desc="LLM path", disable=not progress):
-        started = time.perf_counter()
-        page = composer.compose(user, use_cache=False)
-        rows.append((time.perf_counter() - started, page))
-    composer.budget_s = budget
-    llm_ms = [s * 1000 for s, _ in rows]
-    report["llm"] = {
-        "latency_ms": percentiles(llm_ms),
+def llm_summary(rows: list[tuple[float, Homepage]], budget: float | None) -> dict:
+    """Latency and token counts of LLM-path pages: (seconds, page) per user."""
+    return {
+        "latency_ms": percentiles([s * 1000 for s, _ in rows]),
         "tokens_per_page": statistics.median(p.meta.tokens_generated for _, p in rows),
         "prompt_tokens_per_page": statistics.median(p.meta.prompt_tokens for _, p in rows),
         "prefill_ms": statistics.median(p.meta.prefill_ms for _, p in rows),
@@ -72,6 +57,32 @@ def run_bench(composer, users: int = 40, batch_size: int = 8, validity_users: in
         "over_budget": sum(1 for s, _ in rows if budget is not None and s > budget) / len(rows),
         "paths": dict(Counter(p.meta.path for _, p in rows)),
     }
+
+
+def run_bench(composer, users: int = 40, batch_size: int = 8, validity_users: int = 1000, seed: int = 0,
+              progress: bool = True, before=None) -> dict:
+    """``before``: another composer (the configuration to compare with) timed on the LLM path beside
+    ``composer``, alternating user by user."""
+    known = composer.retriever.catalog.users()
+    rng = random.Random(seed)
+    picked = rng.sample(known, min(users, len(known)))
+    picked[-max(users // 10, 1):] = [f"bench-new-user-{i}" for i in range(max(users // 10, 1))]  # cold starts
+    report: dict = {"users": len(picked), "model": composer.backend.model_name, "budget_s": composer.budget_s}
+
+    timed = {"llm": composer, **({"llm_before": before} if before is not None else {})}
+    budget = composer.budget_s
+    rows: dict[str, list] = {name: [] for name in timed}
+    for c in timed.values():
+        c.compose(picked[0], use_cache=False)  # warm-up: grammar compile, system-prompt KV cache
+        c.budget_s = None
+    for user in tqdm(picked, desc="LLM path", disable=not progress):
+        for name, c in timed.items():
+            started = time.perf_counter()
+            page = c.compose(user, use_cache=False)
+            rows[name].append((time.perf_counter() - started, page))
+    for name, c in timed.items():
+        c.budget_s = budget
+        report[name] = llm_summary(rows[name], budget)
 
     deterministic = []
     for _ in range(3):
@@ -144,20 +155,25 @@ def format_report(report: dict) -> str:
         lat = entry["latency_ms"]
         return f"| {name} | {lat['p50']:.2f} | {lat['p95']:.2f} | {lat['p99']:.2f} | {lat['n']} |"
 
-    llm = report["llm"]
+    def costs(name: str, llm: dict) -> list[str]:
+        return [f"{name}: {llm['tokens_per_page']} tokens and {llm['forward_passes_per_page']} model steps per page "
+                f"(median), {llm['llm_calls_per_page']:.2f} LLM calls per page, {llm['over_budget']:.0%} over the "
+                f"budget, paths {llm['paths']}; reading the prompt: {llm['prompt_tokens_per_page']} tokens, "
+                f"{llm['prefill_ms']:.0f} ms per page (median)"]
+
+    before = report.get("llm_before")
     lines = [
         f"model {report['model']}, {report['users']} users (10% new), time budget {report['budget_s']} s",
         "",
         "| path | p50 ms | p95 ms | p99 ms | pages |",
         "| --- | --- | --- | --- | --- |",
-        row("LLM (plan, compose, check, retry, fix)", llm),
+        row("LLM (plan, compose, check, retry, fix)", report["llm"]),
+        *([row(f"LLM, before ({report['before']})", before)] if before else []),
         row("deterministic", report["deterministic"]),
         row("cache hit", report["cache"]),
         "",
-        f"LLM path: {llm['tokens_per_page']} tokens and {llm['forward_passes_per_page']} model steps per page "
-        f"(median), {llm['llm_calls_per_page']:.2f} LLM calls per page, {llm['over_budget']:.0%} over the budget, "
-        f"paths {llm['paths']}",
-        f"reading the prompt: {llm['prompt_tokens_per_page']} tokens, {llm['prefill_ms']:.0f} ms per page (median)",
+        *costs("LLM path", report["llm"]),
+        *(costs("LLM path before", before) if before else []),
         f"batch precompute (batch {report['batch']['batch_size']}): {report['batch']['pages_per_minute']} pages/min",
     ]
     if "validity" in report:

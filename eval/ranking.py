@@ -17,23 +17,36 @@ on the training part only, in a temporary store built here (never the serving st
    validation is measured again on test (the transfer).
 
 "pools" is the candidates the composer offers the model: its module pools top to bottom, each in
-retrieval order (``Composer.pools``). "page" is the deterministic page built from them: what a user
-sees when the model is not run, in page order. The LLM is not run (~5 s a page).
+retrieval order (``Composer.pools``). "page" is the deterministic page and "llm_page" the model's
+page, both as the composer returns them (``Homepage.item_ids()``: what is shown, in page order);
+the model runs on a seeded sample of the test users (``llm_users``, ~2 s a page), its verbalizer
+blend chosen on validation users (``eval.llm_page``). Per-user metrics are saved, so any two
+systems can be compared by a paired bootstrap.
+
+Direction: the order of same-day reviews may follow product ids (a data artefact a model can
+learn), so the report says how much of covisit's and SASRec's score depends on the order of the
+last two history items, and covisit's tuned forward weight against a symmetric one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import itertools
 import json
+import math
 import shutil
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from eval import llm_page
 from eval.baselines import BASELINES, rank_baselines
 from eval.metrics import SUBSETS, paired_interval, per_user
 from retrieval.catalog import Catalog
@@ -82,6 +95,9 @@ class RankingConfig:
     bootstrap: int = 1000  # resamples for each paired interval
     catalogue_columns: CatalogueColumns = field(default_factory=CatalogueColumns)  # as ingest maps them
     event_columns: EventColumns = field(default_factory=EventColumns)
+    llm_users: int = 2000  # test users the model composes a page for (a seeded sample; 0: no LLM page)
+    llm_tune_users: int = 200  # validation users the verbalizer's blend is chosen on
+    settings: Any = None  # agent.settings.Settings: templates, rules, skeleton, model (None: the defaults)
 
 
 # -- data and the temporary store ---------------------------------------------------------------
@@ -189,29 +205,30 @@ class _Replay:
         return self.retriever.fused(history, {n: self.lists[n] for n in self.weights}, k)
 
 
-def _composer(retriever: Retriever, skeleton_path: Path | None):
-    from agent.composer import Composer
-    from agent.rules import Rules
-    from agent.skeleton import Skeleton
-    from prompts import PROMPTS_DIR
+def _settings(config: RankingConfig):
+    from agent.settings import Settings
 
-    skeleton = Skeleton.load(skeleton_path or PROMPTS_DIR / "skeleton.yaml")
-    # pools() needs the retriever, the skeleton and the rules: no model or prompts are loaded
-    return Composer(retriever, backend=None, prompts={}, rules=Rules.load(PROMPTS_DIR / "rules.yaml"),
-                    skeleton=skeleton)
+    settings = config.settings or Settings()
+    return settings.model_copy(update={"skeleton_file": config.skeleton}) if config.skeleton else settings
+
+
+def _composer(retriever: Retriever, config: RankingConfig, backend=None, prior: float | None = None):
+    """The serving composer over the evaluation store: the configured templates, rules and skeleton;
+    no time budget (the figures are the model's, not the machine's load) and no cache."""
+    from agent.cache import PageCache
+    from agent.service import composer_for
+
+    return composer_for(_settings(config), retriever, backend, budget_s=None, cache=PageCache(0), handle_prior=prior)
 
 
 def page_orders(composer, retriever: Retriever, history: History,
                 lists: dict[str, list[Candidate]]) -> tuple[list[str], list[str]]:
-    """(pools, page): the composer's module pools top to bottom, each in retrieval order, and the
-    deterministic page built from them (what a user sees without the model), page order."""
-    from agent.assembly import deterministic
-
+    """(pools, page): the composer's module pools top to bottom, each in retrieval order, and its
+    deterministic page as returned (``Homepage.item_ids()``)."""
     composer.retriever = _Replay(retriever, lists)
     pools = composer.pools(history)
-    page = deterministic(pools, composer.rules)
-    return ([c.item_id for m in pools.modules for c in m.candidates],
-            [i for m in page.modules for i in m.items])
+    page = composer.compose(history.user_id, use_llm=False, use_cache=False)
+    return [c.item_id for m in pools.modules for c in m.candidates], page.item_ids()
 
 
 def _fused(lists: dict[str, list[str]], weights: dict[str, float], rrf_k: int, k: int) -> list[str]:
@@ -346,6 +363,86 @@ def tune_page(composer, retriever: Retriever, lists: dict[str, dict[str, list[Ca
     return max(scored, key=lambda t: (scored[t]["all"], -t)), scored
 
 
+def _prior_name(prior: float) -> str:
+    return "inf" if math.isinf(prior) else f"{prior:g}"
+
+
+def tune_prior(composer, retriever: Retriever, lists: dict[str, dict[str, list[Candidate]]],
+               histories: dict[str, History], users: list[str], threshold: float, split: Split,
+               progress: bool) -> tuple[float, dict[str, float]]:
+    """The verbalizer's ``handle_prior`` by the validation NDCG@10 of the model's page: one
+    generation per user records the handle scores, every prior of the grid re-ranks them
+    (``eval.llm_page``); a tie goes to the larger prior (nearer the retrieval order)."""
+    scored = {}
+    for user in tqdm(users, desc="LLM handle scores (validation)", unit="user", disable=not progress):
+        found = {n: lists[n][user] for n in lists}
+        if "buy_again" in found:  # as the test run's source option filters it
+            found["buy_again"] = [c for c in found["buy_again"] if c.score >= threshold]
+        composer.retriever = _Replay(retriever, found)
+        scored[user] = llm_page.record(composer, histories[user])
+    tried = {}
+    for prior in llm_page.PRIOR_GRID:
+        pages = {user: llm_page.page_for(composer, s, prior) for user, s in scored.items()}
+        tried[_prior_name(prior)] = float(np.mean(list(_ndcg10(pages, split).values()) or [0.0]))
+    return max(llm_page.PRIOR_GRID, key=lambda p: (tried[_prior_name(p)], p)), tried
+
+
+def last_two_shuffled(history: History, rng: np.random.Generator) -> History:
+    """The history with its last two events in random order (a coin per user)."""
+    if len(history.items) < 2 or rng.random() < 0.5:
+        return history
+    items, events = list(history.items), list(history.events)
+    items[-2:], events[-2:] = items[:-3:-1], events[:-3:-1]
+    return dataclasses.replace(history, items=tuple(items), events=tuple(events))
+
+
+class Direction:
+    """How much of covisit's and SASRec's scores depends on the direction of a history: each ranks
+    again with the last two history items in random order, and covisit with a symmetric forward
+    weight (1) instead of the tuned one. Same users, paired intervals against the source itself."""
+
+    def __init__(self, store: EvalStore, names: list[str], covisit: dict[str, float], seed: int):
+        self.rng = np.random.default_rng(seed + 1)
+        self.symmetric = None
+        self.lists: dict[tuple[str, str], dict[str, list[str]]] = {}
+        if "covisit" in names:
+            self.symmetric = SOURCES["covisit"](SourceContext(store.catalog, store.index, store.folder,
+                                                              {"covisit": {**covisit, "forward": 1.0}}))
+            self.lists[("covisit", "symmetric (forward 1)")] = {}
+            self.lists[("covisit", "last two in random order")] = {}
+        if "sasrec" in names:
+            self.lists[("sasrec", "last two in random order")] = {}
+
+    def rank(self, retriever: Retriever, history: History) -> None:
+        shuffled = last_two_shuffled(history, self.rng)
+        for (source, variant), lists in self.lists.items():
+            if variant.startswith("symmetric"):
+                lists[history.user_id] = _ids(self.symmetric.candidates(history, 10))
+            else:
+                lists[history.user_id] = _ids(retriever.source(source).candidates(shuffled, 10))
+
+    def report(self, per: dict, split: Split, samples: int, seed: int) -> dict:
+        sequences = [s for s in split.history.values() if len(s) >= 2]
+        pairs = [a < b for s in sequences for a, b in itertools.pairwise(s) if a != b]
+        last = [s[-2] < s[-1] for s in sequences if s[-2] != s[-1]]
+        rows = []
+        for (source, variant), lists in self.lists.items():
+            mine = per_user(lists, split.targets, split.history, "all", (10,))
+            row = {"source": source, "variant": variant,
+                   "ndcg@10": float(np.mean(list(mine["ndcg@10"].values()) or [0.0])),
+                   "source_ndcg@10": _mean_over(per[source]["all"]["ndcg@10"], mine["ndcg@10"])}
+            for metric in ("ndcg@10", "recall@10"):
+                row[f"difference_{metric}"] = paired_interval(mine[metric], per[source]["all"][metric], samples, seed)
+            rows.append(row)
+        return {"ascending_pairs": float(np.mean(pairs)) if pairs else None,
+                "ascending_last_pairs": float(np.mean(last)) if last else None, "variants": rows}
+
+
+def _mean_over(values: dict[str, float], users: dict[str, float]) -> float:
+    """The mean of ``values`` over the users of ``users``."""
+    return float(np.mean([values[u] for u in users if u in values] or [0.0]))
+
+
 # -- the run -------------------------------------------------------------------------------------
 def _sample(users: list[str], n: int | None, rng: np.random.Generator) -> list[str]:
     if not n or n >= len(users):
@@ -401,10 +498,20 @@ def run(config: RankingConfig) -> dict:
             mixes = choose_fusion(ids, gate, valid, config.bootstrap, config.seed)
             chosen = [m for m in mixes if m.entered][-1]
             retriever.weights, retriever.rrf_k = {n: chosen.weights.get(n, 0.0) for n in names}, chosen.rrf_k
-            composer = _composer(retriever, config.skeleton)
+            composer = _composer(retriever, config)
             histories = {u: retriever.history(u) for u in tune}
             threshold, page_tried = tune_page(composer, retriever, kept, histories, valid)
             timings["tuning_s"] = round(time.perf_counter() - mark, 1)
+            backend, prior, prior_tried = None, None, {}
+            if config.llm_users:
+                from agent.backends import load_backend
+
+                mark = time.perf_counter()
+                backend = load_backend(_settings(config))
+                prior, prior_tried = tune_prior(_composer(retriever, config, backend), retriever, kept, histories,
+                                                _sample(tune, config.llm_tune_users, rng), threshold, valid,
+                                                config.progress)
+                timings["llm_tuning_s"] = round(time.perf_counter() - mark, 1)
 
             # test: history + validation items in the store, the model continued on them
             mark = time.perf_counter()
@@ -412,12 +519,16 @@ def run(config: RankingConfig) -> dict:
             retriever = store.retriever(dict.fromkeys(names, 1.0),
                                         {**options, "buy_again": {"min_probability": threshold}})
             retriever.weights, retriever.rrf_k = {n: chosen.weights.get(n, 0.0) for n in names}, chosen.rrf_k
-            composer = _composer(retriever, config.skeleton)
+            composer = _composer(retriever, config)
+            llm = _composer(retriever, config, backend, prior) if backend else None
             users = _sample(sorted(test.targets), config.users, rng)
+            llm_sample = set(_sample(users, config.llm_users, rng)) if llm else set()
             depth = max(RETRIEVAL_KS)
             ranked: dict[str, dict[str, list[str]]] = {
-                n: {} for n in [*names, "fused", "pools", "page", "page_discovery"]}
+                n: {} for n in [*names, "fused", "pools", "page", "page_discovery", *(["llm_page"] if llm else [])]}
             transfer: dict[str, dict[str, list[str]]] = {f"mix {n}": {} for n in range(len(mixes))}
+            direction = Direction(store, names, covisit, config.seed)
+            llm_pages = []
             for user in tqdm(users, desc="test", unit="user", disable=not config.progress):
                 history = retriever.history(user)
                 found = retriever.per_source(history, depth, names)
@@ -430,6 +541,12 @@ def run(config: RankingConfig) -> dict:
                 ranked["pools"][user], ranked["page"][user] = page_orders(composer, retriever, history, found)
                 owned = set(history.item_ids)
                 ranked["page_discovery"][user] = [i for i in ranked["page"][user] if i not in owned]
+                direction.rank(retriever, history)
+                if user in llm_sample:
+                    llm.retriever = _Replay(retriever, found)
+                    page = llm.compose(user, use_cache=False)
+                    ranked["llm_page"][user] = page.item_ids()
+                    llm_pages.append(page.meta)
             ranked.update(rank_baselines(test.train, users, depth))
             timings["test_s"] = round(time.perf_counter() - mark, 1)
         finally:
@@ -440,6 +557,13 @@ def run(config: RankingConfig) -> dict:
     results = {system: means(values) for system, values in per.items()}
     best_single = max(names, key=lambda n: (results[n]["all"]["ndcg@10"], n))
     comparisons = compare(per, best_single, config.bootstrap, config.seed)
+    llm_meta = None
+    if llm_pages:
+        llm_meta = {"users": len(llm_pages), "handle_prior": prior, "prior_tried": prior_tried,
+                    "model": backend.model_name, "adapter": backend.adapter, "templates": llm_pages[0].templates,
+                    "paths": dict(Counter(m.path for m in llm_pages)),
+                    "latency_ms_median": float(np.median([m.latency_ms for m in llm_pages])),
+                    "prompt_tokens_median": float(np.median([m.prompt_tokens for m in llm_pages]))}
     test_mix = {key: _ndcg10(lists, test) for key, lists in transfer.items()}
     transfer_rows = []
     for n, mix in enumerate(mixes):
@@ -454,23 +578,26 @@ def run(config: RankingConfig) -> dict:
         "data": str(config.data), "users_evaluated": len(users), "seed": config.seed, "sources": names,
         "covisit": covisit, "fusion_weights": chosen.weights, "rrf_k": chosen.rrf_k, "best_single": best_single,
         "buy_again_min_probability": threshold, "page_tried": page_tried, "transfer": transfer_rows,
-        "comparisons": comparisons, "covisit_tried": covisit_tried, "timings": timings,
+        "comparisons": comparisons, "covisit_tried": covisit_tried, "timings": timings, "llm": llm_meta,
+        "direction": direction.report(per, test, config.bootstrap, config.seed),
         "sasrec": {k: v for k, v in models.final.facts.items() if k != "log"} if models else None,
     }
     if config.out:
-        write_report(Path(config.out), results, meta)
+        write_report(Path(config.out), results, meta, per)
     return {"results": results, "meta": meta}
 
 
 def compare(per: dict, best_single: str, samples: int, seed: int) -> list[dict]:
     """Paired 95 % intervals on the difference of NDCG@10 and Recall@10: the page and the pools
-    against each baseline, the best single source and the fusion (all and explore items), and the
+    against each baseline, the best single source and the fusion (all and explore items); the
     page's discovery modules (the page without the buy-again items) against the discovery sources
-    on explore items."""
+    on explore items; the LLM page against the deterministic page, the pools and the same others."""
     others = list(dict.fromkeys(s for s in (*BASELINES, "covisit", "popularity", best_single, "fused") if s in per))
     pairs = [(system, other, subset) for system in ("page", "pools") for other in others
              for subset in ("all", "explore")]
     pairs += [("page_discovery", other, "explore") for other in ("covisit", "popularity", "g_topfreq") if other in per]
+    if "llm_page" in per:  # on the users the model composed for
+        pairs += [("llm_page", other, subset) for other in ("page", "pools", *others) for subset in ("all", "explore")]
     rows = []
     for system, other, subset in pairs:
         row = {"system": system, "versus": other, "subset": subset}
@@ -533,6 +660,27 @@ def report_text(results: dict, meta: dict) -> str:
                          f"{table(results, subset, published if subset == 'all' else None)}\n")
     parts.append("## The page and the pools against each baseline (paired bootstrap, test users)\n\n"
                  f"{intervals_table(meta['comparisons'])}\n")
+    if meta.get("llm"):
+        llm = meta["llm"]
+        tried = " | ".join(f"{p}: {v:.4f}" for p, v in llm["prior_tried"].items())
+        parts.append(f"## The LLM page ({llm['users']} test users, {llm['model']}"
+                     f"{', adapter ' + llm['adapter'] if llm['adapter'] else ''})\n\n"
+                     f"Each module ordered by the model's handle scores (one forward pass per module) blended with "
+                     f"the pool order: `handle_prior` {llm['handle_prior']}, chosen by validation NDCG@10 "
+                     f"(prior: NDCG@10 — {tried}; inf = the pool order). Paths {llm['paths']}; median latency "
+                     f"{llm['latency_ms_median']:.0f} ms, prompt {llm['prompt_tokens_median']:.0f} tokens.\n\n"
+                     f"{intervals_table([r for r in meta['comparisons'] if r['system'] == 'llm_page'])}\n")
+    if meta.get("direction", {}).get("variants"):
+        d = meta["direction"]
+        lines = ["| source | variant | NDCG@10 | source's NDCG@10 | ΔNDCG@10 [95 % CI] | ΔRecall@10 [95 % CI] |",
+                 "|---|---|---|---|---|---|"]
+        lines += [f"| {r['source']} | {r['variant']} | {r['ndcg@10']:.4f} | {r['source_ndcg@10']:.4f} | "
+                  f"{_interval(r['difference_ndcg@10'])} | {_interval(r['difference_recall@10'])} |"
+                  for r in d["variants"]]
+        parts.append(f"## Direction: how much of a score is the order of the history\n\n"
+                     f"{d['ascending_pairs']:.1%} of consecutive distinct pairs in the histories are in ascending "
+                     f"item-id order ({d['ascending_last_pairs']:.1%} of the last pairs).\n\n"
+                     + "\n".join(lines) + "\n")
     parts.append("## Fusion: chosen on validation, carried to test\n\nEach step tries one more source "
                  "(best single source first); it enters only if its validation gain's 95 % interval is above "
                  f"zero.\n\n{transfer_table(meta['transfer'])}\n")
@@ -549,7 +697,7 @@ def report_text(results: dict, meta: dict) -> str:
     return "\n".join(parts)
 
 
-def write_report(out: Path, results: dict, meta: dict) -> None:
+def write_report(out: Path, results: dict, meta: dict, per: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -559,6 +707,10 @@ def write_report(out: Path, results: dict, meta: dict) -> None:
     (out / "ranking.json").write_text(json.dumps(results, indent=2))
     (out / "run.json").write_text(json.dumps(meta, indent=2, default=str))
     (out / "ranking.md").write_text(report_text(results, meta))
+    if per is not None:  # system -> subset -> metric -> user -> value: any two systems can be paired later
+        (out / "per_user.json").write_text(json.dumps(
+            {system: {subset: {m: values[m] for m in ("ndcg@10", "recall@10") if m in values}
+                      for subset, values in subsets.items()} for system, subsets in per.items()}))
     published = PUBLISHED.get(Path(meta["data"]).name, {})
     systems = [*results, *published]
     recall = [results[s]["all"]["recall@10"] if s in results else published[s][0] for s in systems]

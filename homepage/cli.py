@@ -133,12 +133,13 @@ def cmd_eval_ranking(args: argparse.Namespace) -> int:
     config = RankingConfig(data=Path(args.data), users=args.users, seed=args.seed, out=args.out,
                            cache=None if args.no_cache else Path(args.cache), tune_users=args.tune_users,
                            gate_users=args.gate_users or None, sources=sources,
-                           catalogue_columns=settings.catalogue_columns, event_columns=settings.event_columns)
+                           catalogue_columns=settings.catalogue_columns, event_columns=settings.event_columns,
+                           llm_users=args.llm_users, llm_tune_users=args.llm_tune_users, settings=settings)
     config.sasrec.seed, config.sasrec.threads, config.sasrec.max_minutes = args.seed, args.threads, args.minutes
     report = run(config)
     meta = report["meta"]
     print(table(report["results"]))
-    print(intervals_table([r for r in meta["comparisons"] if r["system"] == "page"]))
+    print(intervals_table([r for r in meta["comparisons"] if r["system"] in ("page", "llm_page")]))
     print(transfer_table(meta["transfer"]))
     print(f"covisit {meta['covisit']}; fusion {meta['fusion_weights']}, rrf_k {meta['rrf_k']}; "
           f"buy_again min_probability {meta['buy_again_min_probability']}")
@@ -178,8 +179,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     _ensure_store(settings)
-    report = run_bench(build_composer(settings), users=args.users, batch_size=args.batch,
-                       validity_users=args.validity_users, seed=args.seed)
+    composer = build_composer(settings)
+    before = None
+    if args.before:  # the earlier configuration: full candidate lines, the model writing each order
+        from prompts import PROMPTS_DIR
+
+        before = build_composer(settings.model_copy(update={"prompts_dir": PROMPTS_DIR / "full", "handle_prior": None}))
+    report = run_bench(composer, users=args.users, batch_size=args.batch, validity_users=args.validity_users,
+                       seed=args.seed, before=before)
+    if before is not None:
+        report["before"] = "prompts/full, handle_prior unset"
     print(format_report(report))
     if args.out:
         write_report(report, Path(args.out))
@@ -299,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="validation users the covisit options and the buy-again threshold are chosen on")
     ranking.add_argument("--gate-users", type=int, default=0,
                          help="validation users the fusion is chosen and checked on (default 0: all of them)")
+    ranking.add_argument("--llm-users", type=int, default=2000,
+                         help="test users the model composes a page for (seeded sample; ~2 s each; 0: no LLM page)")
+    ranking.add_argument("--llm-tune-users", type=int, default=200,
+                         help="validation users the verbalizer's blend (handle_prior) is chosen on")
     ranking.add_argument("--cache", default=".homepage/eval-cache", help="trained models and product vectors")
     ranking.add_argument("--no-cache", action="store_true", help="train and embed from scratch, keep nothing")
     ranking.add_argument("--minutes", type=float, default=15.0, help="wall-clock cap on SASRec training")
@@ -334,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=int, default=8, help="batch size for precompute")
     bench.add_argument("--validity-users", type=int, default=1000, help="pages checked for validity (0: skip)")
     bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--before", action="store_true",
+                       help="also time the earlier configuration (prompts/full, the model writing each module's "
+                            "order token by token), interleaved with this one user by user")
     bench.add_argument("--out", help="write bench.json and bench.md here")
     bench.set_defaults(run=cmd_bench)
     return parser

@@ -19,9 +19,24 @@ def test_shipped_templates_load_and_render_without_holes():
     prompts = load_prompts(PROMPTS_DIR)
     messages = prompts["compose"].render(**PROMPTS["compose"][1])
     assert [m["role"] for m in messages] == ["system", "user"]
-    assert "1. Argan Oil Serum | Acme | $12" in messages[1]["content"]
+    assert "1. Argan Oil Serum\n" in messages[1]["content"] and "Acme" not in messages[1]["content"]
     assert "{{" not in messages[0]["content"] + messages[1]["content"]
     assert len(prompts["compose"].version) == 10
+
+
+def test_candidate_lines_are_cut_at_a_word_boundary():
+    prompt = load_prompts(PROMPTS_DIR)["compose"]
+    values = dict(PROMPTS["compose"][1])
+    long = {"handle": 1, "title": "Organic Rosehip Seed Oil for Face and Hair", "brand": "Acme", "category": "Oils",
+            "price": 12.0}
+    values["modules"] = [{**values["modules"][0], "candidates": [long]}]
+    assert "\n1. Organic Rosehip Seed\n" in prompt.render(**values)[1]["content"]  # 24 characters at most
+
+
+def test_the_full_template_set_still_loads():
+    """prompts/full: brand and price on every candidate line (the earlier, longer prompt)."""
+    messages = load_prompts(PROMPTS_DIR / "full")["compose"].render(**PROMPTS["compose"][1])
+    assert "1. Argan Oil Serum | Acme | $12" in messages[1]["content"]
 
 
 def test_syntax_error_names_file_and_line(prompts_copy: Path):

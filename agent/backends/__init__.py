@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from agent.errors import ConfigError
@@ -26,12 +27,22 @@ class Generation:
     seconds: float
     prompt_tokens: int = 0
     prefill_seconds: float = 0.0  # the part of `seconds` spent reading the prompt
+    # per handle array ordered by ``HandleOrder``: the model's log-probability of each allowed handle
+    handle_logprobs: list[dict[int, float]] = field(default_factory=list)
+
+
+# (array number on the page, {handle: the model's log-probability as the array's first value})
+# -> the handles to write, in order (a verbalizer: every candidate scored in one forward pass)
+HandleOrder = Callable[[int, dict[int, float]], list[int]]
 
 
 class LLMBackend(ABC):
     name = "base"
     model_name = ""
     adapter: str | None = None
+    # reads every candidate handle's score in one pass and writes the order ``generate(order=...)``
+    # gives; engines without it write the order token by token
+    orders_handles = False
 
     @abstractmethod
     def generate(

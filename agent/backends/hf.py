@@ -10,7 +10,10 @@ cost of a page is the number of model steps, and three things cut them:
   only where the guess holds their exact tokenisation), so the output is the greedy output — a test
   checks it over a set of users (only float rounding between a one-token and a several-token step
   could tip an exact tie);
-- the system prompt's KV cache is computed once and shared by every page.
+- the system prompt's KV cache is computed once and shared by every page;
+- a verbalizer: at the start of a handle array (a module's items) one forward pass scores every
+  candidate handle; the order ``HandleOrder`` makes of those scores is written at once, with no step
+  per item (``orders_handles``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from agent.adapters import check_adapter
-from agent.backends import Generation, LLMBackend
+from agent.backends import Generation, HandleOrder, LLMBackend
 from agent.errors import BackendError, ConfigError
 from retrieval.packaged import ModelNotFound, find_gguf, resolve_model
 
@@ -124,6 +127,7 @@ def load_model(model: str, gguf_file: str | None, adapter: str | None, dtype: st
 
 class TransformersBackend(LLMBackend):
     name = "transformers"
+    orders_handles = True
 
     def __init__(self, tokenizer, model, model_name: str, adapter: str | None = None, speculate: int = 8,
                  share_system_prefix: bool = True):
@@ -198,6 +202,27 @@ class TransformersBackend(LLMBackend):
                 return tokens[start + 2 : start + 2 + n]
         return []
 
+    def _array_opened(self, output: list[int], keys: set[str]) -> int | None:
+        """The number (0-based) of the uniqueItems array whose first value comes next, else None."""
+        if not keys or not output:
+            return None
+        text = self.tokenizer.decode(output)
+        openings = [f'"{key}":[' for key in keys]
+        if not text.endswith(tuple(openings)):
+            return None
+        return sum(text.count(opening) for opening in openings) - 1
+
+    def _handle_scores(self, row_logits, matcher, bitmask, index: int) -> dict[int, float]:
+        """The model's log-probability of each single-token value the grammar allows next."""
+        import torch
+        import xgrammar as xgr
+
+        matcher.fill_next_token_bitmask(bitmask, index)
+        masked = row_logits.clone()
+        xgr.apply_token_bitmask_inplace(masked, bitmask[index : index + 1])
+        logp = torch.log_softmax(masked[0], -1)
+        return {int(v): float(logp[t]) for v, t in self._single.items() if torch.isfinite(logp[t])}
+
     def _choose(self, row_logits, matcher, bitmask, index: int, output: list[int], keys: set[str]) -> int:
         """Greedy choice for one sequence (``row_logits``: 1 x vocab) among the tokens the grammar
         allows (using row ``index`` of ``bitmask``), minus repeats."""
@@ -231,7 +256,7 @@ class TransformersBackend(LLMBackend):
             self._prefix = (prefix, out.past_key_values)
         return len(self._prefix[0]), self._prefix[1]
 
-    def generate(self, messages, schema, max_new_tokens, deadline=None) -> Generation:
+    def generate(self, messages, schema, max_new_tokens, deadline=None, order: HandleOrder | None = None) -> Generation:
         import torch
         import xgrammar as xgr
 
@@ -240,6 +265,7 @@ class TransformersBackend(LLMBackend):
         bitmask = xgr.allocate_token_bitmask(1, self._vocab)
         keys = unique_array_keys(schema)
         output: list[int] = []
+        scored: list[dict[int, float]] = []
 
         def forced() -> list[int]:
             """What the grammar forces next (JSON keys, brackets, commas), as the tokens a step
@@ -254,6 +280,25 @@ class TransformersBackend(LLMBackend):
             output.extend(tokens)
             return tokens
 
+        def write_order(row_logits, index: int) -> list[int]:
+            """The handles of array ``index`` in the order ``order`` gives, with the commas and what
+            the grammar forces after them: the tokens the next step reads."""
+            scores = self._handle_scores(row_logits, matcher, bitmask, 0)
+            scored.append(scores)
+            handles = order(index, scores)
+            written: list[int] = []
+            for n, handle in enumerate(handles):
+                if handle not in scores:
+                    raise BackendError(f"handle {handle} is not allowed here")
+                written += take([self._single[str(handle)]])
+                after = forced()
+                if not after and n < len(handles) - 1:
+                    after = self.tokenizer.encode(",", add_special_tokens=False)
+                written += take(after)
+                if matcher.is_completed():
+                    break
+            return written
+
         with self._lock, torch.inference_mode():
             ids = self.prompt_ids(messages)
             reused, past = self._system_prefix(messages, ids)
@@ -263,7 +308,8 @@ class TransformersBackend(LLMBackend):
                 while len(output) < max_new_tokens and not matcher.is_completed():
                     if deadline is not None and time.monotonic() > deadline:
                         raise BackendError("the page's time budget ran out during generation", retryable=True)
-                    guess = self._guess(ids, output, keys)
+                    ordering = order is not None and self._array_opened(output, keys) is not None
+                    guess = [] if ordering else self._guess(ids, output, keys)
                     out = self.model(input_ids=torch.tensor([step_ids + guess]), past_key_values=past, use_cache=True)
                     passes += 1
                     past = out.past_key_values
@@ -277,6 +323,11 @@ class TransformersBackend(LLMBackend):
                     # step's input, as in a step without a guess.
                     row, kept, finished = 0, 0, False
                     while True:
+                        index = self._array_opened(output, keys) if order is not None else None
+                        if index is not None:  # the verbalizer: every handle scored by this one row
+                            step_ids = write_order(logits[row : row + 1], index)
+                            finished = matcher.is_completed()
+                            break
                         token = self._choose(logits[row : row + 1], matcher, bitmask, 0, output, keys)
                         if not matcher.accept_token(token):
                             raise BackendError(f"grammar refused token {token}")
@@ -310,7 +361,7 @@ class TransformersBackend(LLMBackend):
                 if extra > 0:
                     past.crop(-extra)
         text = self.tokenizer.decode(output, skip_special_tokens=True)
-        return Generation(text, len(output), passes, time.perf_counter() - started, len(ids), prefill)
+        return Generation(text, len(output), passes, time.perf_counter() - started, len(ids), prefill, scored)
 
     def generate_free(self, messages: list[dict[str, str]], max_new_tokens: int) -> Generation:
         """Greedy generation without a grammar, to the end-of-turn token: what the model writes
@@ -333,14 +384,15 @@ class TransformersBackend(LLMBackend):
         text = self.tokenizer.decode(output, skip_special_tokens=True)
         return Generation(text, len(output), len(output) + 1, time.perf_counter() - started, len(ids))
 
-    def generate_batch(self, requests, max_new_tokens) -> list[Generation]:
+    def generate_batch(self, requests, max_new_tokens, orders: list[HandleOrder] | None = None) -> list[Generation]:
         """One forward pass per step for all rows (left-padded). No jump-forward here: forced tokens
-        cost a step, but the step is shared by the whole batch."""
+        cost a step, but the step is shared by the whole batch. With ``orders``, each array's handles
+        are scored at its first value as in ``generate`` and then written one per step."""
         import torch
         import xgrammar as xgr
 
         if len(requests) <= 1:
-            return [self.generate(m, s, max_new_tokens) for m, s in requests]
+            return [self.generate(m, s, max_new_tokens, order=orders[0] if orders else None) for m, s in requests]
         started = time.perf_counter()
         rows = len(requests)
         matchers = [xgr.GrammarMatcher(self._grammar(json.dumps(s))) for _, s in requests]
@@ -353,6 +405,9 @@ class TransformersBackend(LLMBackend):
         bitmask = xgr.allocate_token_bitmask(rows, self._vocab)
         outputs: list[list[int]] = [[] for _ in range(rows)]
         done = [False] * rows
+        pending: list[list[int]] = [[] for _ in range(rows)]  # ordered handles (and commas) still to write
+        scored: list[list[dict[int, float]]] = [[] for _ in range(rows)]
+        comma = self.tokenizer.encode(",", add_special_tokens=False)
         past, passes = None, 0
         with self._lock, torch.inference_mode():
             while not all(done) and passes < max_new_tokens:
@@ -365,8 +420,17 @@ class TransformersBackend(LLMBackend):
                 for row in range(rows):
                     token = self._pad
                     if not done[row]:
-                        token = self._choose(logits[row : row + 1], matchers[row], bitmask, row, outputs[row],
-                                             keys[row])
+                        index = self._array_opened(outputs[row], keys[row]) if orders else None
+                        if index is not None:
+                            scores = self._handle_scores(logits[row : row + 1], matchers[row], bitmask, row)
+                            scored[row].append(scores)
+                            handles = orders[row](index, scores)
+                            pending[row] = [t for h in handles for t in [*comma, self._single[str(h)]]][len(comma):]
+                        if pending[row]:
+                            token = pending[row].pop(0)
+                        else:
+                            token = self._choose(logits[row : row + 1], matchers[row], bitmask, row, outputs[row],
+                                                 keys[row])
                         if not matchers[row].accept_token(token):
                             raise BackendError(f"grammar refused token {token}")
                         if matchers[row].is_terminated():
@@ -380,6 +444,7 @@ class TransformersBackend(LLMBackend):
                 positions = positions[:, -1:] + 1
         seconds = (time.perf_counter() - started) / rows
         return [
-            Generation(self.tokenizer.decode(o, skip_special_tokens=True), len(o), passes, seconds, len(p))
-            for o, p in zip(outputs, prompts, strict=True)
+            Generation(self.tokenizer.decode(o, skip_special_tokens=True), len(o), passes, seconds, len(p),
+                       handle_logprobs=s)
+            for o, p, s in zip(outputs, prompts, scored, strict=True)
         ]
