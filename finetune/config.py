@@ -64,6 +64,10 @@ class FinetuneConfig(_Strict):
     users: int | None = Field(None, ge=1, description="training users sampled (seeded); unset: all with a target")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="examples held out for the evaluation loss")
     seed: int = 0
+    objective: Literal["page", "handles"] = Field(
+        "page", description="what the loss reads: 'page' — the whole draft (titles and every handle); 'handles' — "
+        "only each module's first handle, where it is an item the shopper bought next (the verbalizer's target: "
+        "serving reads every handle's score at that position); examples without one are skipped")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)

@@ -132,9 +132,11 @@ def build_examples(config: FinetuneConfig, settings: Settings, teacher_backend: 
             if violations:
                 skipped[f"target breaks {violations[0].code}"] += 1
                 continue
+            first_bought = [bool(m.items) and pool.candidates[m.items[0] - 1].item_id in targets[user]
+                            for m, pool in zip(draft.modules, pools.written(), strict=True)]
             record = {"user_id": user, "split": "eval" if user in held_out else "train",
                       "messages": composer.messages(history, pools), "completion": draft.model_dump_json(),
-                      "target_items": targets[user], "hits": hits}
+                      "target_items": targets[user], "hits": hits, "first_bought": first_bought}
             f.write(json.dumps(record) + "\n")
             written += 1
             with_hits += hits > 0

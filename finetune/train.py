@@ -1,9 +1,11 @@
 """LoRA training with peft and the transformers Trainer: checkpoints every ``save_steps``, resume
 from the last one after an interruption, and the adapter saved with its metadata.
 
-The loss is on the completion alone (the page JSON and the end-of-turn token), and logits are only
-computed there; the prompt is encoded by the serving code's own ``chat_prompt_ids``, so the model
-trains on exactly what it will read.
+The loss is on the completion alone (objective ``page``: the page JSON and the end-of-turn token;
+``handles``: only the first handle of each module whose first item the shopper bought next, the
+position where serving reads every handle's score), and logits are only computed from the first
+labelled position on; the prompt is encoded by the serving code's own ``chat_prompt_ids``, so the
+model trains on exactly what it will read.
 """
 
 from __future__ import annotations
@@ -27,10 +29,17 @@ CHECKPOINTS_DIR = "checkpoints"
 IGNORE = -100  # label of a token the loss skips
 
 
-def encode(tokenizer, example: dict) -> dict[str, list[int]]:
+def encode(tokenizer, example: dict, objective: str = "page") -> dict[str, list[int]]:
     prompt = chat_prompt_ids(tokenizer, example["messages"])
     answer = [*tokenizer.encode(example["completion"], add_special_tokens=False), tokenizer.eos_token_id]
-    return {"input_ids": prompt + answer, "labels": [IGNORE] * len(prompt) + answer}
+    labels = list(answer)
+    if objective == "handles":  # only the first handle of each module whose first item was bought next
+        wanted = iter(example.get("first_bought", []))
+        labels = [IGNORE] * len(answer)
+        for i in range(1, len(answer)):
+            if tokenizer.decode(answer[:i]).endswith('"items":[') and next(wanted, False):
+                labels[i] = answer[i]
+    return {"input_ids": prompt + answer, "labels": [IGNORE] * len(prompt) + labels}
 
 
 class CompletionCollator:
@@ -46,7 +55,8 @@ class CompletionCollator:
         import torch
 
         width = max(len(r["input_ids"]) for r in rows)
-        keep = 1 + max(sum(label != IGNORE for label in r["labels"]) for r in rows)
+        keep = 1 + max(len(r["labels"]) - next(i for i, label in enumerate(r["labels"]) if label != IGNORE)
+                       for r in rows)
         padded = [(r, width - len(r["input_ids"])) for r in rows]
         mask = torch.tensor([[0] * n + [1] * len(r["input_ids"]) for r, n in padded])
         return {
@@ -99,24 +109,29 @@ def train(config: FinetuneConfig, settings: Settings, examples: list[dict], mani
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     encoded = {"train": [], "eval": []}
-    too_long = 0
+    too_long = unlabelled = 0
     for example in examples:
-        row = encode(tokenizer, example)
+        row = encode(tokenizer, example, config.objective)
         if len(row["input_ids"]) > config.train.max_seq_len:
             too_long += 1
+            continue
+        if all(label == IGNORE for label in row["labels"]):  # nothing to learn: no bought item leads a module
+            unlabelled += 1
             continue
         encoded[example["split"]].append(row)
     if not encoded["train"]:
         raise ConfigError(f"train.max_seq_len: no training example fits {config.train.max_seq_len} tokens "
                           f"({too_long} too long, {len(encoded['eval'])} held out)")
-    if too_long:
-        print(f"skipped {too_long} examples longer than max_seq_len={config.train.max_seq_len}")
+    if too_long or unlabelled:
+        print(f"skipped {too_long} examples longer than max_seq_len={config.train.max_seq_len}, {unlabelled} "
+              f"with nothing to learn for objective {config.objective}")
 
     lora = config.lora
     model = get_peft_model(net, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                            target_modules=lora.target_modules, task_type="CAUSAL_LM"))
     checkpoints = out / CHECKPOINTS_DIR
-    identity = hashlib.sha256(json.dumps([examples, lora.model_dump(), base], sort_keys=True).encode()).hexdigest()
+    identity = hashlib.sha256(json.dumps([examples, lora.model_dump(), base, config.objective],
+                                         sort_keys=True).encode()).hexdigest()
     mark = checkpoints / "examples.sha256"
     if checkpoints.is_dir() and not restart and (not mark.exists() or mark.read_text() != identity):
         print("the examples or LoRA settings changed since the last checkpoint: training from the start")
@@ -150,6 +165,7 @@ def train(config: FinetuneConfig, settings: Settings, examples: list[dict], mani
     if encoded["eval"]:
         metrics["eval_loss_after"] = round(trainer.evaluate()["eval_loss"], 4)
     metrics.update(train_examples=len(encoded["train"]), eval_examples=len(encoded["eval"]), too_long=too_long,
+                   unlabelled=unlabelled, objective=config.objective,
                    seconds=round(time.perf_counter() - started, 1), resumed_from=Path(last).name if last else None)
     if "eval_loss_after" in metrics:
         metrics["eval_perplexity_after"] = round(math.exp(metrics["eval_loss_after"]), 3)

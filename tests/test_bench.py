@@ -16,3 +16,19 @@ def test_bench_runs_every_path(composer):
     assert report["cache"]["latency_ms"]["p99"] < report["llm"]["latency_ms"]["p50"]
     assert report["validity"]["pages"] == 4 and report["validity"]["violations_in_returned_pages"] == 0
     assert "pages/min" in format_report(report)
+
+
+def test_bench_times_the_earlier_configuration_beside(settings, composer):
+    from agent.service import composer_for
+    from eval.bench import format_report, run_bench
+    from prompts import PROMPTS_DIR
+
+    before = composer_for(settings.model_copy(update={"prompts_dir": PROMPTS_DIR / "full", "handle_prior": None}),
+                          composer.retriever, composer.backend)
+    report = run_bench(composer, users=4, batch_size=2, validity_users=0, progress=False, before=before)
+    now, then = report["llm"], report["llm_before"]
+    assert now["latency_ms"]["n"] == then["latency_ms"]["n"] == 4
+    # shorter candidate lines and one step per module's order instead of one per item
+    assert now["prompt_tokens_per_page"] < then["prompt_tokens_per_page"]
+    assert now["forward_passes_per_page"] < then["forward_passes_per_page"]
+    assert "LLM path before" in format_report(report)

@@ -121,7 +121,7 @@ def shop(tmp_path_factory):
 @pytest.mark.slow
 def test_a_run_on_basket_data_with_mapped_columns(shop, tmp_path):
     config = RankingConfig(
-        data=shop, out=tmp_path / "out", cache=None, tune_users=40, progress=False, bootstrap=200,
+        data=shop, out=tmp_path / "out", cache=None, tune_users=40, progress=False, bootstrap=200, llm_users=0,
         sources=("popularity", "covisit", "buy_again"),
         catalogue_columns=CatalogueColumns(item_id="sku", title="name", category="aisle"),
         event_columns=EventColumns(user_id="customer", item_id="sku", timestamp="bought_on"))

@@ -155,10 +155,11 @@ def test_ranking_run_on_the_sample_writes_the_report(tmp_path):
 
     config = RankingConfig(data=_sample_slice(tmp_path / "data"), users=40, tune_users=40, out=tmp_path / "out",
                            cache=tmp_path / "cache",
-                           sasrec=SASRecConfig(hidden=32, epochs=2, eval_every=1, threads=1), progress=False)
+                           sasrec=SASRecConfig(hidden=32, epochs=2, eval_every=1, threads=1), progress=False,
+                           llm_users=3, llm_tune_users=3)
     report = run(config)
     systems = {"popularity", "covisit", "semantic", "sasrec", "buy_again", "fused", "pools", "page", "page_discovery",
-               "g_topfreq", "p_topfreq", "tifu_knn"}
+               "g_topfreq", "p_topfreq", "tifu_knn", "llm_page"}
     assert set(report["results"]) == systems
     saved = json.loads((tmp_path / "out" / "ranking.json").read_text())
     fused = saved["fused"]["all"]
@@ -169,4 +170,16 @@ def test_ranking_run_on_the_sample_writes_the_report(tmp_path):
     assert "| pools |" in text and "| page |" in text and "LlamaRec (published)" not in text  # not Beauty's folder
     # seeded: a second run (the trained model and the product vectors from the cache) gives the same numbers
     assert run(config)["results"] == report["results"]
-    assert report["meta"]["users_evaluated"] == 40
+    meta = report["meta"]
+    assert meta["users_evaluated"] == 40 and meta["llm"]["users"] == 3
+    # per-user metrics saved: the LLM page against the deterministic page, paired by hand on its 3 users
+    per = json.loads((tmp_path / "out" / "per_user.json").read_text())
+    llm, page = per["llm_page"]["all"]["ndcg@10"], per["page"]["all"]["ndcg@10"]
+    assert len(llm) == 3 and len(page) == 40
+    by_hand = sum(llm[u] - page[u] for u in llm) / 3
+    row = next(r for r in meta["comparisons"] if (r["system"], r["versus"], r["subset"]) == ("llm_page", "page", "all"))
+    assert row["ndcg@10"][0] == pytest.approx(by_hand)
+    assert {(v["source"], v["variant"]) for v in meta["direction"]["variants"]} == {
+        ("covisit", "symmetric (forward 1)"), ("covisit", "last two in random order"),
+        ("sasrec", "last two in random order")}
+    assert "## The LLM page" in text and "## Direction" in text
