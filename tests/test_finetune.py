@@ -64,7 +64,23 @@ def _sample_events(folder):
     return events
 
 
+def test_the_handles_objective_labels_only_the_first_handle_of_a_module_led_by_a_bought_item(settings):
+    from agent.backends.hf import load_base
+    from finetune.train import IGNORE, encode
+
+    tokenizer, _ = load_base(settings.model, None, "float32", str(settings.model_cache_dir))
+    example = {"messages": [{"role": "user", "content": "hi"}], "first_bought": [False, True],
+               "completion": '{"modules":[{"title":"Your picks","items":[3,1]},{"title":"More","items":[2,4]}]}'}
+    handles = encode(tokenizer, example, "handles")
+    assert [tokenizer.decode([t]) for t, label in zip(handles["input_ids"], handles["labels"], strict=True)
+            if label != IGNORE] == ["2"]  # module 2's first handle; module 1's leader was not bought
+    page = encode(tokenizer, example, "page")
+    assert page["input_ids"] == handles["input_ids"]
+    assert tokenizer.decode([t for t in page["labels"] if t != IGNORE]).startswith('{"modules"')
+
+
 def test_shipped_configs_load_and_a_broken_one_is_refused_with_its_line(tmp_path):
+    assert load_config(CONFIGS_DIR / "verbalizer.yaml").objective == "handles"
     smoke = load_config(CONFIGS_DIR / "smoke.yaml")
     assert smoke.lora.r == 16 and smoke.teacher.kind == "template"
     assert load_config(CONFIGS_DIR / "gpu.yaml").train.bf16
@@ -164,6 +180,9 @@ def test_examples_render_with_the_production_prompt_and_fit_the_grammar(run, set
         shown = {module.candidates[h - 1].item_id for m, module in zip(draft.modules, pools.written(), strict=True)
                  for h in m.items}
         assert (example["hits"] > 0) == bool(shown & set(example["target_items"]))
+        leaders = [module.candidates[m.items[0] - 1].item_id in example["target_items"] if m.items else False
+                   for m, module in zip(draft.modules, pools.written(), strict=True)]
+        assert example["first_bought"] == leaders
         matcher = xgr.GrammarMatcher(backend._grammar(json.dumps(serving.schema(pools))))
         for token in backend.tokenizer.encode(example["completion"], add_special_tokens=False):
             assert matcher.accept_token(token)
