@@ -102,6 +102,9 @@ class RankingConfig:
     event_columns: EventColumns = field(default_factory=EventColumns)
     llm_users: int = 2000  # test users the model composes a page for (a seeded sample; 0: no LLM page)
     llm_tune_users: int = 200  # validation users the verbalizer's blend is chosen on
+    # of the LLM sample, users the earlier configuration composes for too ("llm_page_before": the
+    # prompts in prompts/full, the model writing each module's order token by token, no adapter)
+    llm_before_users: int = 0
     settings: Any = None  # agent.settings.Settings: templates, rules, skeleton, model (None: the defaults)
 
 
@@ -217,13 +220,20 @@ def _settings(config: RankingConfig):
     return settings.model_copy(update={"skeleton_file": config.skeleton}) if config.skeleton else settings
 
 
-def _composer(retriever: Retriever, config: RankingConfig, backend=None, prior: float | None = None):
+def _before(settings):
+    """The configuration before the verbalizer and the compact prompt, on the base model."""
+    from prompts import PROMPTS_DIR
+
+    return settings.model_copy(update={"prompts_dir": PROMPTS_DIR / "full", "handle_prior": None, "adapter": None})
+
+
+def _composer(retriever: Retriever, settings, backend=None, prior: float | None = None):
     """The serving composer over the evaluation store: the configured templates, rules and skeleton;
     no time budget (the figures are the model's, not the machine's load) and no cache."""
     from agent.cache import PageCache
     from agent.service import composer_for
 
-    return composer_for(_settings(config), retriever, backend, budget_s=None, cache=PageCache(0), handle_prior=prior)
+    return composer_for(settings, retriever, backend, budget_s=None, cache=PageCache(0), handle_prior=prior)
 
 
 def page_orders(composer, retriever: Retriever, history: History,
@@ -368,6 +378,13 @@ def tune_page(composer, retriever: Retriever, lists: dict[str, dict[str, list[Ca
     return max(scored, key=lambda t: (scored[t]["all"], -t)), scored
 
 
+def _page_costs(metas: list) -> dict:
+    return {"users": len(metas), "templates": metas[0].templates, "paths": dict(Counter(m.path for m in metas)),
+            "latency_ms_median": float(np.median([m.latency_ms for m in metas])),
+            "prompt_tokens_median": float(np.median([m.prompt_tokens for m in metas])),
+            "forward_passes_median": float(np.median([m.forward_passes for m in metas]))}
+
+
 def _prior_name(prior: float) -> str:
     return "inf" if math.isinf(prior) else f"{prior:g}"
 
@@ -503,7 +520,8 @@ def run(config: RankingConfig) -> dict:
             mixes = choose_fusion(ids, gate, valid, config.bootstrap, config.seed)
             chosen = [m for m in mixes if m.entered][-1]
             retriever.weights, retriever.rrf_k = {n: chosen.weights.get(n, 0.0) for n in names}, chosen.rrf_k
-            composer = _composer(retriever, config)
+            settings = _settings(config)
+            composer = _composer(retriever, settings)
             histories = {u: retriever.history(u) for u in tune}
             threshold, page_tried = tune_page(composer, retriever, kept, histories, valid)
             timings["tuning_s"] = round(time.perf_counter() - mark, 1)
@@ -512,8 +530,8 @@ def run(config: RankingConfig) -> dict:
                 from agent.backends import load_backend
 
                 mark = time.perf_counter()
-                backend = load_backend(_settings(config))
-                prior, prior_tried = tune_prior(_composer(retriever, config, backend), retriever, kept, histories,
+                backend = load_backend(settings)
+                prior, prior_tried = tune_prior(_composer(retriever, settings, backend), retriever, kept, histories,
                                                 _sample(tune, config.llm_tune_users, rng), threshold, valid,
                                                 config.progress)
                 timings["llm_tuning_s"] = round(time.perf_counter() - mark, 1)
@@ -524,16 +542,23 @@ def run(config: RankingConfig) -> dict:
             retriever = store.retriever(dict.fromkeys(names, 1.0),
                                         {**options, "buy_again": {"min_probability": threshold}})
             retriever.weights, retriever.rrf_k = {n: chosen.weights.get(n, 0.0) for n in names}, chosen.rrf_k
-            composer = _composer(retriever, config)
-            llm = _composer(retriever, config, backend, prior) if backend else None
+            composer = _composer(retriever, settings)
+            llm = _composer(retriever, settings, backend, prior) if backend else None
             users = _sample(sorted(test.targets), config.users, rng)
             llm_sample = set(_sample(users, config.llm_users, rng)) if llm else set()
+            before_sample = set(sorted(llm_sample)[: config.llm_before_users])
+            if before_sample:
+                from agent.backends import load_backend
+
+                earlier = _before(settings)
+                before = _composer(retriever, earlier, load_backend(earlier), earlier.handle_prior)
             depth = max(RETRIEVAL_KS)
             ranked: dict[str, dict[str, list[str]]] = {
-                n: {} for n in [*names, "fused", "pools", "page", "page_discovery", *(["llm_page"] if llm else [])]}
+                n: {} for n in [*names, "fused", "pools", "page", "page_discovery", *(["llm_page"] if llm else []),
+                                *(["llm_page_before"] if before_sample else [])]}
             transfer: dict[str, dict[str, list[str]]] = {f"mix {n}": {} for n in range(len(mixes))}
             direction = Direction(store, names, covisit, config.seed)
-            llm_pages = []
+            llm_pages, before_pages = [], []
             for user in tqdm(users, desc="test", unit="user", disable=not config.progress):
                 history = retriever.history(user)
                 found = retriever.per_source(history, depth, names)
@@ -552,6 +577,11 @@ def run(config: RankingConfig) -> dict:
                     page = llm.compose(user, use_cache=False)
                     ranked["llm_page"][user] = page.item_ids()
                     llm_pages.append(page.meta)
+                if user in before_sample:
+                    before.retriever = _Replay(retriever, found)
+                    page = before.compose(user, use_cache=False)
+                    ranked["llm_page_before"][user] = page.item_ids()
+                    before_pages.append(page.meta)
             ranked.update(rank_baselines(test.train, users, depth))
             timings["test_s"] = round(time.perf_counter() - mark, 1)
         finally:
@@ -564,11 +594,9 @@ def run(config: RankingConfig) -> dict:
     comparisons = compare(per, best_single, config.bootstrap, config.seed)
     llm_meta = None
     if llm_pages:
-        llm_meta = {"users": len(llm_pages), "handle_prior": prior, "prior_tried": prior_tried,
-                    "model": backend.model_name, "adapter": backend.adapter, "templates": llm_pages[0].templates,
-                    "paths": dict(Counter(m.path for m in llm_pages)),
-                    "latency_ms_median": float(np.median([m.latency_ms for m in llm_pages])),
-                    "prompt_tokens_median": float(np.median([m.prompt_tokens for m in llm_pages]))}
+        llm_meta = {"users": len(llm_pages), "handle_prior": _prior_name(prior), "prior_tried": prior_tried,
+                    "model": backend.model_name, "adapter": backend.adapter, **_page_costs(llm_pages),
+                    "before": _page_costs(before_pages) if before_pages else None}
     test_mix = {key: _ndcg10(lists, test) for key, lists in transfer.items()}
     transfer_rows = []
     for n, mix in enumerate(mixes):
@@ -602,7 +630,9 @@ def compare(per: dict, best_single: str, samples: int, seed: int) -> list[dict]:
              for subset in ("all", "explore")]
     pairs += [("page_discovery", other, "explore") for other in ("covisit", "popularity", "g_topfreq") if other in per]
     if "llm_page" in per:  # on the users the model composed for
-        pairs += [("llm_page", other, subset) for other in ("page", "pools", *others) for subset in ("all", "explore")]
+        earlier = ("llm_page_before",) if "llm_page_before" in per else ()
+        pairs += [("llm_page", other, subset) for other in (*earlier, "page", "pools", *others)
+                  for subset in ("all", "explore")]
     rows = []
     for system, other, subset in pairs:
         row = {"system": system, "versus": other, "subset": subset}
@@ -628,6 +658,11 @@ def table(results: dict[str, dict[str, dict[str, float]]], subset: str = "all",
                  for c in [*ranking_cols, *retrieval_cols]]
         lines.append(f"| {name} (published) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _costs_text(costs: dict) -> str:
+    return (f"Paths {costs['paths']}; per page (median) {costs['latency_ms_median']:.0f} ms, "
+            f"{costs['prompt_tokens_median']:.0f} prompt tokens, {costs['forward_passes_median']:.0f} model steps.")
 
 
 def _interval(value: tuple[float, float, float]) -> str:
@@ -672,8 +707,10 @@ def report_text(results: dict, meta: dict) -> str:
                      f"{', adapter ' + llm['adapter'] if llm['adapter'] else ''})\n\n"
                      f"Each module ordered by the model's handle scores (one forward pass per module) blended with "
                      f"the pool order: `handle_prior` {llm['handle_prior']}, chosen by validation NDCG@10 "
-                     f"(prior: NDCG@10 — {tried}; inf = the pool order). Paths {llm['paths']}; median latency "
-                     f"{llm['latency_ms_median']:.0f} ms, prompt {llm['prompt_tokens_median']:.0f} tokens.\n\n"
+                     f"(prior: NDCG@10 — {tried}; inf = the pool order). {_costs_text(llm)}"
+                     + (f" The earlier configuration (prompts/full, the model writing each order token by token, "
+                        f"no adapter) on {llm['before']['users']} of these users: {_costs_text(llm['before'])}"
+                        if llm.get("before") else "") + "\n\n"
                      f"{intervals_table([r for r in meta['comparisons'] if r['system'] == 'llm_page'])}\n")
     if meta.get("direction", {}).get("variants"):
         d = meta["direction"]

@@ -134,7 +134,8 @@ def cmd_eval_ranking(args: argparse.Namespace) -> int:
                            cache=None if args.no_cache else Path(args.cache), tune_users=args.tune_users,
                            gate_users=args.gate_users or None, sources=sources,
                            catalogue_columns=settings.catalogue_columns, event_columns=settings.event_columns,
-                           llm_users=args.llm_users, llm_tune_users=args.llm_tune_users, settings=settings)
+                           llm_users=args.llm_users, llm_tune_users=args.llm_tune_users,
+                           llm_before_users=args.llm_before_users, settings=settings)
     config.sasrec.seed, config.sasrec.threads, config.sasrec.max_minutes = args.seed, args.threads, args.minutes
     report = run(config)
     meta = report["meta"]
@@ -312,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="test users the model composes a page for (seeded sample; ~2 s each; 0: no LLM page)")
     ranking.add_argument("--llm-tune-users", type=int, default=200,
                          help="validation users the verbalizer's blend (handle_prior) is chosen on")
+    ranking.add_argument("--llm-before-users", type=int, default=0,
+                         help="of those, users the earlier configuration composes for too (prompts/full, the model "
+                              "writing each order token by token, no adapter): system llm_page_before")
     ranking.add_argument("--cache", default=".homepage/eval-cache", help="trained models and product vectors")
     ranking.add_argument("--no-cache", action="store_true", help="train and embed from scratch, keep nothing")
     ranking.add_argument("--minutes", type=float, default=15.0, help="wall-clock cap on SASRec training")

@@ -156,10 +156,10 @@ def test_ranking_run_on_the_sample_writes_the_report(tmp_path):
     config = RankingConfig(data=_sample_slice(tmp_path / "data"), users=40, tune_users=40, out=tmp_path / "out",
                            cache=tmp_path / "cache",
                            sasrec=SASRecConfig(hidden=32, epochs=2, eval_every=1, threads=1), progress=False,
-                           llm_users=3, llm_tune_users=3)
+                           llm_users=3, llm_tune_users=3, llm_before_users=2)
     report = run(config)
     systems = {"popularity", "covisit", "semantic", "sasrec", "buy_again", "fused", "pools", "page", "page_discovery",
-               "g_topfreq", "p_topfreq", "tifu_knn", "llm_page"}
+               "g_topfreq", "p_topfreq", "tifu_knn", "llm_page", "llm_page_before"}
     assert set(report["results"]) == systems
     saved = json.loads((tmp_path / "out" / "ranking.json").read_text())
     fused = saved["fused"]["all"]
@@ -171,7 +171,10 @@ def test_ranking_run_on_the_sample_writes_the_report(tmp_path):
     # seeded: a second run (the trained model and the product vectors from the cache) gives the same numbers
     assert run(config)["results"] == report["results"]
     meta = report["meta"]
-    assert meta["users_evaluated"] == 40 and meta["llm"]["users"] == 3
+    assert meta["users_evaluated"] == 40 and meta["llm"]["users"] == 3 and meta["llm"]["before"]["users"] == 2
+    # the earlier configuration reads the longer prompt and writes every handle itself
+    assert meta["llm"]["before"]["prompt_tokens_median"] > meta["llm"]["prompt_tokens_median"]
+    assert meta["llm"]["before"]["templates"]["compose"] != meta["llm"]["templates"]["compose"]
     # per-user metrics saved: the LLM page against the deterministic page, paired by hand on its 3 users
     per = json.loads((tmp_path / "out" / "per_user.json").read_text())
     llm, page = per["llm_page"]["all"]["ndcg@10"], per["page"]["all"]["ndcg@10"]
