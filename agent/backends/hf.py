@@ -1,7 +1,7 @@
 """The embedded default: a transformers model on the CPU, decoding under an xgrammar grammar.
 
 The decode loop is our own rather than ``generate()`` with a logits processor, because on a CPU the
-cost of a page is the number of model steps, and three things cut them:
+cost of a page is the number of model steps, and four things cut them:
 - jump-forward: tokens the grammar forces (JSON keys, brackets, commas) are appended without a step;
 - speculation: a cheap guess of the next tokens (the next handles in order; or, for copy, the text
   that followed the same tokens in the prompt) is checked in the same step that produces the next
