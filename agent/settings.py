@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(160, ge=16)
     speculate: int = Field(8, ge=0, le=32, description="tokens guessed and checked per model step (0: off); "
                            "the output stays the greedy output")
-    handle_prior: float | None = Field(1.0, ge=0, description="how each module is ordered where the backend "
+    handle_prior: float | None = Field(float("inf"), ge=0, description="how each module is ordered where the backend "
                                        "scores every candidate in one pass: by the model's log-probability minus "
                                        "handle_prior x ln(position in the retrieval pool); 0: the model alone; unset: "
                                        "the model writes the order token by token")
