@@ -45,6 +45,14 @@ def returned_violations(composer, page: Homepage) -> list:
     return validate(body, composer.ctx)
 
 
+def earlier(settings):
+    """The configuration before the verbalizer and the compact prompt: the templates in
+    ``prompts/full``, the model writing each module's order token by token, no adapter."""
+    from prompts import PROMPTS_DIR
+
+    return settings.model_copy(update={"prompts_dir": PROMPTS_DIR / "full", "handle_prior": None, "adapter": None})
+
+
 def llm_summary(rows: list[tuple[float, Homepage]], budget: float | None) -> dict:
     """Latency and token counts of LLM-path pages: (seconds, page) per user."""
     return {
@@ -83,6 +91,9 @@ def run_bench(composer, users: int = 40, batch_size: int = 8, validity_users: in
     for name, c in timed.items():
         c.budget_s = budget
         report[name] = llm_summary(rows[name], budget)
+    if before is not None:
+        report["before"] = (f"compose template {before.prompts['compose'].version}, handle_prior "
+                            f"{before.handle_prior}, adapter {before.backend.adapter}")
 
     deterministic = []
     for _ in range(3):

@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from eval import llm_page
 from eval.baselines import BASELINES, rank_baselines
+from eval.bench import earlier as before_settings
 from eval.metrics import SUBSETS, paired_interval, per_user
 from retrieval.catalog import Catalog
 from retrieval.columns import CatalogueColumns, EventColumns
@@ -218,13 +219,6 @@ def _settings(config: RankingConfig):
 
     settings = config.settings or Settings()
     return settings.model_copy(update={"skeleton_file": config.skeleton}) if config.skeleton else settings
-
-
-def _before(settings):
-    """The configuration before the verbalizer and the compact prompt, on the base model."""
-    from prompts import PROMPTS_DIR
-
-    return settings.model_copy(update={"prompts_dir": PROMPTS_DIR / "full", "handle_prior": None, "adapter": None})
 
 
 def _composer(retriever: Retriever, settings, backend=None, prior: float | None = None):
@@ -550,7 +544,7 @@ def run(config: RankingConfig) -> dict:
             if before_sample:
                 from agent.backends import load_backend
 
-                earlier = _before(settings)
+                earlier = before_settings(settings)
                 before = _composer(retriever, earlier, load_backend(earlier), earlier.handle_prior)
             depth = max(RETRIEVAL_KS)
             ranked: dict[str, dict[str, list[str]]] = {

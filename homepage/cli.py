@@ -182,14 +182,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _ensure_store(settings)
     composer = build_composer(settings)
     before = None
-    if args.before:  # the earlier configuration: full candidate lines, the model writing each order
-        from prompts import PROMPTS_DIR
+    if args.before:
+        from eval.bench import earlier
 
-        before = build_composer(settings.model_copy(update={"prompts_dir": PROMPTS_DIR / "full", "handle_prior": None}))
+        before = build_composer(earlier(settings))
     report = run_bench(composer, users=args.users, batch_size=args.batch, validity_users=args.validity_users,
                        seed=args.seed, before=before)
-    if before is not None:
-        report["before"] = "prompts/full, handle_prior unset"
     print(format_report(report))
     if args.out:
         write_report(report, Path(args.out))

@@ -20,11 +20,9 @@ def test_bench_runs_every_path(composer):
 
 def test_bench_times_the_earlier_configuration_beside(settings, composer):
     from agent.service import composer_for
-    from eval.bench import format_report, run_bench
-    from prompts import PROMPTS_DIR
+    from eval.bench import earlier, format_report, run_bench
 
-    before = composer_for(settings.model_copy(update={"prompts_dir": PROMPTS_DIR / "full", "handle_prior": None}),
-                          composer.retriever, composer.backend)
+    before = composer_for(earlier(settings), composer.retriever, composer.backend)
     report = run_bench(composer, users=4, batch_size=2, validity_users=0, progress=False, before=before)
     now, then = report["llm"], report["llm_before"]
     assert now["latency_ms"]["n"] == then["latency_ms"]["n"] == 4

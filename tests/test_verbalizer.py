@@ -71,8 +71,11 @@ def test_the_order_given_is_written_and_batches_agree(composer, request_of):
     for (_, items), module in zip(parse_draft(single.text, pools), pools.written(), strict=True):
         n = len(module.candidates)
         assert items == [module.candidates[h - 1].item_id for h in range(n, n - module.count(composer.rules), -1)]
+    # batched rows are padded, so a title may round differently; the order written is the same
     batch = backend.generate_batch([(messages, schema)] * 2, 160, orders=[reversed_pool] * 2)
-    assert [g.text for g in batch] == [single.text] * 2
+    for generation in batch:
+        assert [items for _, items in parse_draft(generation.text, pools)] == [
+            items for _, items in parse_draft(single.text, pools)]
 
 
 def test_an_infinite_prior_gives_the_pool_order(settings, composer, full_users):
