@@ -84,6 +84,12 @@ def before(deadline: float | None, call: Callable[[], T]) -> T:
     return box["value"]
 
 
+def _due(deadline: float | None) -> dict:
+    """The deadline keyword for a backend's batch, only when there is one (a backend that cannot
+    stop early is still bounded by ``before``)."""
+    return {} if deadline is None else {"deadline": deadline}
+
+
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:300]
 
@@ -144,17 +150,19 @@ class Composer:
         return handle_order(pools, self.rules, self.handle_prior)
 
     # -- public ---------------------------------------------------------------------------------
-    def compose(self, user_id: str, use_llm: bool = True, use_cache: bool = True) -> Homepage:
-        """One valid page (see the module's docstring for the guarantee and its two errors)."""
+    def compose(self, user_id: str, use_llm: bool = True, use_cache: bool = True,
+                deadline: float | None = None) -> Homepage:
+        """One valid page (see the module's docstring for the guarantee and its two errors).
+        ``deadline`` (``time.monotonic()``): when the page is due, if the budget started earlier
+        than this call (a request that waited in a queue); default: now + the budget."""
         started = time.perf_counter()
-        deadline = None if self.budget_s is None else time.monotonic() + self.budget_s
+        if deadline is None and self.budget_s is not None:
+            deadline = time.monotonic() + self.budget_s
         user_id = check_user_id(user_id)
         faults: list[str] = []
         key = self._cache_key(user_id, use_llm, faults)
-        if use_cache and key and (page := self.cache.get(user_id, key)) is not None:
-            latency = round((time.perf_counter() - started) * 1000, 2)
-            return page.model_copy(update={"meta": page.meta.model_copy(update={"cached": True,
-                                                                                "latency_ms": latency})})
+        if use_cache and (page := self._cached(user_id, key, started)) is not None:
+            return page
         a = Attempt(user_id, self._history(user_id, faults), started, faults)
         if use_llm and self.backend is not None:
             try:
@@ -165,9 +173,24 @@ class Composer:
         self._keep(a, key, page)
         return page
 
-    def compose_batch(self, user_ids: list[str], batch_size: int = 8) -> list[Homepage]:
-        """Batch precompute: the LLM steps of several users share forward passes. No time budget;
-        a fault costs its batch the model, never a page."""
+    def cached(self, user_id: str) -> Homepage | None:
+        """The user's cached page if it is still current (nothing composed, no model asked)."""
+        started = time.perf_counter()
+        user_id = check_user_id(user_id)
+        return self._cached(user_id, self._cache_key(user_id, True, []), started)
+
+    def fallback(self, user_id: str, reason: str) -> Homepage:
+        """The deterministic page, marked as a fallback for ``reason`` (the model was not asked:
+        its queue was full, or the page's budget would not cover it). It comes from the cache
+        where it can: under overload, this is the page most requests get."""
+        page = self.compose(user_id, use_llm=False)
+        return page.model_copy(update={"meta": page.meta.model_copy(update={"path": "fallback",
+                                                                            "fallback_reason": reason})})
+
+    def compose_batch(self, user_ids: list[str], batch_size: int = 8, deadline: float | None = None) -> list[Homepage]:
+        """The LLM steps of several users share forward passes (batch precompute, or a server's
+        concurrent requests). ``deadline``: when the batch is due (default: none); a fault or an
+        overrun costs its batch the model, never a page."""
         ids = [check_user_id(u) for u in user_ids]
         pages = []
         for start in range(0, len(ids), batch_size):
@@ -177,7 +200,7 @@ class Composer:
                 keys.append(self._cache_key(user_id, True, faults))  # before composing: events may arrive
                 attempts.append(Attempt(user_id, self._history(user_id, faults), time.perf_counter(), faults))
             try:
-                self._llm_batch(attempts)
+                before(deadline, lambda attempts=attempts: self._llm_batch(attempts, deadline))
             except Exception as exc:
                 for a in attempts:
                     a.fallback_reason, a.body = _describe(exc), None
@@ -187,15 +210,18 @@ class Composer:
                 pages.append(page)
         return pages
 
-    def record_event(self, event: Event) -> bool:
-        """Store an event (ids checked by the shared policy); the user's next page reflects it."""
-        check_user_id(event.user_id)
-        try:
-            check_id(event.item_id, "item id")
-        except ValueError as exc:
-            raise InputError(str(exc)) from None
-        added = self.retriever.record_event(event)
-        self.cache.invalidate(event.user_id)
+    def record_events(self, events: list[Event]) -> list[bool]:
+        """Store events (ids checked by the shared policy); each user's next page reflects them.
+        Returns, per event, whether it was new (one already stored is not stored twice)."""
+        for event in events:
+            check_user_id(event.user_id)
+            try:
+                check_id(event.item_id, "item id")
+            except ValueError as exc:
+                raise InputError(str(exc)) from None
+        added = self.retriever.record_events(events)
+        for event in events:
+            self.cache.invalidate(event.user_id)
         return added
 
     # -- orchestration --------------------------------------------------------------------------
@@ -204,6 +230,13 @@ class Composer:
         is served once, and the next request tries again."""
         if key and page.meta.path != "fallback" and not a.faults and not a.pools.faults:
             self.cache.put(a.user_id, key, page)
+
+    def _cached(self, user_id: str, key: str | None, started: float) -> Homepage | None:
+        page = self.cache.get(user_id, key) if key else None
+        if page is None:
+            return None
+        latency = round((time.perf_counter() - started) * 1000, 2)
+        return page.model_copy(update={"meta": page.meta.model_copy(update={"cached": True, "latency_ms": latency})})
 
     def _fingerprint(self) -> str:
         """Everything besides the user and the catalogue that a page depends on."""
@@ -250,30 +283,31 @@ class Composer:
                                           a.violations)
                 self._take(a, self._generate(messages, schema, self.max_new_tokens, deadline, order))
 
-    def _llm_batch(self, attempts: list[Attempt]) -> None:
+    def _llm_batch(self, attempts: list[Attempt], deadline: float | None = None) -> None:
         if self.skeleton.planned():
             requests = [plan_request(self.prompts["plan"], self.rules, self.skeleton, a.history) for a in attempts]
-            for a, generation in zip(attempts, self.backend.generate_batch(requests, PLAN_TOKENS), strict=True):
+            generations = self.backend.generate_batch(requests, PLAN_TOKENS, **_due(deadline))
+            for a, generation in zip(attempts, generations, strict=True):
                 a.generations.append(generation)
                 a.themes = parse_plan(generation.text, self.rules, self.skeleton)
         for a in attempts:
             a.pools = self.pools(a.history, a.themes)
             a.messages = self.messages(a.history, a.pools)
         requests = [(a.messages, self.schema(a.pools)) for a in attempts]
-        for a, generation in zip(attempts, self._generate_batch(requests, attempts), strict=True):
+        for a, generation in zip(attempts, self._generate_batch(requests, attempts, deadline), strict=True):
             self._take(a, generation)
         retry = [a for a in attempts if a.violations and self.llm_retry]
         if retry:
             requests = [(retry_messages(self.prompts["repair"], self.rules, a.messages, a.generations[-1].text,
                                         a.violations), self.schema(a.pools)) for a in retry]
-            for a, generation in zip(retry, self._generate_batch(requests, retry), strict=True):
+            for a, generation in zip(retry, self._generate_batch(requests, retry, deadline), strict=True):
                 self._take(a, generation)
 
     def _generate_batch(self, requests: list[tuple[list[dict[str, str]], dict]],
-                        attempts: list[Attempt]) -> list[Generation]:
+                        attempts: list[Attempt], deadline: float | None) -> list[Generation]:
         orders = [self.order(a.pools) for a in attempts]
         extra = {} if None in orders else {"orders": orders}
-        return self.backend.generate_batch(requests, self.max_new_tokens, **extra)
+        return self.backend.generate_batch(requests, self.max_new_tokens, **extra, **_due(deadline))
 
     def _take(self, a: Attempt, generation: Generation) -> None:
         """Read and check one draft; the latest usable draft is the body."""

@@ -75,6 +75,16 @@ class Settings(BaseSettings):
                                       "(the output is the same either way)")
     seed: int = 0
 
+    # the HTTP service (``homepage serve``)
+    api_token: str | None = Field(None, description="bearer token that writes (events, catalogue, reload) must "
+                                  "carry; unset: every write is refused (401)")
+    serve_batch: int = Field(4, ge=1, le=32, description="concurrent page requests that share the model's forward "
+                             "passes (1: one page at a time)")
+    batch_wait_ms: int = Field(5, ge=0, description="how long the model worker waits for more requests to batch")
+    queue_max: int = Field(32, ge=1, description="page requests waiting for the model; past it, the deterministic "
+                           "page answers at once, marked")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body accepted (413 past it)")
+
     @classmethod
     def settings_customise_sources(
         cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

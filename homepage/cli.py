@@ -12,6 +12,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -150,6 +151,25 @@ def cmd_eval_ranking(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_load(args: argparse.Namespace) -> int:
+    from eval.load import format_report, run_load, write_report
+    from retrieval.catalog import Catalog
+    from retrieval.retriever import CATALOG_FILE
+
+    settings = _settings(args)
+    catalog = Catalog(Path(settings.store_dir) / CATALOG_FILE)  # read only: SQLite, beside the service
+    users, items = catalog.users(), list(catalog.products)
+    catalog.close()
+    if not users or not items:
+        raise UserError(f"{settings.store_dir}: no users or products to load the service with")
+    report = run_load(args.url, users, items, args.clients, args.seconds, args.event_share,
+                      token=settings.api_token, seed=args.seed, think_s=args.think)
+    print(format_report(report))
+    if args.out:
+        write_report(report, Path(args.out))
+    return 0
+
+
 def cmd_train_sasrec(args: argparse.Namespace) -> int:
     from retrieval.catalog import Catalog
     from retrieval.retriever import CATALOG_FILE, CHROMA_DIR
@@ -256,6 +276,28 @@ def cmd_eval_adapter(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import json
+
+    from agent.api import create_app
+
+    settings = _settings(args)
+    if args.openapi:
+        print(json.dumps(create_app(settings).openapi(), indent=1, sort_keys=True))
+        return 0
+    import uvicorn
+
+    if args.workers == 1:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, timeout_graceful_shutdown=30)
+        return 0
+    # each worker process builds the app from settings (homepage.toml, HOMEPAGE_*): hand --store on
+    if args.store:
+        os.environ["HOMEPAGE_STORE_DIR"] = args.store
+    uvicorn.run("agent.api:app_from_settings", factory=True, host=args.host, port=args.port, workers=args.workers,
+                timeout_graceful_shutdown=30)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="homepage", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -321,6 +363,18 @@ def build_parser() -> argparse.ArgumentParser:
     ranking.add_argument("--sources", default="popularity,covisit,semantic,sasrec,buy_again",
                          help="candidate sources to evaluate, comma-separated (leaving sasrec out skips its training)")
     ranking.set_defaults(run=cmd_eval_ranking)
+    load = eval_sub.add_parser(
+        "load", help="a bounded load test of a running service (users and items read from the store)",
+        description="Example: HOMEPAGE_API_TOKEN=secret homepage --store STORE eval load --url "
+        "http://127.0.0.1:8080 --clients 16 --seconds 60 --out out/load")
+    load.add_argument("--url", default="http://127.0.0.1:8080")
+    load.add_argument("--clients", type=int, default=16)
+    load.add_argument("--seconds", type=float, default=60.0)
+    load.add_argument("--event-share", type=float, default=0.2, help="share of requests that post an event")
+    load.add_argument("--think", type=float, default=0.0, help="mean pause between a client's requests, seconds")
+    load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--out", help="write load.json and load.md here")
+    load.set_defaults(run=cmd_eval_load)
     adapter = eval_sub.add_parser(
         "adapter", help="base model vs LoRA adapter on the same validation users",
         description="Example: homepage eval adapter finetune/configs/smoke.yaml --users 30")
@@ -354,6 +408,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "order token by token), interleaved with this one user by user")
     bench.add_argument("--out", help="write bench.json and bench.md here")
     bench.set_defaults(run=cmd_bench)
+
+    serve = sub.add_parser(
+        "serve", help="the HTTP service (FastAPI on uvicorn): pages, events, catalogue updates, reloads, metrics",
+        description="Example: HOMEPAGE_API_TOKEN=secret homepage serve --port 8080. More than one worker needs "
+        "the vector store in server mode (HOMEPAGE_CHROMA_HOST): the embedded one belongs to one process.")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--workers", type=int, default=1, help="processes, each with its own model")
+    serve.add_argument("--openapi", action="store_true", help="print the OpenAPI schema and exit")
+    serve.set_defaults(run=cmd_serve)
     return parser
 
 

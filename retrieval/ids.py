@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 
 MAX_ID_CHARS = 128
-_ID = re.compile(rf"[A-Za-z0-9_.@:+\-]{{1,{MAX_ID_CHARS}}}")
+ID_PATTERN = rf"^[A-Za-z0-9_.@:+\-]{{1,{MAX_ID_CHARS}}}$"  # also the HTTP API's path parameters
+_ID = re.compile(ID_PATTERN)
 
 
 def check_id(value: object, what: str) -> str:
@@ -19,7 +20,7 @@ def check_id(value: object, what: str) -> str:
         raise ValueError(f"{what} must be text, got {type(value).__name__}")
     if not value:
         raise ValueError(f"missing: {what} is empty")
-    if not _ID.fullmatch(value):
+    if not _ID.fullmatch(value):  # not match: "$" also matches before a final newline
         raise ValueError(f"malformed: {what} {value[:40]!r} must be 1-{MAX_ID_CHARS} ASCII letters, digits "
                          "or . _ @ : + - (ids are never rewritten)")
     return value

@@ -20,6 +20,7 @@ from retrieval.catalog import Catalog
 from retrieval.columns import CatalogueColumns, EventColumns
 from retrieval.history import summarise
 from retrieval.loading import LoadReport, load_events, load_products
+from retrieval.records import Product
 from retrieval.retriever import CATALOG_FILE, CHROMA_DIR, RetrievalConfig
 from retrieval.vectors import BEHAVIOUR, PRODUCTS, LocalEmbeddings, VectorIndex, chroma_client
 
@@ -83,13 +84,29 @@ def remove_products(config: RetrievalConfig, item_ids: list[str]) -> list[str]:
     store = Path(config.store_dir)
     catalog = Catalog(store / CATALOG_FILE)
     try:
-        removed = catalog.remove_products(item_ids)
-        if removed:
-            client = chroma_client(store / CHROMA_DIR, config.chroma_host, config.chroma_port)
-            VectorIndex(client, LocalEmbeddings(config.embedding_model)).stores[PRODUCTS].delete(ids=removed)
+        if not any(catalog.products.get(i) for i in item_ids):
+            return []
+        client = chroma_client(store / CHROMA_DIR, config.chroma_host, config.chroma_port)
+        return delete_products(catalog, VectorIndex(client, LocalEmbeddings(config.embedding_model)), item_ids)
     finally:
         catalog.close()
+
+
+def delete_products(catalog: Catalog, index: VectorIndex, item_ids: list[str]) -> list[str]:
+    """``remove_products`` on stores already open (a running service's)."""
+    removed = catalog.remove_products(item_ids)
+    if removed:
+        index.stores[PRODUCTS].delete(ids=removed)
     return removed
+
+
+def update_products(catalog: Catalog, index: VectorIndex, products: list[Product]) -> int:
+    """Insert or update products in the catalogue and the vector store (a changed text is embedded
+    again; a changed price or stock only retags); returns how many were new or changed."""
+    changed = catalog.upsert_products(products)
+    if changed:
+        _upsert_changed(index, PRODUCTS, {p.item_id: (p.text(), _product_metadata(p)) for p in products}, False)
+    return changed
 
 
 def ingest(

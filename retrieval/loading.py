@@ -103,6 +103,7 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 _SPACES = re.compile(r"\s+")
 _TAGS = re.compile(r"<[^>]+>")
+_MAX_WHOLE = 2**53  # whole numbers stored exactly (SQLite and JSON)
 
 
 def clean_text(value: Any) -> str | None:
@@ -172,7 +173,7 @@ def load_products(
             if report.read == 1:
                 _require_columns(path, row, {"item_id": columns.item_id, "title": columns.title})
             try:
-                product = _product(row, columns)
+                product = parse_product(row, columns)
             except ValueError as exc:
                 quarantine.reject(line, str(exc), row)
                 continue
@@ -188,7 +189,8 @@ def load_products(
     return products, report
 
 
-def _product(row: dict[str, Any], c: CatalogueColumns) -> Product:
+def parse_product(row: dict[str, Any], c: CatalogueColumns) -> Product:
+    """One catalogue row as a product, or ``ValueError`` saying what is wrong (ingest and the service)."""
     if "_error" in row:
         raise ValueError(f"malformed: {row['_error']}")
     item_id = check_id(_raw_id(row.get(c.item_id)), "item_id")
@@ -198,6 +200,8 @@ def _product(row: dict[str, Any], c: CatalogueColumns) -> Product:
     category = clean_text(row.get(c.category))
     path = tuple(level.strip() for level in category.split(">") if level.strip()) if category else ()
     stock = parse_number(row.get(c.stock), "stock")
+    if stock is not None and stock > _MAX_WHOLE:
+        raise ValueError(f"stock must be at most {_MAX_WHOLE}, got {stock}")
     return Product(
         item_id=item_id,
         title=title,
@@ -221,7 +225,7 @@ def load_events(
             if report.read == 1:
                 _require_columns(path, row, {"user_id": columns.user_id, "item_id": columns.item_id})
             try:
-                event = _event(row, columns, line)
+                event = parse_event(row, columns)
             except ValueError as exc:
                 quarantine.reject(line, str(exc), row)
                 continue
@@ -235,7 +239,8 @@ def load_events(
     return events, report
 
 
-def _event(row: dict[str, Any], c: EventColumns, line: int) -> Event:
+def parse_event(row: dict[str, Any], c: EventColumns) -> Event:
+    """One event row, or ``ValueError`` saying what is wrong (ingest and the service)."""
     if "_error" in row:
         raise ValueError(f"malformed: {row['_error']}")
     user_id = check_id(_raw_id(row.get(c.user_id)), "user_id")
@@ -244,8 +249,8 @@ def _event(row: dict[str, Any], c: EventColumns, line: int) -> Event:
     seq = parse_number(row.get(c.seq_pos), "seq_pos")
     if timestamp is None and seq is None:
         raise ValueError(f"missing: neither {c.timestamp!r} nor {c.seq_pos!r} is set")
-    if seq is not None and seq != int(seq):
-        raise ValueError(f"seq_pos must be a whole number, got {seq}")
+    if seq is not None and (seq != int(seq) or seq > _MAX_WHOLE):
+        raise ValueError(f"seq_pos must be a whole number up to {_MAX_WHOLE}, got {seq}")
     return Event(
         user_id=user_id,
         item_id=item_id,

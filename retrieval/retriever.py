@@ -79,8 +79,18 @@ class Retriever:
             self._histories[user_id] = cached
         return cached[1]
 
-    def record_event(self, event: Event) -> bool:
-        return self.catalog.add_events([event]) == 1
+    def record_events(self, events: list[Event]) -> list[bool]:
+        """Store events (each durable once this returns; one already stored is not stored again)
+        and tell the built sources of the new ones. Returns, per event, whether it was new."""
+        added = []
+        for event in events:
+            earlier = self.catalog.user_events(event.user_id)
+            new = self.catalog.add_events([event]) == 1
+            if new:
+                for source in list(self.sources.values()):
+                    source.observe(event, earlier)
+            added.append(new)
+        return added
 
     def source(self, name: str):
         """A candidate source by name, built on first use (a skeleton module may name a source

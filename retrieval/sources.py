@@ -5,6 +5,7 @@ A source is one small class registered under a name; the retriever builds the on
 
 from __future__ import annotations
 
+import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ import numpy as np
 
 from retrieval.catalog import Catalog
 from retrieval.history import History
-from retrieval.records import Candidate, Provenance
+from retrieval.records import Candidate, Event, Provenance
 from retrieval.repeat import RepeatModel, cycle_days, purchase_baskets
 from retrieval.vectors import BEHAVIOUR, ITEM_VECTORS, PRODUCTS, VectorIndex
 
@@ -61,6 +62,12 @@ class CandidateSource:
     def candidates(self, history: History, k: int) -> list[Candidate]:
         raise NotImplementedError
 
+    def observe(self, event: Event, earlier: list[Event]) -> None:
+        """A new event recorded while serving (``earlier``: the user's events before it). Sources
+        that learn from the whole log and can update cheaply do so here; the others (behaviour
+        vectors, SASRec, the repeat model's population prior) learn at the next build: an ingest,
+        a reload or a restart."""
+
     def _ranked(
         self, scores: dict[str, float], because: dict[str, str], k: int, history: History
     ) -> list[Candidate]:
@@ -88,15 +95,30 @@ class Popularity(CandidateSource):
 
     def __init__(self, context: SourceContext):
         super().__init__(context)
-        counts = Counter(e.item_id for e in context.catalog.all_events())
-        total = max(sum(counts.values()), 1)
-        self.scores = {item: count / total for item, count in counts.items()}
-        products = context.catalog.products
-        # ranked once: a request only skips the user's own items (this list serves every page)
-        self.ranked = [i for i in sorted(self.scores, key=lambda i: (-self.scores[i], i))
-                       if i in products and products[i].in_stock]
+        self._counts = Counter(e.item_id for e in context.catalog.all_events())
+        self._lock = threading.Lock()
+        self._rank()
+
+    def _rank(self) -> None:
+        """Scores and the ranked list, replaced whole so that a page being composed meanwhile reads
+        one consistent pair. Ranked once per change: a request only skips the user's own items."""
+        total = max(sum(self._counts.values()), 1)
+        scores = {item: count / total for item, count in self._counts.items()}
+        products = self.context.catalog.products
+        self.scores, self.ranked = scores, [i for i in sorted(scores, key=lambda i: (-scores[i], i))
+                                            if i in products and products[i].in_stock]
+        self._stale = False
+
+    def observe(self, event: Event, earlier: list[Event]) -> None:
+        with self._lock:
+            self._counts[event.item_id] += 1
+            self._stale = True
 
     def candidates(self, history: History, k: int) -> list[Candidate]:
+        if self._stale:
+            with self._lock:
+                if self._stale:
+                    self._rank()
         products = self.context.catalog.products
         seen = set(history.item_ids)
         # ranked when built; products removed or out of stock since are skipped
@@ -125,7 +147,7 @@ class CoVisit(CandidateSource):
         by_user: dict[str, list[str]] = defaultdict(list)
         for e in context.catalog.all_events():
             by_user[e.user_id].append(e.item_id)
-        counts = Counter(item for items in by_user.values() for item in items)
+        self._counts = Counter(item for items in by_user.values() for item in items)
         links: dict[str, Counter] = defaultdict(Counter)
         for items in by_user.values():
             for i, a in enumerate(items):
@@ -141,8 +163,30 @@ class CoVisit(CandidateSource):
         if alpha:
             for neighbours in links.values():
                 for item in neighbours:
-                    neighbours[item] /= counts[item] ** alpha
-        self.links = links
+                    neighbours[item] /= self._counts[item] ** alpha
+        self.links = dict(links)
+        self._lock = threading.Lock()
+
+    def observe(self, event: Event, earlier: list[Event]) -> None:
+        """The new item follows the user's last ``window`` items. Its pairs are divided by the
+        popularity each item has now; links counted before keep the popularity they were built
+        with until the next build (the popularity correction drifts by one event per event)."""
+        window, decay, forward = int(self.params["window"]), self.params["decay"], self.params["forward"]
+        b = event.item_id
+        with self._lock:
+            self._counts[b] += 1
+            alpha = self.params["pop_alpha"]
+            norm = (lambda item: self._counts[item] ** alpha) if alpha else (lambda item: 1.0)
+            for d, e in enumerate(reversed(earlier[-window:]), start=1):
+                a = e.item_id
+                if a == b:
+                    continue
+                strength = 1.0 / d**decay
+                # copied, not changed in place: a page reading the old neighbours is never disturbed
+                ahead, back = Counter(self.links.get(a, ())), Counter(self.links.get(b, ()))
+                ahead[b] += forward * strength / norm(b)
+                back[a] += strength / norm(a)
+                self.links[a], self.links[b] = ahead, back
 
     def candidates(self, history: History, k: int) -> list[Candidate]:
         recent = history.recent(int(self.params["recent"]))

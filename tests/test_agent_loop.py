@@ -114,7 +114,7 @@ def test_cache_hits_until_the_users_events_change(composer, retriever, full_user
     assert hit.meta.cached and hit.item_ids() == first.item_ids()
     assert hit.meta.composed_at == first.meta.composed_at and hit.meta.latency_ms < first.meta.latency_ms
     item = next(i for i in retriever.products if i not in retriever.history(user).item_ids)
-    assert c.record_event(Event(user, item, seq_pos=99_999, event_type="view"))
+    assert c.record_events([Event(user, item, seq_pos=99_999, event_type="view")]) == [True]
     after = c.compose(user)
     assert not after.meta.cached and item not in after.item_ids()  # seen items are not offered
     assert len(c.backend.texts) == 0  # the model was asked again

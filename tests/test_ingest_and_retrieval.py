@@ -118,7 +118,32 @@ def test_a_new_event_rebuilds_the_cached_history(tmp_path: Path, retriever, samp
     before = retriever.history(user)
     assert retriever.history(user) is before  # cached
     item = next(i for i in retriever.products if i not in before.item_ids)
-    assert retriever.record_event(Event(user, item, seq_pos=10_000, event_type="view"))
+    assert retriever.record_events([Event(user, item, seq_pos=10_000, event_type="view")]) == [True]
     after = retriever.history(user)
     assert after.item_ids[-1] == item and len(after.events) == len(before.events) + 1
-    assert not retriever.record_event(Event(user, item, seq_pos=10_000, event_type="view"))  # idempotent
+    assert retriever.record_events([Event(user, item, seq_pos=10_000, event_type="view")]) == [False]  # idempotent
+
+
+def test_events_recorded_while_serving_update_covisit_and_popularity(tmp_path):
+    """Hand-computed: window 3, decay 1, forward 2. Logs u1: A B, u2: A C; then u3 views B, C, A
+    live. C after B adds B->C 2 (forward) and C->B 1; A after C (d=1) adds C->A 2, A->C 1; A after
+    B (d=2) adds B->A 2/2 = 1, A->B 1/2. Popularity counts A 3, B 2, C 2 of 7."""
+    from retrieval.catalog import Catalog
+
+    catalog = Catalog(tmp_path / "catalog.sqlite3")
+    catalog.upsert_products([Product(i, f"Product {i}", ("Beauty", "Skin Care")) for i in "ABC"])
+    catalog.add_events([Event("u1", "A", seq_pos=0), Event("u1", "B", seq_pos=1),
+                        Event("u2", "A", seq_pos=0), Event("u2", "C", seq_pos=1)])
+    live = Retriever(catalog, None, {"covisit": 1.0}, {"covisit": {"forward": 2.0}})
+    covisit = live.sources["covisit"]
+    assert covisit.links["A"] == {"B": 2.0, "C": 2.0} and covisit.links["B"] == {"A": 1.0}
+    added = live.record_events([Event("u3", "B", seq_pos=0), Event("u3", "C", seq_pos=1),
+                                Event("u3", "A", seq_pos=2), Event("u3", "A", seq_pos=2)])
+    assert added == [True, True, True, False]  # the repeat is stored once and counted once
+    assert covisit.links["B"] == {"A": 2.0, "C": 2.0}
+    assert covisit.links["C"] == {"A": 1.0 + 2.0, "B": 1.0}
+    assert covisit.links["A"] == {"B": 2.5, "C": 3.0}
+    popular = live.sources["popularity"].candidates(build_history("new", [], {}), 3)
+    assert [(c.item_id, c.score) for c in popular] == [("A", 3 / 7), ("B", 2 / 7), ("C", 2 / 7)]
+    rebuilt = Retriever(catalog, None, {"covisit": 1.0}, {"covisit": {"forward": 2.0}})
+    assert rebuilt.sources["covisit"].links == covisit.links  # the same as learning from the whole log

@@ -52,10 +52,11 @@ class LLMBackend(ABC):
         ``time.monotonic()`` value: past it, raise ``BackendError(retryable=True)``."""
 
     def generate_batch(
-        self, requests: list[tuple[list[dict[str, str]], dict]], max_new_tokens: int
+        self, requests: list[tuple[list[dict[str, str]], dict]], max_new_tokens: int, deadline: float | None = None
     ) -> list[Generation]:
-        """Several pages at once (batch precompute); backends that batch natively override this."""
-        return [self.generate(messages, schema, max_new_tokens) for messages, schema in requests]
+        """Several pages at once (batch precompute, a server's concurrent requests); backends that
+        batch natively override this. ``deadline`` as in ``generate``, for the whole batch."""
+        return [self.generate(messages, schema, max_new_tokens, deadline) for messages, schema in requests]
 
 
 # name -> "module:Class", imported on first use so optional engines stay optional

@@ -384,7 +384,8 @@ class TransformersBackend(LLMBackend):
         text = self.tokenizer.decode(output, skip_special_tokens=True)
         return Generation(text, len(output), len(output) + 1, time.perf_counter() - started, len(ids))
 
-    def generate_batch(self, requests, max_new_tokens, orders: list[HandleOrder] | None = None) -> list[Generation]:
+    def generate_batch(self, requests, max_new_tokens, orders: list[HandleOrder] | None = None,
+                       deadline: float | None = None) -> list[Generation]:
         """One forward pass per step for all rows (left-padded). No jump-forward here: forced tokens
         cost a step, but the step is shared by the whole batch. With ``orders``, each array's handles
         are scored at its first value as in ``generate`` and then written one per step."""
@@ -392,7 +393,8 @@ class TransformersBackend(LLMBackend):
         import xgrammar as xgr
 
         if len(requests) <= 1:
-            return [self.generate(m, s, max_new_tokens, order=orders[0] if orders else None) for m, s in requests]
+            return [self.generate(m, s, max_new_tokens, deadline, order=orders[0] if orders else None)
+                    for m, s in requests]
         started = time.perf_counter()
         rows = len(requests)
         matchers = [xgr.GrammarMatcher(self._grammar(json.dumps(s))) for _, s in requests]
@@ -411,6 +413,8 @@ class TransformersBackend(LLMBackend):
         past, passes = None, 0
         with self._lock, torch.inference_mode():
             while not all(done) and passes < max_new_tokens:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise BackendError("the batch's time budget ran out during generation", retryable=True)
                 out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                                  past_key_values=past, use_cache=True)
                 passes += 1

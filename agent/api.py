@@ -1,0 +1,328 @@
+"""The HTTP service: pages, behaviour events, catalogue updates and merchandiser reloads.
+
+    homepage serve --port 8080                       # one process, embedded stores
+    uvicorn agent.api:app_from_settings --factory    # the same app under any ASGI server
+
+Every page answer is a valid page: a cache hit, the model's page (through ``agent.worker``), or
+the deterministic page, marked, when the queue is full or the budget is spent. Writes need the
+bearer token from ``Settings.api_token``. The OpenAPI schema is checked in as ``agent/openapi.json``
+(``homepage serve --openapi`` writes it) and tested against the app.
+"""
+
+import secrets
+import threading
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent.adapters import file_digest
+from agent.composer import Composer
+from agent.errors import ConfigError, InputError, PageUnavailable
+from agent.schema import Homepage
+from agent.service import build_composer, composer_for
+from agent.settings import Settings
+from agent.worker import ModelWorker
+from retrieval import CatalogueColumns, EventColumns
+from retrieval.ids import ID_PATTERN
+from retrieval.ingest import delete_products, update_products
+from retrieval.loading import parse_event, parse_product
+from retrieval.vectors import PRODUCTS
+
+MAX_BATCH = 1000  # events or products in one request
+QUEUE_FULL = "the model's queue was full, or longer than the page's time budget"
+_WAIT_GRACE_S = 0.02  # past the deadline, a caller stops waiting for the model and answers itself
+
+
+# -- bodies and answers --------------------------------------------------------------------------
+class Rejected(BaseModel):
+    index: int = Field(description="position of the row in the request")
+    reason: str
+
+
+class EventBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    events: list[dict[str, Any]] = Field(max_length=MAX_BATCH, description=(
+        "rows with user_id, item_id, timestamp (unix seconds or ISO 8601) or seq_pos, event_type (default view)"))
+
+
+class EventsResult(BaseModel):
+    accepted: int = Field(description="new events stored (durable when this answer is sent)")
+    duplicates: int = Field(description="events already stored (by user, item, time, position and type)")
+    rejected: list[Rejected]
+
+
+class ProductBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    items: list[dict[str, Any]] = Field(max_length=MAX_BATCH, description=(
+        "rows with item_id, title, category_path ('A > B'), brand, price_usd, description, stock"))
+
+
+class ProductsResult(BaseModel):
+    changed: int = Field(description="products new or changed (unchanged rows are left as they are)")
+    rejected: list[Rejected]
+
+
+class Removed(BaseModel):
+    removed: str
+
+
+class ReloadResult(BaseModel):
+    templates: dict[str, str] = Field(description="template name -> content hash now serving")
+    rules_hash: str
+    skeleton_hash: str
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+class LeanItem(BaseModel):
+    item_id: str
+    title: str
+    brand: str | None
+    category: str
+    price: float | None
+    sponsored: bool = False
+
+
+class LeanModule(BaseModel):
+    type: str
+    title: str
+    items: list[LeanItem]
+
+
+class LeanPage(BaseModel):
+    """The page as a storefront renders it; ``?explain=true`` answers the full ``Homepage``."""
+
+    user_id: str
+    modules: list[LeanModule]
+
+
+# -- metrics -------------------------------------------------------------------------------------
+class Metrics:
+    def __init__(self, worker: ModelWorker):
+        self.registry = CollectorRegistry()
+        self.page_seconds = Histogram(
+            "homepage_page_seconds", "page latency from arrival, by how the page was made", ["path"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 4, 5, 8), registry=self.registry)
+        self.fallbacks = Counter("homepage_fallbacks_total", "deterministic pages served in place of the model's",
+                                 ["reason"], registry=self.registry)
+        self.tokens = Histogram("homepage_page_tokens", "tokens the model wrote per page",
+                                buckets=(0, 25, 50, 75, 100, 150, 200, 300), registry=self.registry)
+        self.events = Counter("homepage_events_total", "events received, by outcome", ["outcome"],
+                              registry=self.registry)
+        depth = Gauge("homepage_queue_depth", "page requests waiting for the model", registry=self.registry)
+        depth.set_function(lambda: worker.depth)
+
+    def page(self, page: Homepage, seconds: float) -> None:
+        path = "cached" if page.meta.cached and page.meta.path != "fallback" else page.meta.path
+        self.page_seconds.labels(path).observe(seconds)
+        if page.meta.path == "fallback":
+            reason = page.meta.fallback_reason or ""
+            self.fallbacks.labels("queue_full" if reason == QUEUE_FULL else
+                                  "budget" if "budget" in reason else "model").inc()
+        if not page.meta.cached:
+            self.tokens.observe(page.meta.tokens_generated)
+
+
+# -- the service ---------------------------------------------------------------------------------
+class Service:
+    """What the app holds: settings, the serving composer (swapped whole by a reload), the model
+    worker and the metrics."""
+
+    def __init__(self, settings: Settings, composer: Composer | None = None):
+        self.settings, self.composer = settings, composer
+        self.worker = ModelWorker(lambda: self.composer, settings.serve_batch, settings.queue_max,
+                                  settings.batch_wait_ms / 1000)
+        self.metrics = Metrics(self.worker)
+        self._reload_lock = threading.Lock()
+        self._fallbacks = threading.Lock()
+
+    def start(self) -> None:
+        if self.composer is None:  # merchandiser files are checked before the model loads
+            self.composer = build_composer(self.settings)
+        self.worker.start()
+
+    def page(self, user_id: str, arrived: float) -> Homepage:
+        composer = self.composer
+        budget = composer.budget_s
+        deadline = None if budget is None else arrived + budget
+        if (page := composer.cached(user_id)) is not None:
+            return page
+        if composer.backend is None:
+            return composer.compose(user_id)
+        future = self.worker.submit(user_id, deadline)
+        if future is None:
+            return self._fallback(composer, user_id, QUEUE_FULL)
+        try:
+            return future.result(None if deadline is None else max(deadline - time.monotonic(), 0) + _WAIT_GRACE_S)
+        except FutureTimeout:
+            future.cancel()  # still queued: the worker skips it
+            return self._fallback(composer, user_id, "the page's time budget ran out waiting for the model")
+
+    def _fallback(self, composer: Composer, user_id: str, reason: str) -> Homepage:
+        # One at a time: under overload, request threads composing fallbacks would otherwise take
+        # the CPU (and the interpreter lock) from the model, which then finishes no page at all.
+        with self._fallbacks:
+            return composer.fallback(user_id, reason)
+
+    def reload(self) -> ReloadResult:
+        """Templates, rules and skeleton loaded and checked as one set, then swapped in at once;
+        a set that fails leaves the serving one untouched (``ConfigError`` names file and line)."""
+        with self._reload_lock:
+            old = self.composer
+            new = composer_for(self.settings, old.retriever, old.backend, cache=old.cache,
+                               budget_s=old.budget_s, llm_retry=old.llm_retry, handle_prior=old.handle_prior)
+            self.composer = new
+        return ReloadResult(templates={n: p.version for n, p in new.prompts.items()},
+                            rules_hash=file_digest(self.settings.rules_file),
+                            skeleton_hash=file_digest(self.settings.skeleton_file))
+
+    def problems(self) -> list[str]:
+        """Why the service cannot serve pages now (empty: ready)."""
+        found = []
+        if not self.worker.alive:
+            found.append("the model worker is not running")
+        retriever = self.composer.retriever
+        try:
+            retriever.refresh()
+            if not retriever.products:
+                found.append("the catalogue is empty")
+        except Exception as exc:
+            found.append(f"the catalogue store is unreadable: {type(exc).__name__}: {exc}")
+        try:
+            retriever.index.count(PRODUCTS)
+        except Exception as exc:
+            found.append(f"the vector store is unreachable: {type(exc).__name__}: {exc}")
+        return found
+
+
+def create_app(settings: Settings | None = None, composer: Composer | None = None) -> FastAPI:
+    """The app over ``composer`` (default: the one ``settings`` describe, built when the app starts,
+    so that making the app, e.g. for its OpenAPI schema, needs no store or model)."""
+    settings = settings or Settings()
+    service = Service(settings, composer)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.start()
+        yield
+        service.worker.stop()
+
+    app = FastAPI(title="Homepage composer", version="1", lifespan=lifespan, description=(
+        "Personalised e-commerce homepages: every page answered is valid under the merchandisers' rules."))
+    app.state.service = service
+    bearer = HTTPBearer(auto_error=False, description="Settings.api_token")
+
+    def writer(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+        token = settings.api_token
+        given = credentials.credentials if credentials else ""
+        if not token or not secrets.compare_digest(given.encode(), token.encode()):
+            raise HTTPException(401, "a write needs the bearer token from the api_token setting",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+            return JSONResponse({"detail": f"the body is over {settings.max_body_bytes} bytes"}, status_code=413)
+        return await call_next(request)
+
+    refused = {401: {"model": Problem, "description": "no or a wrong bearer token"},
+               413: {"model": Problem, "description": "the body is too large"}}
+    user_path = Path(pattern=ID_PATTERN, description="the user's id (unknown: a new visitor)")
+    unusable = {422: {"description": "a malformed user id"}, 503: {"model": Problem}}
+
+    @app.get("/v1/users/{user_id}/homepage", response_model=Homepage | LeanPage, responses=unusable,
+             summary="The user's homepage")
+    def homepage(user_id: Annotated[str, user_path],
+                 explain: Annotated[bool, Query(description="add meta and each item's reason")] = False):
+        arrived = time.monotonic()
+        try:
+            page = service.page(user_id, arrived)
+        except InputError as exc:
+            raise HTTPException(422, [{"loc": ["path", "user_id"], "msg": str(exc), "type": "value_error"}]) from None
+        except PageUnavailable as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=503)
+        service.metrics.page(page, time.monotonic() - arrived)
+        return page if explain else LeanPage.model_validate(page.model_dump())
+
+    @app.post("/v1/events", response_model=EventsResult, dependencies=[Depends(writer)], responses=refused,
+              summary="Record behaviour events; each user's next page reflects them")
+    def events(batch: EventBatch) -> EventsResult:
+        columns, composer = EventColumns(), service.composer
+        known = composer.retriever.products
+        good, rejected = [], []
+        for i, row in enumerate(batch.events):
+            try:
+                event = parse_event(row, columns)
+                if event.item_id not in known:
+                    raise ValueError(f"unknown item_id {event.item_id!r}")
+            except ValueError as exc:
+                rejected.append(Rejected(index=i, reason=str(exc)))
+            else:
+                good.append(event)
+        added = composer.record_events(good) if good else []
+        accepted = sum(added)
+        for outcome, n in (("accepted", accepted), ("duplicate", len(added) - accepted), ("rejected", len(rejected))):
+            service.metrics.events.labels(outcome).inc(n)
+        return EventsResult(accepted=accepted, duplicates=len(added) - accepted, rejected=rejected)
+
+    @app.put("/v1/catalogue/items", response_model=ProductsResult, dependencies=[Depends(writer)], responses=refused,
+             summary="Add or update products (a stock of 0 takes one off pages)")
+    def put_items(batch: ProductBatch) -> ProductsResult:
+        columns, retriever = CatalogueColumns(), service.composer.retriever
+        good, rejected = [], []
+        for i, row in enumerate(batch.items):
+            try:
+                good.append(parse_product(row, columns))
+            except ValueError as exc:
+                rejected.append(Rejected(index=i, reason=str(exc)))
+        changed = update_products(retriever.catalog, retriever.index, good) if good else 0
+        return ProductsResult(changed=changed, rejected=rejected)
+
+    @app.delete("/v1/catalogue/items/{item_id}", response_model=Removed, dependencies=[Depends(writer)],
+                responses={**refused, 404: {"model": Problem}}, summary="Take a product off the catalogue")
+    def delete_item(item_id: Annotated[str, Path(pattern=ID_PATTERN)]) -> Removed:
+        retriever = service.composer.retriever
+        if not delete_products(retriever.catalog, retriever.index, [item_id]):
+            raise HTTPException(404, f"no product {item_id!r} in the catalogue")
+        return Removed(removed=item_id)
+
+    @app.post("/v1/admin/reload", response_model=ReloadResult, dependencies=[Depends(writer)],
+              responses={**refused, 422: {"model": Problem}},
+              summary="Load templates, rules and skeleton again, as one set")
+    def reload() -> ReloadResult:
+        try:
+            return service.reload()
+        except ConfigError as exc:
+            raise HTTPException(422, str(exc)) from None
+
+    @app.get("/healthz", summary="The process answers")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"model": Problem}}, summary="Model loaded and stores reachable")
+    def readyz():
+        if problems := service.problems():
+            return JSONResponse({"detail": "; ".join(problems)}, status_code=503)
+        return {"status": "ready"}
+
+    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+    def metrics() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(service.metrics.registry).decode(),
+                                 media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def app_from_settings() -> FastAPI:
+    """For ASGI servers (``--factory``): the app as ``Settings`` (env, ``homepage.toml``) describe."""
+    return create_app()
