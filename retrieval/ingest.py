@@ -123,7 +123,7 @@ def ingest(
     behaviour texts are refreshed by the next full ingest."""
     store = Path(config.store_dir)
     quarantine_dir = run_quarantine_dir(store)
-    catalog = Catalog(store / CATALOG_FILE)
+    catalog, client = Catalog(store / CATALOG_FILE), None
     try:
         products, catalogue_report = [], None
         if not events_only:
@@ -152,4 +152,6 @@ def ingest(
         embedded_users = _upsert_changed(index, BEHAVIOUR, user_docs, progress)
     finally:
         catalog.close()
+        if client is not None and config.chroma_host:  # a server's connections; the embedded store stays open
+            client.close()
     return IngestReport(catalogue_report, events_report, new_events, embedded_products, embedded_users)
