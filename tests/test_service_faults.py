@@ -1,5 +1,5 @@
 """The service as deployed for more than one process: chromadb in server mode (``chroma run``),
-``homepage serve`` in its own process. Faults: the model server down, the service stopped
+``homepage serve`` with two uvicorn workers sharing the SQLite store (WAL, one writer at a time). Faults: the model server down, the service stopped
 (SIGTERM) while events are posted and restarted, the vector-store server killed and restarted.
 No accepted event is lost or stored twice, and every answer is a valid page."""
 
@@ -76,8 +76,8 @@ def deployment(tmp_path_factory):
 
     def serve() -> subprocess.Popen:
         with log.open("a") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "homepage", "serve", "--port", str(port)], env=env,
-                                    stdout=out, stderr=out)
+            proc = subprocess.Popen([sys.executable, "-m", "homepage", "serve", "--port", str(port),
+                                     "--workers", "2"], env=env, stdout=out, stderr=out)
         wait_for(f"{url}/readyz")
         return proc
 
