@@ -10,6 +10,7 @@ the caller (``submit`` returns None): load never turns into an error.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -41,6 +42,7 @@ class ModelWorker:
         self.batches = 0  # batches composed, for the metrics
         self._seconds: dict[int, float] = {}  # batch size -> moving average of its time
         self._busy_since: float | None = None  # when the batch in hand was taken
+        self._in_hand_s = 0.0  # how long it is expected to take
 
     def start(self) -> ModelWorker:
         """Start the thread (again after ``stop``; a running worker is left as it is)."""
@@ -68,11 +70,12 @@ class ModelWorker:
     def submit(self, user_id: str, deadline: float | None) -> Future | None:
         """The page's future, or None when the queue is full or the work ahead of this request
         would outlast its budget (the caller answers deterministically, at once)."""
-        if deadline is not None:
-            # the batches queued, what is left of the one in hand, its own
-            expected = self.expected_s(self.batch)
-            in_hand = 0.0 if self._busy_since is None else max(expected - (time.monotonic() - self._busy_since), 0.0)
-            if time.monotonic() + (self.depth // self.batch + 1) * expected + in_hand > deadline:
+        waiting = self.depth + 1
+        if deadline is not None and (waiting > 1 or self._busy_since is not None):
+            in_hand = 0.0 if self._busy_since is None else max(
+                self._in_hand_s - (time.monotonic() - self._busy_since), 0.0)
+            batches = -(-waiting // self.batch)
+            if time.monotonic() + in_hand + batches * self.expected_s(min(waiting, self.batch)) > deadline:
                 return None
         request = PageRequest(user_id, deadline)
         try:
@@ -100,48 +103,57 @@ class ModelWorker:
                 self._busy_since = None
 
     def expected_s(self, size: int) -> float:
-        """How long a batch of ``size`` pages takes, from the batches composed so far (0 before
-        the first: nothing is turned away on a guess)."""
+        """How long a batch of ``size`` pages takes: its moving average, or for a size not tried
+        yet the slowest smaller size's (optimistic, so that a larger batch gets tried and learnt;
+        0 before any batch: nothing is turned away on a guess)."""
         if size in self._seconds:
             return self._seconds[size]
-        return size * min(self._seconds.values(), default=0.0)
+        return max((t for n, t in self._seconds.items() if n < size), default=0.0)
+
+    def _admit(self, live: list[PageRequest]) -> tuple[list[PageRequest], list[PageRequest]]:
+        """The largest batch, most time left first, that can be composed before its members are
+        due; and the rest. A lone request is tried anyway when nothing else waits (the model is
+        idle, and its time is learnt again)."""
+        now = time.monotonic()
+
+        def left(r: PageRequest) -> float:
+            return math.inf if r.deadline is None else r.deadline - now
+
+        ranked = sorted(live, key=left, reverse=True)
+        for k in range(len(ranked), 0, -1):
+            if left(ranked[k - 1]) > self.expected_s(k):
+                return ranked[:k], ranked[k:]
+        if len(ranked) == 1 and self._queue.empty():
+            return ranked, []
+        return [], ranked
 
     def _serve(self, batch: list[PageRequest]) -> None:
         composer = self._composer()
-        # a caller that gave up has cancelled its future; a request whose budget cannot cover the
-        # model's time gets the deterministic page now, and the model's time goes to one that can
+        # a caller that gave up has cancelled its future; a request that cannot be composed in time
+        # gets the deterministic page now, and the model's time goes to those that can
         live = [r for r in batch if r.future.set_running_or_notify_cancel()]
-        due = live
-        for _ in range(2):  # a smaller batch is quicker: a second look may admit more
-            now, expected = time.monotonic(), self.expected_s(len(due) or 1)
-            due = [r for r in live if r.deadline is None or r.deadline - now > expected]
-        for r in live:
-            if r not in due:
-                _settle(r.future, lambda r=r: composer.fallback(r.user_id, QUEUE_BUDGET_SPENT))
+        due, late = self._admit(live)
+        for r in late:
+            _settle(r.future, lambda r=r: composer.fallback(r.user_id, QUEUE_BUDGET_SPENT))
         if not due:
             return
         self.batches += 1
+        self._in_hand_s = self.expected_s(len(due))
         started = time.monotonic()
         if len(due) == 1:
             _settle(due[0].future, lambda: composer.compose(due[0].user_id, deadline=due[0].deadline))
-            self._learn(1, started, due[0].future)
-            return
-        deadlines = [r.deadline for r in due if r.deadline is not None]
-        pages = _attempt(lambda: composer.compose_batch([r.user_id for r in due], len(due),
-                                                        min(deadlines) if deadlines else None))
-        if not isinstance(pages, BaseException) and all(p.meta.path != "fallback" for p in pages):
-            self._record(len(due), time.monotonic() - started)
-        for i, r in enumerate(due):
-            if isinstance(pages, BaseException):  # an id or catalogue problem: each request on its own
-                _settle(r.future, lambda r=r: composer.compose(r.user_id, deadline=r.deadline))
-            else:
-                r.future.set_result(pages[i])
-
-
-    def _learn(self, size: int, started: float, future: Future) -> None:
-        page = None if future.exception() else future.result()
-        if page is not None and page.meta.path != "fallback" and not page.meta.cached:  # else: says nothing of the time
-            self._record(size, time.monotonic() - started)
+            pages = [] if due[0].future.exception() else [due[0].future.result()]
+        else:
+            deadlines = [r.deadline for r in due if r.deadline is not None]
+            pages = _attempt(lambda: composer.compose_batch([r.user_id for r in due], len(due),
+                                                            min(deadlines) if deadlines else None))
+            for i, r in enumerate(due):
+                if isinstance(pages, BaseException):  # an id or catalogue problem: each request on its own
+                    _settle(r.future, lambda r=r: composer.compose(r.user_id, deadline=r.deadline))
+                else:
+                    r.future.set_result(pages[i])
+        if isinstance(pages, list) and pages and all(p.meta.path != "fallback" and not p.meta.cached for p in pages):
+            self._record(len(due), time.monotonic() - started)  # a batch cut short says little of its time
 
     def _record(self, size: int, seconds: float) -> None:
         old = self._seconds.get(size)

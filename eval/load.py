@@ -87,6 +87,7 @@ def run_load(url: str, users: list[str], items: list[str], clients: int = 16, se
     wall = time.monotonic() - began
     pages = outcomes["pages"]
     latencies = {kind: v for kind, v in latencies.items() if v}
+    every_page = [t for kind, v in latencies.items() if kind != "events" for t in v]
     model_pages = len(latencies.get("llm", [])) + len(latencies.get("repaired", []))
     return {
         "url": url, "clients": clients, "seconds": round(wall, 1), "event_share": event_share, "think_s": think_s,
@@ -96,7 +97,7 @@ def run_load(url: str, users: list[str], items: list[str], clients: int = 16, se
         "model_pages_per_minute": round(model_pages / wall * 60, 1),
         "fallback_share": round(len(latencies.get("fallback", [])) / max(pages, 1), 3),
         "latency_ms": {kind: {"n": len(v), **{f"p{q}": round(float(np.percentile(v, q)), 1) for q in (50, 95, 99)}}
-                       for kind, v in sorted(latencies.items())},
+                       for kind, v in sorted({**latencies, "all pages": every_page}.items()) if v},
         "why": {k: v for k, v in sorted(outcomes.items()) if k.startswith(("fixed", "fallback"))},
         "problems": problems[:20],
     }

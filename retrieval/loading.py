@@ -249,8 +249,10 @@ def parse_event(row: dict[str, Any], c: EventColumns) -> Event:
     seq = parse_number(row.get(c.seq_pos), "seq_pos")
     if timestamp is None and seq is None:
         raise ValueError(f"missing: neither {c.timestamp!r} nor {c.seq_pos!r} is set")
-    if seq is not None and (seq != int(seq) or seq > _MAX_WHOLE):
-        raise ValueError(f"seq_pos must be a whole number up to {_MAX_WHOLE}, got {seq}")
+    if seq is not None and seq != int(seq):
+        raise ValueError(f"seq_pos must be a whole number, got {seq}")
+    if seq is not None and seq > _MAX_WHOLE:
+        raise ValueError(f"seq_pos must be at most {_MAX_WHOLE}, got {seq}")
     return Event(
         user_id=user_id,
         item_id=item_id,

@@ -255,3 +255,22 @@ def test_fuzzed_requests_get_documented_answers_and_never_a_5xx(api_settings, ap
             case.call_and_validate(headers=AUTH)
 
         check()
+
+
+def test_the_worker_learns_batch_times_and_admits_what_it_can_finish():
+    """Hand-computed: times are moving averages (0.8 old + 0.2 new); a size not tried yet is
+    expected to take as long as the slowest smaller one; a batch admits the most requests, most
+    time left first, whose least time left still exceeds the batch's expected time."""
+    from agent.worker import ModelWorker, PageRequest
+
+    worker = ModelWorker(lambda: None, batch=4)
+    assert worker.expected_s(3) == 0.0  # nothing learnt: nothing turned away
+    worker._record(1, 2.0)
+    worker._record(4, 5.0)
+    worker._record(1, 3.0)
+    assert worker.expected_s(1) == pytest.approx(2.2)
+    assert worker.expected_s(3) == pytest.approx(2.2) and worker.expected_s(4) == 5.0
+    now = time.monotonic()
+    requests = [PageRequest(u, now + left) for u, left in [("a", 3.0), ("b", 6.0), ("c", 1.0), ("d", 4.0)]]
+    due, late = worker._admit(requests)
+    assert [r.user_id for r in due] == ["b", "d", "a"] and [r.user_id for r in late] == ["c"]

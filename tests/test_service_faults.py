@@ -1,5 +1,6 @@
 """The service as deployed for more than one process: chromadb in server mode (``chroma run``),
-``homepage serve`` with two uvicorn workers sharing the SQLite store (WAL, one writer at a time). Faults: the model server down, the service stopped
+``homepage serve`` with two uvicorn workers sharing the SQLite store (WAL, one writer at a time).
+Faults: the model server down, the service stopped
 (SIGTERM) while events are posted and restarted, the vector-store server killed and restarted.
 No accepted event is lost or stored twice, and every answer is a valid page."""
 
@@ -159,3 +160,25 @@ def test_the_vector_store_server_killed_and_restarted(deployment):
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
+
+
+def test_a_short_load_run_against_the_deployed_service(deployment):
+    """The load tool end to end (2 clients, 3 s): the model server is down here, so every page is
+    a fallback page, valid and quick; event posts are counted apart from pages."""
+    from eval.load import run_load
+
+    settings, _, serve, url = deployment
+    server = serve()
+    catalog = Catalog(settings.store_dir / CATALOG_FILE)
+    try:
+        report = run_load(url, catalog.users()[:20], sorted(catalog.products)[:20], clients=2, seconds=3,
+                          event_share=0.3, token=TOKEN)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+        catalog.close()
+    assert report["errors"] == 0 and report["invalid_pages"] == 0 and report["pages"] > 0
+    assert report["fallback_share"] == 1.0
+    assert report["latency_ms"]["events"]["n"] > 0
+    assert report["latency_ms"]["all pages"]["n"] == report["pages"]
+    assert report["requests"] == report["pages"] + report["latency_ms"]["events"]["n"]
