@@ -200,7 +200,7 @@ class Composer:
                 keys.append(self._cache_key(user_id, True, faults))  # before composing: events may arrive
                 attempts.append(Attempt(user_id, self._history(user_id, faults), time.perf_counter(), faults))
             try:
-                before(deadline, lambda attempts=attempts: self._llm_batch(attempts, deadline))
+                self._llm_batch(attempts, deadline)
             except Exception as exc:
                 for a in attempts:
                     a.fallback_reason, a.body = _describe(exc), None
@@ -286,7 +286,7 @@ class Composer:
     def _llm_batch(self, attempts: list[Attempt], deadline: float | None = None) -> None:
         if self.skeleton.planned():
             requests = [plan_request(self.prompts["plan"], self.rules, self.skeleton, a.history) for a in attempts]
-            generations = self.backend.generate_batch(requests, PLAN_TOKENS, **_due(deadline))
+            generations = before(deadline, lambda: self.backend.generate_batch(requests, PLAN_TOKENS, **_due(deadline)))
             for a, generation in zip(attempts, generations, strict=True):
                 a.generations.append(generation)
                 a.themes = parse_plan(generation.text, self.rules, self.skeleton)
@@ -307,7 +307,9 @@ class Composer:
                         attempts: list[Attempt], deadline: float | None) -> list[Generation]:
         orders = [self.order(a.pools) for a in attempts]
         extra = {} if None in orders else {"orders": orders}
-        return self.backend.generate_batch(requests, self.max_new_tokens, **extra, **_due(deadline))
+        # bounded by ``before`` (an engine that cannot stop early), the answer read in this thread only
+        return before(deadline, lambda: self.backend.generate_batch(requests, self.max_new_tokens, **extra,
+                                                                    **_due(deadline)))
 
     def _take(self, a: Attempt, generation: Generation) -> None:
         """Read and check one draft; the latest usable draft is the body."""
