@@ -39,7 +39,6 @@ class ModelWorker:
         self._queue: queue.Queue[PageRequest] = queue.Queue(maxsize=queue_max)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.batches = 0  # batches composed, for the metrics
         self._seconds: dict[int, float] = {}  # batch size -> moving average of its time
         self._busy_since: float | None = None  # when the batch in hand was taken
         self._in_hand_s = 0.0  # how long it is expected to take
@@ -137,7 +136,6 @@ class ModelWorker:
             _settle(r.future, lambda r=r: composer.fallback(r.user_id, QUEUE_BUDGET_SPENT))
         if not due:
             return
-        self.batches += 1
         self._in_hand_s = self.expected_s(len(due))
         started = time.monotonic()
         if len(due) == 1:
