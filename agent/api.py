@@ -14,6 +14,8 @@ import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path as FilePath
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
@@ -29,10 +31,12 @@ from agent.schema import Homepage
 from agent.service import build_composer, composer_for
 from agent.settings import Settings
 from agent.worker import ModelWorker
-from retrieval import CatalogueColumns, EventColumns
+from retrieval import CatalogueColumns, EventColumns, Retriever
+from retrieval.erasure import erase, registered_outputs
 from retrieval.ids import ID_PATTERN
 from retrieval.ingest import delete_products, update_products
 from retrieval.loading import parse_event, parse_product
+from retrieval.privacy import redact
 from retrieval.vectors import PRODUCTS
 
 MAX_BATCH = 1000  # events or products in one request
@@ -71,6 +75,18 @@ class ProductsResult(BaseModel):
 
 class Removed(BaseModel):
     removed: str
+
+
+class Erased(BaseModel):
+    """The erasure receipt (also appended to the store's audit log); no personal data in it."""
+
+    subjects: list[str] = Field(description="keyed hashes of the users erased")
+    removed: dict[str, int] = Field(description="place -> records or lines removed")
+    deleted_files: list[str]
+    retrain: list[str] = Field(description="trained artefacts that saw the user, with the command that retrains them")
+    scanned: list[str] = Field(description="folders whose every file was byte-scanned afterwards")
+    clean: bool = Field(description="the scan found no id, text or vector of the user")
+    found: list[str]
 
 
 class ReloadResult(BaseModel):
@@ -185,6 +201,23 @@ class Service:
                             rules_hash=file_digest(self.settings.rules_file),
                             skeleton_hash=file_digest(self.settings.skeleton_file))
 
+    def forget(self, user_id: str) -> Erased:
+        """Erase a user everywhere (``retrieval.erasure``), then serve from stores opened again: the
+        vector store was rebuilt under the old handles, and in-memory histories, counts and cached
+        pages of the user go with the old composer. A page in flight meanwhile falls back, valid."""
+        with self._reload_lock:
+            old = self.composer
+            store = old.retriever.catalog.path.parent
+            config = replace(self.settings.retrieval_config(), store_dir=store)
+            old.retriever.close()
+            receipt = erase(config.privacy(), store, [user_id], registered_outputs(FilePath(self.settings.store_dir)),
+                            config.chroma_host, config.chroma_port)
+            self.composer = composer_for(self.settings, Retriever.open(config), old.backend, budget_s=old.budget_s,
+                                         llm_retry=old.llm_retry, handle_prior=old.handle_prior)
+        return Erased(subjects=receipt.subjects, removed=dict(receipt.removed), deleted_files=receipt.deleted_files,
+                      retrain=receipt.retrain, scanned=receipt.scanned, clean=receipt.clean,
+                      found=[f"{f.what}: {f.path}" for f in receipt.found])
+
     def problems(self) -> list[str]:
         """Why the service cannot serve pages now (empty: ready)."""
         found = []
@@ -262,11 +295,11 @@ def create_app(settings: Settings | None = None, composer: Composer | None = Non
         good, rejected = [], []
         for i, row in enumerate(batch.events):
             try:
-                event = parse_event(row, columns)
+                event = parse_event(row, columns, composer.retriever.privacy)
                 if event.item_id not in known:
                     raise ValueError(f"unknown item_id {event.item_id!r}")
             except ValueError as exc:
-                rejected.append(Rejected(index=i, reason=str(exc)))
+                rejected.append(Rejected(index=i, reason=redact(str(exc))))
             else:
                 good.append(event)
         added = composer.record_events(good) if good else []
@@ -284,7 +317,7 @@ def create_app(settings: Settings | None = None, composer: Composer | None = Non
             try:
                 good.append(parse_product(row, columns))
             except ValueError as exc:
-                rejected.append(Rejected(index=i, reason=str(exc)))
+                rejected.append(Rejected(index=i, reason=redact(str(exc))))
         changed = update_products(retriever.catalog, retriever.index, good) if good else 0
         return ProductsResult(changed=changed, rejected=rejected)
 
@@ -295,6 +328,11 @@ def create_app(settings: Settings | None = None, composer: Composer | None = Non
         if not delete_products(retriever.catalog, retriever.index, [item_id]):
             raise HTTPException(404, f"no product {item_id!r} in the catalogue")
         return Removed(removed=item_id)
+
+    @app.delete("/v1/users/{user_id}", response_model=Erased, dependencies=[Depends(writer)], responses=refused,
+                summary="Erase the user everywhere and prove it by a byte scan (right to be forgotten)")
+    def forget(user_id: Annotated[str, user_path]) -> Erased:
+        return service.forget(user_id)
 
     @app.post("/v1/admin/reload", response_model=ReloadResult, dependencies=[Depends(writer)],
               responses={**refused, 422: {"model": Problem}},

@@ -28,7 +28,7 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from agent.assembly import assemble, deterministic, expand
@@ -49,6 +49,7 @@ from retrieval.ids import check_id
 from retrieval.sources import SOURCES
 
 T = TypeVar("T")
+WITHHELD_SUMMARY = "A shopper (history withheld from remote models)."
 _GRACE_S = 0.25  # a backend that checks the deadline itself gets this long to say so
 
 
@@ -116,11 +117,13 @@ class Attempt:
 class Composer:
     def __init__(self, retriever: Retriever, backend: LLMBackend | None, prompts: dict[str, Prompt], rules: Rules,
                  skeleton: Skeleton, max_new_tokens: int = 160, llm_retry: bool = True,
-                 budget_s: float | None = 4.0, cache: PageCache | None = None, handle_prior: float | None = None):
+                 budget_s: float | None = 4.0, cache: PageCache | None = None, handle_prior: float | None = None,
+                 remote_history: bool = True):
         self.retriever, self.backend, self.prompts = retriever, backend, prompts
         self.rules, self.skeleton = rules, skeleton
         self.max_new_tokens, self.llm_retry, self.budget_s = max_new_tokens, llm_retry, budget_s
         self.handle_prior = handle_prior  # None: the model writes each module's order token by token
+        self.remote_history = remote_history
         self.cache = cache if cache is not None else PageCache()
         check_configuration(rules, skeleton, retriever.products)
         # built now rather than on the first page (the buy-again model learns from every event); a
@@ -138,7 +141,14 @@ class Composer:
         return build_pools(self.retriever, self.rules, self.skeleton, history, themes)
 
     def messages(self, history: History, pools: Pools) -> list[dict[str, str]]:
-        return draft_messages(self.prompts["compose"], self.rules, history, pools, self.retriever.products)
+        return draft_messages(self.prompts["compose"], self.rules, self._told(history), pools, self.retriever.products)
+
+    def _told(self, history: History) -> History:
+        """The history as the prompt shows it: a remote model server is not told the summary when
+        ``remote_history`` is off (the pools are still this shopper's)."""
+        if self.remote_history or not getattr(self.backend, "remote", False):
+            return history
+        return replace(history, summary=WITHHELD_SUMMARY)
 
     def schema(self, pools: Pools) -> dict:
         return draft_schema(self.rules, pools)
@@ -158,7 +168,7 @@ class Composer:
         started = time.perf_counter()
         if deadline is None and self.budget_s is not None:
             deadline = time.monotonic() + self.budget_s
-        user_id = check_user_id(user_id)
+        user_id = self._user_id(user_id)
         faults: list[str] = []
         key = self._cache_key(user_id, use_llm, faults)
         if use_cache and (page := self._cached(user_id, key, started)) is not None:
@@ -176,7 +186,7 @@ class Composer:
     def cached(self, user_id: str) -> Homepage | None:
         """The user's cached page if it is still current (nothing composed, no model asked)."""
         started = time.perf_counter()
-        user_id = check_user_id(user_id)
+        user_id = self._user_id(user_id)
         return self._cached(user_id, self._cache_key(user_id, True, []), started)
 
     def fallback(self, user_id: str, reason: str) -> Homepage:
@@ -191,7 +201,7 @@ class Composer:
         """The LLM steps of several users share forward passes (batch precompute, or a server's
         concurrent requests). ``deadline``: when the batch is due (default: none); a fault or an
         overrun costs its batch the model, never a page."""
-        ids = [check_user_id(u) for u in user_ids]
+        ids = [self._user_id(u) for u in user_ids]
         pages = []
         for start in range(0, len(ids), batch_size):
             attempts, keys = [], []
@@ -219,10 +229,16 @@ class Composer:
                 check_id(event.item_id, "item id")
             except ValueError as exc:
                 raise InputError(str(exc)) from None
+        events = [replace(e, user_id=self._user_id(e.user_id)) for e in events]
         added = self.retriever.record_events(events)
         for event in events:
             self.cache.invalidate(event.user_id)
         return added
+
+    def _user_id(self, user_id: object) -> str:
+        """The id as the stores hold it: checked, and an e-mail address or phone number turned into
+        its keyed pseudonym (``retrieval.privacy``), as ingest stores it."""
+        return self.retriever.privacy.user_id(check_user_id(user_id))
 
     # -- orchestration --------------------------------------------------------------------------
     def _keep(self, a: Attempt, key: str | None, page: Homepage) -> None:
@@ -268,7 +284,7 @@ class Composer:
 
     def _llm_path(self, a: Attempt, deadline: float | None) -> None:
         if self.skeleton.planned():
-            messages, schema = plan_request(self.prompts["plan"], self.rules, self.skeleton, a.history)
+            messages, schema = plan_request(self.prompts["plan"], self.rules, self.skeleton, self._told(a.history))
             generation = self._generate(messages, schema, PLAN_TOKENS, deadline)
             a.generations.append(generation)
             a.themes = parse_plan(generation.text, self.rules, self.skeleton)
@@ -285,7 +301,8 @@ class Composer:
 
     def _llm_batch(self, attempts: list[Attempt], deadline: float | None = None) -> None:
         if self.skeleton.planned():
-            requests = [plan_request(self.prompts["plan"], self.rules, self.skeleton, a.history) for a in attempts]
+            requests = [plan_request(self.prompts["plan"], self.rules, self.skeleton, self._told(a.history))
+                        for a in attempts]
             generations = before(deadline, lambda: self.backend.generate_batch(requests, PLAN_TOKENS, **_due(deadline)))
             for a, generation in zip(attempts, generations, strict=True):
                 a.generations.append(generation)

@@ -29,7 +29,7 @@ def composer_for(settings: Settings, retriever: Retriever, backend: LLMBackend |
     skeleton = Skeleton.load(settings.skeleton_file)
     budget = None if settings.budget_ms is None else settings.budget_ms / 1000
     options = {"llm_retry": settings.llm_retry, "budget_s": budget, "cache": PageCache(settings.cache_users),
-               "handle_prior": settings.handle_prior}
+               "handle_prior": settings.handle_prior, "remote_history": settings.remote_history}
     return Composer(retriever, backend, prompts, rules, skeleton, settings.max_new_tokens, **(options | overrides))
 
 

@@ -7,11 +7,12 @@ import copy
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from prompts import PROMPTS_DIR
 from retrieval import CatalogueColumns, EventColumns, RetrievalConfig
+from retrieval.privacy import KEY_FILE
 from retrieval.retriever import DEFAULT_RRF_K, DEFAULT_SOURCE_OPTIONS, DEFAULT_SOURCES
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "data" / "sample"
@@ -75,6 +76,14 @@ class Settings(BaseSettings):
                                       "(the output is the same either way)")
     seed: int = 0
 
+    # privacy (README, "Privacy")
+    privacy_key: SecretStr | None = Field(None, description="key of the user-id pseudonyms and the audit log's hashes; "
+                                          "unset: a random key kept in <store_dir>/privacy/key (mode 0600)")
+    retention_days: float | None = Field(None, gt=0, description="events older than this are erased by "
+                                         "`homepage forget --expired` (unset: kept)")
+    remote_history: bool = Field(True, description="send the shopper's history summary to a remote model server "
+                                 "(backend=openai); false: remote prompts carry the candidates only")
+
     # the HTTP service (``homepage serve``)
     api_token: str | None = Field(None, description="bearer token that writes (events, catalogue, reload) must "
                                   "carry; unset: every write is refused (401)")
@@ -97,5 +106,6 @@ class Settings(BaseSettings):
         return RetrievalConfig(
             store_dir=self.store_dir, embedding_model=self.embedding_model, chroma_host=self.chroma_host,
             chroma_port=self.chroma_port, sources=dict(self.sources), source_options=dict(self.source_options),
-            rrf_k=self.rrf_k,
+            rrf_k=self.rrf_k, privacy_key=self.privacy_key.get_secret_value() if self.privacy_key else None,
+            key_file=Path(self.store_dir) / KEY_FILE,
         )

@@ -54,6 +54,7 @@ from retrieval.catalog import Catalog
 from retrieval.columns import CatalogueColumns, EventColumns
 from retrieval.history import History
 from retrieval.loading import load_events, load_products
+from retrieval.privacy import KEY_FILE, Privacy
 from retrieval.records import Candidate, Event, Product
 from retrieval.retriever import CATALOG_FILE, CHROMA_DIR, DEFAULT_RRF_K, Retriever
 from retrieval.sequential import MODEL_DIR, Fitted, SASRecConfig, Trained, fit, publish
@@ -111,10 +112,13 @@ class RankingConfig:
 
 # -- data and the temporary store ---------------------------------------------------------------
 def load_data(data: Path, quarantine: Path, catalogue: CatalogueColumns | None = None,
-              columns: EventColumns | None = None) -> tuple[list[Product], list[Event]]:
+              columns: EventColumns | None = None, privacy: Privacy | None = None) -> tuple[list[Product], list[Event]]:
+    """The data through the production loading (redaction, pseudonyms: ``privacy``'s key, by default
+    one kept beside the quarantine folder)."""
+    privacy = privacy or Privacy(None, Path(quarantine).parent / KEY_FILE)
     products, _ = load_products(data / "items.csv", catalogue or CatalogueColumns(), quarantine)
     events, _ = load_events(data / "interactions.csv", columns or EventColumns(), {p.item_id for p in products},
-                            quarantine)
+                            quarantine, privacy)
     return products, events
 
 
@@ -476,8 +480,9 @@ def run(config: RankingConfig) -> dict:
         raise ValueError(f"unknown source(s) {unknown}; evaluated: {list(SOURCES_EVALUATED)}")
     work = Path(tempfile.mkdtemp(prefix="homepage-eval-"))
     try:
+        privacy = config.settings.retrieval_config().privacy() if config.settings else None
         products, events = load_data(Path(config.data), work / "quarantine", config.catalogue_columns,
-                                     config.event_columns)
+                                     config.event_columns, privacy)
         test, valid = leave_last_out(events, "test"), leave_last_out(events, "valid")
         item_ids = sorted(p.item_id for p in products)
 

@@ -37,7 +37,8 @@ def read_logs(data: Path, settings: Settings, quarantine: Path) -> Logs:
     if not catalogue.exists() or not events_file.exists():
         raise UserError(f"data: expected items.csv and interactions.csv in {data}")
     products, report = load_products(catalogue, settings.catalogue_columns, quarantine)
-    events, events_report = load_events(events_file, settings.event_columns, {p.item_id for p in products}, quarantine)
+    events, events_report = load_events(events_file, settings.event_columns, {p.item_id for p in products}, quarantine,
+                                        settings.retrieval_config().privacy())
     for line in (report, events_report):
         print(line)
     return Logs(catalogue, events, file_digest(catalogue, events_file))

@@ -121,6 +121,46 @@ def cmd_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def _writes(settings, *folders) -> None:
+    """Register output folders with the store, so that ``homepage forget`` reaches them."""
+    from retrieval.erasure import register_output
+
+    for folder in folders:
+        if folder:
+            register_output(settings.store_dir, Path(folder))
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    from retrieval.erasure import erase, erase_expired, registered_outputs
+
+    settings = _settings(args)
+    config = settings.retrieval_config()
+    outputs = [*registered_outputs(settings.store_dir), *(Path(o) for o in args.outputs)]
+    if args.expired:
+        if args.users:
+            raise UserError("give user ids or --expired, not both")
+        if settings.retention_days is None:
+            raise UserError("--expired needs the retention_days setting (homepage.toml or HOMEPAGE_RETENTION_DAYS)")
+        before = time.time() - settings.retention_days * 86_400
+        receipt = erase_expired(config.privacy(), settings.store_dir, before, settings.embedding_model, outputs,
+                                settings.chroma_host, settings.chroma_port)
+    else:
+        if not args.users:
+            raise UserError("name the users to forget (or --expired)")
+        from retrieval.ids import check_id
+
+        for user in args.users:
+            try:
+                check_id(user, "user id")
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
+        receipt = erase(config.privacy(), settings.store_dir, args.users, outputs, settings.chroma_host,
+                        settings.chroma_port)
+    print("\n".join(receipt.lines()))
+    print(f"receipt appended to {Path(settings.store_dir) / 'privacy' / 'audit.jsonl'}")
+    return 0 if receipt.clean else 1
+
+
 def cmd_eval_ranking(args: argparse.Namespace) -> int:
     from eval.ranking import SOURCES_EVALUATED, RankingConfig, intervals_table, run, table, transfer_table
 
@@ -138,6 +178,7 @@ def cmd_eval_ranking(args: argparse.Namespace) -> int:
                            llm_users=args.llm_users, llm_tune_users=args.llm_tune_users,
                            llm_before_users=args.llm_before_users, settings=settings)
     config.sasrec.seed, config.sasrec.threads, config.sasrec.max_minutes = args.seed, args.threads, args.minutes
+    _writes(settings, args.out, config.cache)
     report = run(config)
     meta = report["meta"]
     print(table(report["results"]))
@@ -166,6 +207,7 @@ def cmd_eval_load(args: argparse.Namespace) -> int:
                       token=settings.api_token, seed=args.seed, think_s=args.think)
     print(format_report(report))
     if args.out:
+        _writes(settings, args.out)
         write_report(report, Path(args.out))
     return 0
 
@@ -210,6 +252,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                        seed=args.seed, before=before)
     print(format_report(report))
     if args.out:
+        _writes(settings, args.out)
         write_report(report, Path(args.out))
     return 0
 
@@ -247,6 +290,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             "backend": config.teacher.backend, "model": config.teacher.model,
             "openai_base_url": config.teacher.base_url, "adapter": None}))
     started = time.perf_counter()
+    _writes(settings, config.out)
     manifest = build_examples(config, settings, teacher)
     print(f"examples: {manifest['examples']} ({manifest['examples_eval']} held out for the evaluation loss), "
           f"{manifest['examples_with_target_shown']} showing an item the user bought next; skipped "
@@ -269,10 +313,12 @@ def cmd_eval_adapter(args: argparse.Namespace) -> int:
     settings = _settings(args)
     config = load_config(Path(args.config))
     adapter = Path(args.adapter) if args.adapter else Path(config.out) / ADAPTER_DIR
+    out = Path(args.out) if args.out else Path(config.out) / "eval"
+    _writes(settings, out)
     report = compare(config, settings, adapter, users=args.users, seed=args.seed)
     print(table(report))
     print(f"{report['meta']['users']} validation users; {report['meta']['seconds']} s")
-    write_report(report, Path(args.out) if args.out else Path(config.out) / "eval", adapter)
+    write_report(report, out, adapter)
     return 0
 
 
@@ -314,6 +360,15 @@ def build_parser() -> argparse.ArgumentParser:
     remove = sub.add_parser("remove", help="take products out of the catalogue and the vector store")
     remove.add_argument("items", nargs="+", help="product ids")
     remove.set_defaults(run=cmd_remove)
+
+    forget = sub.add_parser("forget", help="erase users (or, with --expired, events past retention_days) from the "
+                            "store and every output folder, then prove it with a byte scan")
+    forget.add_argument("users", nargs="*", help="user ids as the shop knows them (an e-mail address finds its "
+                        "pseudonym)")
+    forget.add_argument("--expired", action="store_true", help="erase every event older than retention_days")
+    forget.add_argument("--outputs", nargs="*", default=[], help="more folders to clean and scan (folders that "
+                        "commands wrote are registered with the store and always included)")
+    forget.set_defaults(run=cmd_forget)
 
     compose = sub.add_parser("compose", help="compose one user's homepage")
     compose.add_argument("user", help="user id (an unknown id gets a cold-start page)")

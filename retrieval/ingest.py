@@ -133,7 +133,7 @@ def ingest(
             catalog.upsert_products(products)
         known = set(catalog.products)
         events, events_report = load_events(
-            Path(events_path), event_columns or EventColumns(), known, quarantine_dir
+            Path(events_path), event_columns or EventColumns(), known, quarantine_dir, config.privacy()
         )
         new_events = catalog.add_events(events)
         if events_only:

@@ -2,6 +2,10 @@
 
 A malformed row is never dropped silently and never stops the load: it is written, with its file,
 line and reason, to a quarantine JSONL file, and counted in the ``LoadReport``.
+
+Personal data never gets further than this module (``retrieval.privacy``): free text is redacted and
+seller text cleared of prompt markup before a product exists, user ids that are e-mail addresses or
+phone numbers become keyed pseudonyms, and a quarantined row is kept redacted in the same way.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import html
 import json
 import math
 import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,6 +24,7 @@ from typing import Any
 
 from retrieval.columns import CatalogueColumns, EventColumns
 from retrieval.ids import check_id
+from retrieval.privacy import Privacy, neutralise, personal_id_kind, redact
 from retrieval.records import Event, Product
 
 
@@ -34,11 +40,15 @@ class LoadReport:
     quarantined: int = 0
     quarantine_path: Path | None = None
     reasons: dict[str, int] = field(default_factory=dict)
+    # personal data redacted by kind, user ids pseudonymised, seller texts cleared of prompt markup
+    privacy: Counter = field(default_factory=Counter)
 
     def __str__(self) -> str:
         line = f"{self.path.name}: read {self.read}, loaded {self.loaded}, quarantined {self.quarantined}"
         if self.quarantined:
             line += f" -> {self.quarantine_path}"
+        if self.privacy:
+            line += "; " + ", ".join(f"{kind} {n}" for kind, n in sorted(self.privacy.items()))
         return line
 
 
@@ -47,18 +57,34 @@ class Quarantine:
     caller gives each run its own ``dir`` (``ingest``: ``quarantine/<UTC time>-<pid>-<run>/``), so a
     run never overwrites what an earlier one kept aside."""
 
-    def __init__(self, directory: Path, source: Path, report: LoadReport):
+    def __init__(self, directory: Path, source: Path, report: LoadReport, privacy: Privacy | None = None,
+                 user_column: str | None = None):
         self.path = directory / f"{source.name}.quarantine.jsonl"
         self.source = source
         self.report = report
+        self.privacy, self.user_column = privacy, user_column
         self._fh = None
+
+    def _kept(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The row as it may be kept: the user id as stored (so erasure finds it), the rest redacted."""
+        kept = {}
+        for key, value in row.items():
+            if isinstance(value, dict | list):
+                value = json.dumps(value, ensure_ascii=False, default=str)
+            if isinstance(value, str):
+                if key == self.user_column and self.privacy and personal_id_kind(value):
+                    value = self.privacy.user_id(value)
+                else:
+                    value = redact(value)
+            kept[str(key)] = value
+        return kept
 
     def reject(self, line: int, reason: str, row: dict[str, Any]) -> None:
         if self._fh is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = self.path.open("w", encoding="utf-8")
             self.report.quarantine_path = self.path
-        record = {"file": str(self.source), "line": line, "reason": reason, "row": row}
+        record = {"file": str(self.source), "line": line, "reason": redact(reason), "row": self._kept(row)}
         self._fh.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
         self.report.quarantined += 1
         kind = reason.split(":", 1)[0]
@@ -173,7 +199,7 @@ def load_products(
             if report.read == 1:
                 _require_columns(path, row, {"item_id": columns.item_id, "title": columns.title})
             try:
-                product = parse_product(row, columns)
+                product = parse_product(row, columns, report.privacy)
             except ValueError as exc:
                 quarantine.reject(line, str(exc), row)
                 continue
@@ -189,15 +215,31 @@ def load_products(
     return products, report
 
 
-def parse_product(row: dict[str, Any], c: CatalogueColumns) -> Product:
-    """One catalogue row as a product, or ``ValueError`` saying what is wrong (ingest and the service)."""
+def _private_text(value: Any, counts: Counter, seller: bool = False) -> str | None:
+    """Cleaned text with personal data redacted; seller text (titles, descriptions) also cleared
+    of prompt markup and instructions to the model."""
+    text = clean_text(value)
+    if text is not None:
+        text = redact(text, counts)
+        if seller:
+            text = neutralise(text, counts)
+    return text or None
+
+
+def parse_product(row: dict[str, Any], c: CatalogueColumns, counts: Counter | None = None) -> Product:
+    """One catalogue row as a product, or ``ValueError`` saying what is wrong (ingest and the service).
+    ``counts`` tallies the personal data redacted and the texts cleared of prompt markup."""
+    counts = Counter() if counts is None else counts
     if "_error" in row:
         raise ValueError(f"malformed: {row['_error']}")
     item_id = check_id(_raw_id(row.get(c.item_id)), "item_id")
-    title = clean_text(row.get(c.title)) or clean_text(row.get(c.title_fallback))
+    if kind := personal_id_kind(item_id):
+        raise ValueError(f"personal data: item_id is an {kind} address" if kind == "email"
+                         else f"personal data: item_id is a {kind} number")
+    title = _private_text(row.get(c.title), counts, True) or _private_text(row.get(c.title_fallback), counts, True)
     if title is None:
-        raise ValueError("missing: title is empty")
-    category = clean_text(row.get(c.category))
+        raise ValueError("missing: title is empty (or held nothing but instructions to the model)")
+    category = _private_text(row.get(c.category), counts)
     path = tuple(level.strip() for level in category.split(">") if level.strip()) if category else ()
     stock = parse_number(row.get(c.stock), "stock")
     if stock is not None and stock > _MAX_WHOLE:
@@ -206,18 +248,18 @@ def parse_product(row: dict[str, Any], c: CatalogueColumns) -> Product:
         item_id=item_id,
         title=title,
         category_path=path,
-        brand=clean_text(row.get(c.brand)),
+        brand=_private_text(row.get(c.brand), counts, True),
         price=parse_number(row.get(c.price), "price"),
-        description=clean_text(row.get(c.description)),
+        description=_private_text(row.get(c.description), counts, True),
         stock=None if stock is None else int(stock),
     )
 
 
 def load_events(
-    path: Path, columns: EventColumns, known_items: set[str], quarantine_dir: Path
+    path: Path, columns: EventColumns, known_items: set[str], quarantine_dir: Path, privacy: Privacy
 ) -> tuple[list[Event], LoadReport]:
     report = LoadReport(Path(path))
-    quarantine = Quarantine(quarantine_dir, Path(path), report)
+    quarantine = Quarantine(quarantine_dir, Path(path), report, privacy, columns.user_id)
     events: list[Event] = []
     try:
         for line, row in read_rows(Path(path)):
@@ -225,7 +267,7 @@ def load_events(
             if report.read == 1:
                 _require_columns(path, row, {"user_id": columns.user_id, "item_id": columns.item_id})
             try:
-                event = parse_event(row, columns)
+                event = parse_event(row, columns, privacy, report.privacy)
             except ValueError as exc:
                 quarantine.reject(line, str(exc), row)
                 continue
@@ -239,11 +281,15 @@ def load_events(
     return events, report
 
 
-def parse_event(row: dict[str, Any], c: EventColumns) -> Event:
-    """One event row, or ``ValueError`` saying what is wrong (ingest and the service)."""
+def parse_event(row: dict[str, Any], c: EventColumns, privacy: Privacy, counts: Counter | None = None) -> Event:
+    """One event row, or ``ValueError`` saying what is wrong (ingest and the service). A user id
+    that is an e-mail address or phone number is stored as its keyed pseudonym."""
     if "_error" in row:
         raise ValueError(f"malformed: {row['_error']}")
     user_id = check_id(_raw_id(row.get(c.user_id)), "user_id")
+    stored = privacy.user_id(user_id)
+    if stored != user_id and counts is not None:
+        counts["pseudonymised user id"] += 1
     item_id = check_id(_raw_id(row.get(c.item_id)), "item_id")
     timestamp = parse_timestamp(row.get(c.timestamp))
     seq = parse_number(row.get(c.seq_pos), "seq_pos")
@@ -254,9 +300,9 @@ def parse_event(row: dict[str, Any], c: EventColumns) -> Event:
     if seq is not None and seq > _MAX_WHOLE:
         raise ValueError(f"seq_pos must be at most {_MAX_WHOLE}, got {seq}")
     return Event(
-        user_id=user_id,
+        user_id=stored,
         item_id=item_id,
         timestamp=timestamp,
         seq_pos=None if seq is None else int(seq),
-        event_type=(clean_text(row.get(c.event_type)) or "view").lower(),
+        event_type=(_private_text(row.get(c.event_type), Counter()) or "view").lower(),
     )

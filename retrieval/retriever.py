@@ -8,6 +8,7 @@ from pathlib import Path
 
 from retrieval.catalog import Catalog
 from retrieval.history import History, build_history
+from retrieval.privacy import KEY_FILE, Privacy
 from retrieval.records import Candidate, Event, Product
 from retrieval.sources import SOURCES, SourceContext, fuse
 from retrieval.vectors import LocalEmbeddings, VectorIndex, chroma_client
@@ -35,11 +36,18 @@ class RetrievalConfig:
     # source name -> its own settings, e.g. {"covisit": {"window": 5}}
     source_options: dict[str, dict] = field(default_factory=lambda: copy.deepcopy(DEFAULT_SOURCE_OPTIONS))
     rrf_k: int = DEFAULT_RRF_K  # reciprocal-rank fusion constant: smaller favours each source's top items
+    # the key of user-id pseudonyms and the audit log: this value, else a random one kept in key_file
+    # (default ``<store_dir>/privacy/key``; stores derived from the main one share its key)
+    privacy_key: str | None = None
+    key_file: Path | None = None
+
+    def privacy(self) -> Privacy:
+        return Privacy(self.privacy_key, self.key_file or Path(self.store_dir) / KEY_FILE)
 
 
 class Retriever:
     def __init__(self, catalog: Catalog, index: VectorIndex, sources: dict[str, float],
-                 options: dict[str, dict] | None = None, rrf_k: int = DEFAULT_RRF_K):
+                 options: dict[str, dict] | None = None, rrf_k: int = DEFAULT_RRF_K, privacy: Privacy | None = None):
         unknown = sorted(set(sources) - set(SOURCES))
         if unknown:
             raise ValueError(f"unknown candidate source(s) {unknown}; known: {sorted(SOURCES)}")
@@ -48,6 +56,7 @@ class Retriever:
         self._context = SourceContext(catalog, index, catalog.path.parent, dict(options or {}))
         self.weights = dict(sources)
         self.rrf_k = rrf_k
+        self.privacy = privacy or Privacy(None, catalog.path.parent / KEY_FILE)
         # popularity is always built: it is the cold-start fallback and the "trending" module
         names = dict.fromkeys([*sources, "popularity"])
         self.sources = {name: SOURCES[name](self._context) for name in names}
@@ -59,7 +68,7 @@ class Retriever:
         catalog = Catalog(store / CATALOG_FILE)
         client = chroma_client(store / CHROMA_DIR, config.chroma_host, config.chroma_port)
         index = VectorIndex(client, LocalEmbeddings(config.embedding_model))
-        return cls(catalog, index, config.sources, config.source_options, config.rrf_k)
+        return cls(catalog, index, config.sources, config.source_options, config.rrf_k, config.privacy())
 
     @property
     def products(self) -> dict[str, Product]:

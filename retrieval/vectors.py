@@ -84,6 +84,22 @@ def _own(persist_dir: str | Path) -> None:
     _OWNED[str(folder)] = fd
 
 
+def close_embedded(persist_dir: str | Path) -> None:
+    """Stop this process's embedded chromadb on the folder (every handle on it is dead afterwards)
+    and give up owning it: before the folder is replaced. Other folders' clients are untouched."""
+    from chromadb.api.shared_system_client import SharedSystemClient
+
+    folder = Path(persist_dir).resolve()
+    for identifier in list(SharedSystemClient._identifier_to_system):
+        with contextlib.suppress(OSError, ValueError):
+            if identifier and Path(identifier).resolve() == folder:
+                SharedSystemClient._identifier_to_refcount.pop(identifier, None)
+                SharedSystemClient._identifier_to_system.pop(identifier).stop()
+    fd = _OWNED.pop(str(folder), None)
+    if fd is not None:
+        os.close(fd)
+
+
 def chroma_client(persist_dir: str | None = None, host: str | None = None, port: int = 8000):
     """Embedded persistent client by default (owned by this process); the HTTP client when a
     server host is configured."""

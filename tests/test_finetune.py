@@ -56,11 +56,12 @@ def _sample_events(folder):
 
     from retrieval.columns import CatalogueColumns, EventColumns
     from retrieval.loading import load_events, load_products
+    from retrieval.privacy import Privacy
 
     with tempfile.TemporaryDirectory() as quarantine:
         products, _ = load_products(folder / "items.csv", CatalogueColumns(), Path(quarantine))
         events, _ = load_events(folder / "interactions.csv", EventColumns(), {p.item_id for p in products},
-                                Path(quarantine))
+                                Path(quarantine), Privacy(None, Path(quarantine) / "key"))
     return events
 
 

@@ -6,6 +6,12 @@ import pytest
 
 from retrieval.columns import CatalogueColumns, EventColumns
 from retrieval.loading import DataFileError, clean_text, load_events, load_products
+from retrieval.privacy import Privacy
+
+
+def _privacy(tmp_path):
+    return Privacy("test key", tmp_path / "key")
+
 
 CATALOGUE = """item_id,title,category_path,brand,price_usd
 A1,Rose &amp;amp; Oud   Serum,Beauty > Skin Care > Face,Acme,12.50
@@ -65,7 +71,7 @@ def test_title_falls_back_to_second_title_column(tmp_path):
 def test_bad_event_rows_are_quarantined(tmp_path):
     path = tmp_path / "events.csv"
     path.write_text(EVENTS)
-    events, report = load_events(path, EventColumns(), {"A1", "A5"}, tmp_path / "q")
+    events, report = load_events(path, EventColumns(), {"A1", "A5"}, tmp_path / "q", _privacy(tmp_path))
     assert [(e.user_id, e.item_id, e.seq_pos, e.event_type) for e in events] == [
         ("u1", "A1", 0, "review"), ("u1", "A5", 1, "view"), ("u3", "A5", 2, "purchase"),
     ]
@@ -84,7 +90,7 @@ def test_jsonl_with_a_broken_line_and_iso_timestamps(tmp_path):
                     '\n'
                     '["not", "an", "object"]\n'
                     '{"user_id": "u1", "item_id": "A1", "timestamp": 1700000000}\n')
-    events, report = load_events(path, EventColumns(), {"A1"}, tmp_path / "q")
+    events, report = load_events(path, EventColumns(), {"A1"}, tmp_path / "q", _privacy(tmp_path))
     assert [e.timestamp for e in events] == [1704164645.0, 1700000000.0]
     rows = [json.loads(line) for line in report.quarantine_path.read_text().splitlines()]
     assert [(r["line"], r["reason"][:24]) for r in rows] == [

@@ -38,6 +38,7 @@ HandleOrder = Callable[[int, dict[int, float]], list[int]]
 
 class LLMBackend(ABC):
     name = "base"
+    remote = False  # True: prompts leave this process (a model server)
     model_name = ""
     adapter: str | None = None
     # reads every candidate handle's score in one pass and writes the order ``generate(order=...)``

@@ -11,6 +11,7 @@ from agent.errors import BackendError
 
 class OpenAICompatibleBackend(LLMBackend):
     name = "openai"
+    remote = True  # its prompts leave this process (see ``Settings.remote_history``)
 
     def __init__(self, base_url: str, model: str, adapter: str | None = None, timeout: float = 30.0):
         import httpx
