@@ -31,7 +31,7 @@ from agent.schema import Homepage
 from agent.service import build_composer, composer_for
 from agent.settings import Settings
 from agent.worker import ModelWorker
-from retrieval import CatalogueColumns, EventColumns, Retriever
+from retrieval import CatalogueColumns, EventColumns
 from retrieval.erasure import erase, registered_outputs
 from retrieval.ids import ID_PATTERN
 from retrieval.ingest import delete_products, update_products
@@ -202,21 +202,20 @@ class Service:
                             skeleton_hash=file_digest(self.settings.skeleton_file))
 
     def forget(self, user_id: str) -> Erased:
-        """Erase a user everywhere (``retrieval.erasure``), then serve from stores opened again: the
-        vector store was rebuilt under the old handles, and in-memory histories, counts and cached
-        pages of the user go with the old composer. A page in flight meanwhile falls back, valid."""
+        """Erase a user everywhere (``retrieval.erasure``). Where anything was removed, the retriever
+        opens the rewritten stores again and rebuilds its in-memory histories and counts; cached pages
+        are stale (the erasure bumps the catalogue version). A page in flight meanwhile falls back, valid."""
         with self._reload_lock:
-            old = self.composer
-            store = old.retriever.catalog.path.parent
+            retriever = self.composer.retriever
+            store = retriever.catalog.path.parent
             config = replace(self.settings.retrieval_config(), store_dir=store)
-            old.retriever.close()
             receipt = erase(config.privacy(), store, [user_id], registered_outputs(FilePath(self.settings.store_dir)),
                             config.chroma_host, config.chroma_port)
-            self.composer = composer_for(self.settings, Retriever.open(config), old.backend, budget_s=old.budget_s,
-                                         llm_retry=old.llm_retry, handle_prior=old.handle_prior)
-        return Erased(subjects=receipt.subjects, removed=dict(receipt.removed), deleted_files=receipt.deleted_files,
-                      retrain=receipt.retrain, scanned=receipt.scanned, clean=receipt.clean,
-                      found=[f"{f.what}: {f.path}" for f in receipt.found])
+            if any(receipt.removed.values()):
+                retriever.reopen(config)
+        return Erased(subjects=receipt.subjects, removed={k: v for k, v in receipt.removed.items() if v},
+                      deleted_files=receipt.deleted_files, retrain=receipt.retrain, scanned=receipt.scanned,
+                      clean=receipt.clean, found=[f"{f.what}: {f.path}" for f in receipt.found])
 
     def problems(self) -> list[str]:
         """Why the service cannot serve pages now (empty: ready)."""

@@ -238,7 +238,7 @@ class Composer:
     def _user_id(self, user_id: object) -> str:
         """The id as the stores hold it: checked, and an e-mail address or phone number turned into
         its keyed pseudonym (``retrieval.privacy``), as ingest stores it."""
-        return self.retriever.privacy.user_id(check_user_id(user_id))
+        return check_user_id(self.retriever.privacy.user_id(user_id) if isinstance(user_id, str) else user_id)
 
     # -- orchestration --------------------------------------------------------------------------
     def _keep(self, a: Attempt, key: str | None, page: Homepage) -> None:

@@ -151,7 +151,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
         for user in args.users:
             try:
-                check_id(user, "user id")
+                check_id(config.privacy().user_id(user), "user id")
             except ValueError as exc:
                 raise UserError(str(exc)) from None
         receipt = erase(config.privacy(), settings.store_dir, args.users, outputs, settings.chroma_host,

@@ -2,10 +2,11 @@
 the project writes, then a byte scan of all of it for what was stored about them.
 
 Deleting is not erasing. SQLite keeps deleted rows in free pages and its write-ahead log until a
-VACUUM and a checkpoint; chromadb (1.5) keeps a deleted record's vector and id in its HNSW files and its
-text in freed pages of its own SQLite file. So the event store is rewritten (``secure_delete``,
-VACUUM, WAL truncated) and every vector collection is rebuilt into a fresh folder from the records
-that stay, which then replaces the old one. The scan looks for the ids, the behaviour texts and the
+VACUUM and a checkpoint; chromadb (1.5) keeps a deleted record's vector in its HNSW files and its
+text in its own SQLite file. So the event store is rewritten (``secure_delete``, VACUUM, WAL
+truncated) and every vector collection is rebuilt into a fresh folder from the records that stay,
+which then replaces the old one (with the HNSW files' unused capacity zeroed: chromadb writes it
+from uninitialised memory). The scan looks for the ids, the behaviour texts and the
 vectors (as float32, raw and normalised, within rounding) in every file of the store and of every
 output folder; it is part of the receipt.
 """
@@ -17,6 +18,7 @@ import os
 import re
 import shutil
 import sqlite3
+import struct
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -164,6 +166,8 @@ def rebuild_vectors(store: Path, drop: set[str], host: str | None = None, port: 
     if not host and not folder.exists():
         return Counter(), Traces()
     client = chroma_client(folder, host, port)
+    if not updates and not any(c.get(ids=sorted(drop), include=[])["ids"] for c in client.list_collections()):
+        return Counter(), Traces()  # nothing of theirs in it: no rebuild
     collections = _collections(client)
     gone, kept_texts, kept_vectors = Traces(), set(), set()
     behaviour = collections.get(BEHAVIOUR, ({}, {}, {"ids": []}))[2]
@@ -197,11 +201,35 @@ def rebuild_vectors(store: Path, drop: set[str], host: str | None = None, port: 
     del client, target
     close_embedded(fresh)  # both folders' files closed before the swap
     close_embedded(folder)
+    for header in fresh.glob("*/header.bin"):
+        zero_unused_slots(header.parent)
     old = folder.with_name(CHROMA_DIR + ".old")
     folder.rename(old)
     fresh.rename(folder)
     shutil.rmtree(old)
     return removed, gone
+
+
+_HNSW_HEADER = struct.Struct("<iQQQQ")  # version, level-0 offset, capacity, elements, bytes per element
+
+
+def zero_unused_slots(segment: Path) -> int:
+    """Zero the HNSW level-0 file past its last element; returns the bytes zeroed. chromadb writes
+    the whole preallocated capacity, and the slots not yet used hold whatever the process's memory
+    held (we found an erased user's text there). Only a header we understand is acted on."""
+    header, data = segment / "header.bin", segment / "data_level0.bin"
+    if not header.exists() or not data.exists():
+        return 0
+    version, offset, capacity, count, size = _HNSW_HEADER.unpack_from(header.read_bytes())
+    if version != 1 or offset != 0 or not 0 <= count <= capacity or data.stat().st_size != capacity * size:
+        return 0
+    unused = (capacity - count) * size
+    with open(data, "r+b") as fh:
+        fh.seek(count * size)
+        fh.write(bytes(unused))
+        fh.flush()
+        os.fsync(fh.fileno())
+    return unused
 
 
 def _rewrite_lines(path: Path, pattern: re.Pattern) -> int:

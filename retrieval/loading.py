@@ -286,9 +286,9 @@ def parse_event(row: dict[str, Any], c: EventColumns, privacy: Privacy, counts: 
     that is an e-mail address or phone number is stored as its keyed pseudonym."""
     if "_error" in row:
         raise ValueError(f"malformed: {row['_error']}")
-    user_id = check_id(_raw_id(row.get(c.user_id)), "user_id")
-    stored = privacy.user_id(user_id)
-    if stored != user_id and counts is not None:
+    raw = _raw_id(row.get(c.user_id))
+    stored = check_id(privacy.user_id(raw) if isinstance(raw, str) else raw, "user_id")
+    if stored != raw and counts is not None:
         counts["pseudonymised user id"] += 1
     item_id = check_id(_raw_id(row.get(c.item_id)), "item_id")
     timestamp = parse_timestamp(row.get(c.timestamp))

@@ -91,14 +91,16 @@ _MARKUP = re.compile(
     r"|(?:^|(?<=[.!?]\s))(?:#{2,}\s*)?(?:system|assistant|user|instructions?)\s*:",
     re.IGNORECASE,
 )
+_TAIL = r"(?:[^.!?\n]{0,80}?\b(?:first|top|1st|#1|number one)\b|[^.!?\n]{0,80})[.!?]?"  # to "first", else the sentence
 _INSTRUCTION = re.compile(
     r"\b(?:ignore|disregard|forget|override)\b[^.!?\n]{0,60}?\b(?:above|previous|prior|earlier|instructions?|rules?)\b"
-    r"[^.!?\n]{0,80}[.!?]?"
-    r"|\b(?:always|must)\s+(?:pick|put|rank|place|choose|list|show)\b[^.!?\n]{0,80}[.!?]?"
-    r"|\b(?:pick|put|rank|place|choose|list|show)\s+(?:this|me|it)\b[^.!?\n]{0,40}\b(?:first|top|#?1)\b[.!?]?",
+    + _TAIL
+    + r"|\b(?:you\s+)?(?:always|must|should)\s+(?:always\s+)?(?:pick|put|rank|place|choose|list|show)\b" + _TAIL
+    + r"|\b(?:pick|put|rank|place|choose|list|show)\s+(?:this|me|it)\b[^.!?\n]{0,40}\b(?:first|top|#?1)\b[.!?]?",
     re.IGNORECASE,
 )
-_JSONISH = re.compile(r"\"[^\"\n]{0,40}\"\s*:|[{}`]")
+# a JSON object (two levels of nesting), a stray key, brace or backtick
+_JSONISH = re.compile(r"\{(?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*\}|\"[^\"\n]{0,40}\"\s*:|[{}`]")
 
 
 def neutralise(text: str, counts: Counter | None = None) -> str:

@@ -88,6 +88,16 @@ class Retriever:
             self._histories[user_id] = cached
         return cached[1]
 
+    def reopen(self, config: RetrievalConfig) -> None:
+        """After an erasure rewrote the stores under this retriever: new vector-store handles, and
+        histories and sources built again from what the stores hold now."""
+        self.catalog.close()  # connections reopen on next use, on the vacuumed file
+        client = chroma_client(Path(config.store_dir) / CHROMA_DIR, config.chroma_host, config.chroma_port)
+        self.index = VectorIndex(client, self.index.embeddings)
+        self._context = SourceContext(self.catalog, self.index, self.catalog.path.parent, self._context.options)
+        self.sources = {name: SOURCES[name](self._context) for name in self.sources}
+        self._histories.clear()
+
     def record_events(self, events: list[Event]) -> list[bool]:
         """Store events (each durable once this returns; one already stored is not stored again)
         and tell the built sources of the new ones. Returns, per event, whether it was new."""

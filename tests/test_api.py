@@ -127,6 +127,25 @@ def test_a_product_update_reaches_the_next_page(client, sample_users):
     assert "NEW-1" not in retriever.products
 
 
+def test_a_user_is_forgotten_through_the_api_and_the_service_keeps_serving(client, api_retriever, sample_users):
+    user, other = sample_users[7], sample_users[8]
+    assert api_retriever.catalog.event_count(user) > 0 and not page_of(client, user).meta.cold_start
+    assert client.delete(f"/v1/users/{user}").status_code == 401
+    response = client.delete(f"/v1/users/{user}", headers=AUTH)
+    assert response.status_code == 200, response.text
+    receipt = response.json()
+    assert receipt["clean"] and receipt["found"] == [] and user not in response.text
+    assert sum(n for place, n in receipt["removed"].items() if place.endswith(": events")) > 0
+    assert receipt["removed"][f"{api_retriever.catalog.path.parent}: vector collection behaviour"] == 1
+    assert api_retriever.catalog.event_count(user) == 0
+    assert page_of(client, user).meta.cold_start  # now a new visitor, not the cached page
+    assert not page_of(client, other).meta.cold_start  # the rebuilt stores serve everyone else
+    assert api_retriever.index.count("behaviour") > 0
+    # nobody to erase: answered clean, nothing rebuilt
+    again = client.delete(f"/v1/users/{user}", headers=AUTH).json()
+    assert again["clean"] and again["removed"] == {}
+
+
 def test_a_broken_rule_set_is_refused_and_the_old_one_keeps_serving(client, api_settings, sample_users):
     rules = Path(api_settings.rules_file)
     good = rules.read_text()
@@ -245,7 +264,7 @@ def test_fuzzed_requests_get_documented_answers_and_never_a_5xx(api_settings, ap
     app = create_app(api_settings, composer_for(api_settings, api_retriever, None))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 8
+    assert len(operations) == 9
 
     for operation in operations:
         @hypothesis.given(case=operation.as_strategy())
