@@ -10,25 +10,30 @@ named, never as a prompt with a hole in it:
 3. it may only use the variables its prompt provides;
 4. it must render a sample context under ``StrictUndefined`` (this catches ``module.tilte``).
 At run time an undefined value raises ``TemplateRenderError`` (the composer falls back), and what
-a template may compute is bounded: ranges, repetition, powers and the rendered size.
+a template may compute is bounded: ranges, repetition, powers, the loop iterations of one render
+(nested loops included) and the rendered size. The sandbox refuses attribute escapes
+(``__class__``, ``__globals__``, ``str.format`` tricks); tests/test_prompts.py holds the payloads tried.
 """
 
 from __future__ import annotations
 
 import hashlib
 import traceback
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from jinja2 import StrictUndefined, Template, TemplateSyntaxError, meta, nodes
 from jinja2.exceptions import SecurityError
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from agent.errors import ConfigError
 
 MAX_RENDERED_CHARS = 100_000  # a prompt is a few thousand characters; far more is a runaway loop
 _MAX_PRODUCT = 10_000  # the longest string or list a template's * may build
+MAX_ITERATIONS = 20_000  # loop steps in one render, all loops together (a page's prompt takes a few hundred)
+_steps_left: ContextVar[list[int]] = ContextVar("template_steps_left")
 _REFUSED = {nodes.Include: "include", nodes.Import: "import", nodes.FromImport: "from ... import",
             nodes.Extends: "extends"}
 
@@ -37,8 +42,8 @@ class TemplateRenderError(ConfigError):
     """A template failed while rendering a request (names the file and line)."""
 
 
-class BoundedSandbox(SandboxedEnvironment):
-    """Sandboxed, strict, and bounded in what a template may compute."""
+class BoundedSandbox(ImmutableSandboxedEnvironment):
+    """Sandboxed (values cannot be changed either), strict, and bounded in what a template may compute."""
 
     MAX_RANGE = 1_000
     intercepted_binops = frozenset({"*", "**"})
@@ -46,6 +51,7 @@ class BoundedSandbox(SandboxedEnvironment):
     def __init__(self) -> None:
         super().__init__(undefined=StrictUndefined, keep_trailing_newline=True, autoescape=False)
         self.globals["range"] = self._range
+        self.globals[_EACH] = _each
 
     def _range(self, *args: int) -> range:
         numbers = range(*args)
@@ -87,15 +93,39 @@ PROMPTS: dict[str, tuple[list[tuple[str, str]], dict[str, Any]]] = {
 _ROLES = {"system": "system", "human": "user", "ai": "assistant"}
 
 
+_EACH = "_bounded_loop"  # the name every {% for %} iterates through (``_count_loops``)
+
+
+def _each(iterable):
+    """What every loop of a template iterates: the items, while the render has steps left."""
+    left = _steps_left.get()
+    for item in iterable:
+        left[0] -= 1
+        if left[0] < 0:
+            raise SecurityError(f"a template may take at most {MAX_ITERATIONS} loop steps in one render")
+        yield item
+
+
+def _count_loops(parsed: nodes.Template) -> nodes.Template:
+    """Route each loop through ``_each``, so nested loops cannot multiply into an endless render."""
+    for loop in parsed.find_all(nodes.For):
+        loop.iter = nodes.Call(nodes.Name(_EACH, "load", lineno=loop.lineno), [loop.iter], [], None, None,
+                               lineno=loop.lineno)
+    return parsed
+
+
 def _render(path: Path, template: Template, values: dict[str, Any]) -> str:
     """One template rendered, at load (the sample) and at run time alike; any failure names the
     file and line."""
+    token = _steps_left.set([MAX_ITERATIONS])
     try:
         text = template.render(**values)
     except Exception as exc:  # undefined values, refused operations, errors in filters
         frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == str(path)]
         line = frames[-1].lineno if frames else 1
         raise TemplateRenderError(f"{path}:{line}: {getattr(exc, 'message', None) or exc}") from None
+    finally:
+        _steps_left.reset(token)
     if len(text) > MAX_RENDERED_CHARS:
         raise TemplateRenderError(f"{path}: rendered {len(text)} characters, over {MAX_RENDERED_CHARS}")
     return text
@@ -146,9 +176,10 @@ def load_prompt(prompts_dir: Path, name: str) -> Prompt:
             raise ConfigError(f"{path}:{_line_of(source, unknown[0])}: unknown variable {unknown[0]!r} "
                               f"(this template may use: {', '.join(sorted(sample))})")
         # compiled with its file name, so run-time errors are traced to the template's own lines
-        template = env.template_class.from_code(env, env.compile(source, file, str(path)), env.make_globals(None))
-        _render(path, template, sample)  # TemplateRenderError is a ConfigError
         used |= meta.find_undeclared_variables(parsed)
+        code = env.compile(_count_loops(parsed), file, str(path))
+        template = env.template_class.from_code(env, code, env.make_globals(None))
+        _render(path, template, sample)  # TemplateRenderError is a ConfigError
         digest.update(source.encode())
         parts.append((role, path, template))
     return Prompt(name, parts, frozenset(used), digest.hexdigest()[:10])

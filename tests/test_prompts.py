@@ -70,3 +70,40 @@ def test_missing_template_file(prompts_copy: Path):
     (prompts_copy / "repair.user.jinja").unlink()
     with pytest.raises(ConfigError, match=r"repair\.user\.jinja: cannot read template"):
         load_prompt(prompts_copy, "repair")
+
+
+# Known Jinja sandbox escapes and resource attacks: each is refused when the template loads.
+ESCAPES = [
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ ().__class__.__bases__[0].__subclasses__() }}",
+    "{{ rules.__class__.__init__.__globals__ }}",
+    "{{ cycler.__init__.__globals__.os.popen('id').read() }}",
+    "{{ lipsum.__globals__['os'].popen('id').read() }}",
+    "{{ joiner.__init__.__globals__ }}",
+    "{{ namespace.__init__.__globals__ }}",
+    "{{ self._TemplateReference__context }}",
+    "{{ self.__init__.__globals__.__builtins__.open('/etc/passwd').read() }}",
+    "{{ config.items() }}",
+    "{{ request.application.__globals__ }}",
+    "{{ '{0.__class__.__init__.__globals__}'.format(rules) }}",
+    "{{ rules.title_max_chars.__class__.__subclasses__() }}",
+    "{{ violations.pop() }}{{ violations.append(1) }}",
+    "{% include '/etc/passwd' %}",
+    "{% import 'os' as os %}",
+    "{% from 'x' import y %}",
+    "{% extends '/etc/passwd' %}",
+    "{% for i in range(10**9) %}x{% endfor %}",
+    "{{ 'a' * 10**8 }}",
+    "{{ 2 ** 10000 }}",
+    "{% for a in range(1000) %}{% for b in range(1000) %}{% for c in range(1000) %}{% endfor %}{% endfor %}"
+    "{% endfor %}",
+    "{% for a in 'x' * 9000 %}{% for b in 'x' * 9000 %}{% endfor %}{% endfor %}",
+    "{% for v in violations recursive %}{{ loop(violations) }}{% endfor %}",
+]
+
+
+@pytest.mark.parametrize("payload", ESCAPES)
+def test_sandbox_escapes_and_runaway_templates_are_refused(prompts_copy: Path, payload: str):
+    (prompts_copy / "repair.user.jinja").write_text(payload + "\n")
+    with pytest.raises(ConfigError, match=r"repair\.user\.jinja"):
+        load_prompt(prompts_copy, "repair")
