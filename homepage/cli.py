@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -209,6 +210,34 @@ def cmd_eval_load(args: argparse.Namespace) -> int:
     if args.out:
         _writes(settings, args.out)
         write_report(report, Path(args.out))
+    return 0
+
+
+def cmd_eval_injection(args: argparse.Namespace) -> int:
+    from agent.cache import PageCache
+    from agent.service import build_composer
+    from eval.injection import PAYLOADS, format_report, run, write_report
+    from retrieval.catalog import Catalog
+    from retrieval.retriever import CATALOG_FILE
+
+    settings = _settings(args)
+    _ensure_store(settings)
+    catalog = Catalog(Path(settings.store_dir) / CATALOG_FILE)
+    everyone = catalog.users()
+    catalog.close()
+    users = sorted(random.Random(args.seed).sample(everyone, min(args.users, len(everyone))))
+    reports = []
+    for prior in args.priors:
+        composer = build_composer(settings.model_copy(update={
+            "handle_prior": None if prior == "none" else float(prior), "budget_ms": None, "cache_users": 0}))
+        composer.cache = PageCache(0)
+        for payload in args.payloads or list(PAYLOADS):
+            reports.append(run(composer, users, payload, args.batch, args.seed))
+            print(format_report(reports[-1:]).splitlines()[-1], f"({reports[-1]['seconds']} s)", flush=True)
+    print(format_report(reports))
+    if args.out:
+        _writes(settings, args.out)
+        write_report(reports, Path(args.out))
     return 0
 
 
@@ -439,6 +468,17 @@ def build_parser() -> argparse.ArgumentParser:
     adapter.add_argument("--seed", type=int, default=0)
     adapter.add_argument("--out", help="write adapter_eval.json and .md here (default: OUT/eval)")
     adapter.set_defaults(run=cmd_eval_adapter)
+    injection = eval_sub.add_parser(
+        "injection", help="how far injected product titles steer the model's page, before and after mitigation",
+        description="Example: homepage --store STORE eval injection --users 60 --priors none inf --out out/injection")
+    injection.add_argument("--users", type=int, default=60, help="users of the store (seeded sample)")
+    injection.add_argument("--priors", nargs="+", default=["none"], help="handle_prior values to measure under "
+                           "(none: the model writes each module's order; inf: the serving default, pool order)")
+    injection.add_argument("--payloads", nargs="*", help="which injections (default: all)")
+    injection.add_argument("--batch", type=int, default=8)
+    injection.add_argument("--seed", type=int, default=0)
+    injection.add_argument("--out", help="write injection.json and injection.md here")
+    injection.set_defaults(run=cmd_eval_injection)
 
     finetune = sub.add_parser(
         "finetune", help="LoRA fine-tuning: SFT examples from the logs, training, merging",

@@ -53,8 +53,9 @@ def _luhn(digits: str) -> bool:
 
 def _is_finding(kind: str, text: str) -> bool:
     digits = re.sub(r"\D", "", text)
-    if kind == "card":
-        return 13 <= len(digits) <= 19 and _luhn(digits)
+    if kind == "card":  # 13 and 14 bare digits are barcodes (EAN-13, GTIN-14): only grouped ones count
+        grouped = not text.isdigit()
+        return (15 if not grouped else 13) <= len(digits) <= 19 and _luhn(digits)
     if kind == "phone":
         return 8 <= len(digits) <= 15 if text.startswith("+") else len(digits) == 10
     return True
@@ -100,7 +101,8 @@ _INSTRUCTION = re.compile(
     re.IGNORECASE,
 )
 # a JSON object (two levels of nesting), a stray key, brace or backtick
-_JSONISH = re.compile(r"\{(?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*\}|\"[^\"\n]{0,40}\"\s*:|[{}`]")
+_JSONISH = re.compile(r"\{(?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*\}"
+                      r"|\"[^\"\n]{1,40}\"\s*:\s*(?=[\[{\"\d-]|true|false|null)|[{}`]")
 
 
 def neutralise(text: str, counts: Counter | None = None) -> str:
