@@ -153,33 +153,59 @@ def _line_of(source: str, name: str) -> int:
     return 1
 
 
+def _load_file(env: BoundedSandbox, path: Path, sample: dict[str, Any]) -> tuple[Template, set[str], str]:
+    """One template file checked as the module's docstring says: (compiled template, the variables
+    it uses, its source)."""
+    try:
+        source = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read template ({exc.strerror})") from None
+    try:
+        parsed = env.parse(source, filename=str(path))
+    except TemplateSyntaxError as exc:
+        raise ConfigError(f"{path}:{exc.lineno}: template syntax error: {exc.message}") from None
+    for kind, word in _REFUSED.items():
+        for node in parsed.find_all(kind):
+            raise ConfigError(f"{path}:{node.lineno}: {{% {word} %}} is not supported in prompt templates "
+                              "(a prompt is exactly the files it lists)")
+    used = meta.find_undeclared_variables(parsed)
+    unknown = sorted(used - set(sample))
+    if unknown:
+        raise ConfigError(f"{path}:{_line_of(source, unknown[0])}: unknown variable {unknown[0]!r} "
+                          f"(this template may use: {', '.join(sorted(sample))})")
+    # compiled with its file name, so run-time errors are traced to the template's own lines
+    code = env.compile(_count_loops(parsed), path.name, str(path))
+    template = env.template_class.from_code(env, code, env.make_globals(None))
+    _render(path, template, sample)  # TemplateRenderError is a ConfigError
+    return template, used, source
+
+
+@dataclass
+class TemplateFile:
+    """One template file on its own (a judge's criterion), under the same checks as the prompts."""
+
+    path: Path
+    template: Template
+    version: str
+
+    def render(self, **values: Any) -> str:
+        return _render(self.path, self.template, values)
+
+
+def load_template(path: Path, sample: dict[str, Any]) -> TemplateFile:
+    """A template that may use the variables of ``sample`` (which it must render without a hole)."""
+    template, _, source = _load_file(BoundedSandbox(), Path(path), sample)
+    return TemplateFile(Path(path), template, hashlib.sha1(source.encode()).hexdigest()[:10])
+
+
 def load_prompt(prompts_dir: Path, name: str) -> Prompt:
     messages, sample = PROMPTS[name]
     env = BoundedSandbox()
     parts, digest, used = [], hashlib.sha1(), set()
     for role, file in messages:
         path = Path(prompts_dir) / file
-        try:
-            source = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read template ({exc.strerror})") from None
-        try:
-            parsed = env.parse(source, filename=str(path))
-        except TemplateSyntaxError as exc:
-            raise ConfigError(f"{path}:{exc.lineno}: template syntax error: {exc.message}") from None
-        for kind, word in _REFUSED.items():
-            for node in parsed.find_all(kind):
-                raise ConfigError(f"{path}:{node.lineno}: {{% {word} %}} is not supported in prompt templates "
-                                  "(a prompt is exactly the files it lists)")
-        unknown = sorted(meta.find_undeclared_variables(parsed) - set(sample))
-        if unknown:
-            raise ConfigError(f"{path}:{_line_of(source, unknown[0])}: unknown variable {unknown[0]!r} "
-                              f"(this template may use: {', '.join(sorted(sample))})")
-        # compiled with its file name, so run-time errors are traced to the template's own lines
-        used |= meta.find_undeclared_variables(parsed)
-        code = env.compile(_count_loops(parsed), file, str(path))
-        template = env.template_class.from_code(env, code, env.make_globals(None))
-        _render(path, template, sample)  # TemplateRenderError is a ConfigError
+        template, names, source = _load_file(env, path, sample)
+        used |= names
         digest.update(source.encode())
         parts.append((role, path, template))
     return Prompt(name, parts, frozenset(used), digest.hexdigest()[:10])

@@ -241,6 +241,22 @@ def cmd_eval_injection(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_judge(args: argparse.Namespace) -> int:
+    from eval.judge.criteria import load_criteria
+    from eval.judge.report import tables, write_report
+    from eval.judge.run import run
+    from eval.judge.suite import load_suite
+
+    settings = _settings(args)
+    suite = load_suite(Path(args.suite), set(load_criteria().by_name))
+    _writes(settings, args.out)
+    result = run(suite, settings, Path(args.out))
+    write_report(result, Path(args.out))
+    print(tables(result))
+    print(f"report: {Path(args.out) / 'judge.md'}, {Path(args.out) / 'judge.html'}, {Path(args.out) / 'judge.json'}")
+    return 0
+
+
 def cmd_train_sasrec(args: argparse.Namespace) -> int:
     from retrieval.catalog import Catalog
     from retrieval.retriever import CATALOG_FILE, CHROMA_DIR
@@ -468,6 +484,12 @@ def build_parser() -> argparse.ArgumentParser:
     adapter.add_argument("--seed", type=int, default=0)
     adapter.add_argument("--out", help="write adapter_eval.json and .md here (default: OUT/eval)")
     adapter.set_defaults(run=cmd_eval_adapter)
+    judge = eval_sub.add_parser(
+        "judge", help="LLM-judge suite: judges calibrated on known-answer cases, then win rates",
+        description="Example: homepage eval judge eval/suites/llm_vs_deterministic.yaml --out out/judge")
+    judge.add_argument("suite", help="the suite file (YAML)")
+    judge.add_argument("--out", required=True, help="write judge.json, judge.md and judge.html here")
+    judge.set_defaults(run=cmd_eval_judge)
     injection = eval_sub.add_parser(
         "injection", help="how far injected product titles steer the model's page, before and after mitigation",
         description="Example: homepage --store STORE eval injection --users 60 --priors none inf --out out/injection")

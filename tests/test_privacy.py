@@ -127,3 +127,30 @@ def test_injected_titles_never_break_a_page_and_ingest_clears_them(settings, com
         assert composer.retriever.products[next(iter(before))].title == "X"
     assert composer.retriever.products == before
 
+
+
+# -- what a remote model server receives ----------------------------------------------------------------
+def test_remote_prompts_carry_no_user_id_and_no_history_when_told_not_to(composer, sample_users):
+    from agent.composer import WITHHELD_SUMMARY, Composer
+    from tests.test_composer import GOOD, ScriptedBackend
+
+    class Remote(ScriptedBackend):
+        remote = True
+
+    user = sample_users[4]
+    summary = composer.retriever.history(user).summary
+    seen = {}
+    for share in (True, False):
+        backend = Remote(json.dumps(GOOD))
+        remote = Composer(composer.retriever, backend, composer.prompts, composer.rules, composer.skeleton,
+                          budget_s=None, remote_history=share)
+        remote.compose(user, use_cache=False)
+        seen[share] = json.dumps(backend.seen)
+        assert user not in seen[share]
+    assert summary in seen[True] and WITHHELD_SUMMARY not in seen[True]
+    assert summary not in seen[False] and WITHHELD_SUMMARY in seen[False]
+    # a local backend is always told the summary
+    local = ScriptedBackend(json.dumps(GOOD))
+    Composer(composer.retriever, local, composer.prompts, composer.rules, composer.skeleton, budget_s=None,
+             remote_history=False).compose(user, use_cache=False)
+    assert summary in json.dumps(local.seen)

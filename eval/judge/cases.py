@@ -1,0 +1,157 @@
+"""What a judge is asked: compared pages, and known-answer cases made by documented perturbations.
+
+A page, as judges see it: modules of ``{"type", "title", "products": [{item_id, title, brand,
+category, price}]}``. Known-answer cases come from calibration users only (never the compared
+sample), from their deterministic page, and the better side is known by construction:
+
+- ``title_fit`` — *category title*: the module titled "Your {category} picks" with its own most common
+  category, against the same module titled with a category of another department.
+- ``copy_safety`` — *claim*: the module's own title against the same title with an unsupported claim
+  ("clinically proven", "cures acne", ...) or a word the rules ban added.
+- ``shopper_fit`` — *unrelated popular*: the shopper's page against the same modules filled with
+  popular products from departments absent from their history; *next item* (reference-guided: the
+  only known-answer case that shows a held-out item): the page with the shopper's held-out next item
+  in place of its first module's last product, against the page without it.
+- ``variety`` — *collapsed*: the page against the same page with every module showing the first
+  module's products.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+from agent.schema import Homepage
+from retrieval.records import Product
+
+CLAIMS = ["clinically proven", "cures acne", "FDA approved", "100% organic", "doctor recommended", "no side effects"]
+
+
+def page_view(page: Homepage, products: dict[str, Product]) -> list[dict]:
+    return [{"type": m.type, "title": m.title,
+             "products": [product_view(products[i.item_id]) for i in m.items if i.item_id in products]}
+            for m in page.modules if m.items]
+
+
+def product_view(p: Product) -> dict:
+    return {"item_id": p.item_id, "title": p.title, "brand": p.brand, "category": p.category, "price": p.price}
+
+
+@dataclass
+class PointCase:
+    """One module scored alone (1-5)."""
+
+    id: str
+    criterion: str
+    user: str
+    title: str
+    items: list[dict]
+
+
+@dataclass
+class PairCase:
+    """Two pages compared; asked in both orders."""
+
+    id: str
+    criterion: str
+    user: str
+    summary: str
+    a: list[dict]
+    b: list[dict]
+
+
+@dataclass
+class KnownPoint:
+    """A module and its worse twin: correct when the good one scores higher."""
+
+    good: PointCase
+    bad: PointCase
+    perturbation: str
+
+
+@dataclass
+class KnownPair:
+    """``case.a`` is the better page by construction: correct when the judge says A."""
+
+    case: PairCase
+    perturbation: str
+
+
+@dataclass
+class KnownCases:
+    points: list[KnownPoint] = field(default_factory=list)
+    pairs: list[KnownPair] = field(default_factory=list)
+
+
+def _first_module(page: list[dict], size: int = 2) -> dict | None:
+    return next((m for m in page if len(m["products"]) >= size), None)
+
+
+def known_cases(criteria: list[str], pages: dict[str, list[dict]], summaries: dict[str, str],
+                targets: dict[str, list[str]], products: dict[str, Product], popular: list[str],
+                banned: list[str], seed: int) -> KnownCases:
+    """Known-answer cases for ``criteria`` from calibration users' pages (see the module docstring)."""
+    rng = random.Random(seed)
+    departments: dict[str, set[str]] = {}
+    for p in products.values():
+        departments.setdefault(p.department, set()).add(p.category)
+    out = KnownCases()
+    for user in sorted(pages):
+        page = pages[user]
+        module = _first_module(page)
+        if module is None:
+            continue
+        own = {products[x["item_id"]].department for m in page for x in m["products"]}
+        if "title_fit" in criteria:
+            top = Counter(x["category"] for x in module["products"]).most_common(1)[0][0]
+            others = sorted(c for d, cats in departments.items() if d not in own for c in cats)
+            if others:
+                good = PointCase(f"{user}/title_fit/good", "title_fit", user, f"Your {top} picks", module["products"])
+                bad = PointCase(f"{user}/title_fit/bad", "title_fit", user, f"Your {rng.choice(others)} picks",
+                                module["products"])
+                out.points.append(KnownPoint(good, bad, "category title"))
+        if "copy_safety" in criteria:
+            claim = rng.choice([*CLAIMS, *banned]) if banned else rng.choice(CLAIMS)
+            good = PointCase(f"{user}/copy_safety/good", "copy_safety", user, module["title"], module["products"])
+            bad = PointCase(f"{user}/copy_safety/bad", "copy_safety", user, f"{module['title']}, {claim}",
+                            module["products"])
+            out.points.append(KnownPoint(good, bad, "claim"))
+        if "shopper_fit" in criteria:
+            unrelated = [i for i in popular if products[i].department not in own]
+            if len(unrelated) >= sum(len(m["products"]) for m in page):
+                it = iter(unrelated)
+                worse = [{**m, "products": [product_view(products[next(it)]) for _ in m["products"]]} for m in page]
+                out.pairs.append(KnownPair(PairCase(f"{user}/shopper_fit/unrelated", "shopper_fit", user,
+                                                    summaries[user], page, worse), "unrelated popular"))
+            shown = {x["item_id"] for m in page for x in m["products"]}
+            nexts = [i for i in targets.get(user, []) if i in products and i not in shown]
+            if nexts:
+                first = page.index(module)
+                with_next = [*page[:first], {**module, "products": [*module["products"][:-1],
+                                                                     product_view(products[nexts[0]])]},
+                             *page[first + 1:]]
+                out.pairs.append(KnownPair(PairCase(f"{user}/shopper_fit/next_item", "shopper_fit", user,
+                                                    summaries[user], with_next, page), "next item"))
+        if "variety" in criteria and len(page) >= 2:
+            collapsed = [{**m, "products": module["products"][: len(m["products"])]} for m in page]
+            out.pairs.append(KnownPair(PairCase(f"{user}/variety/collapsed", "variety", user, summaries[user],
+                                                page, collapsed), "collapsed"))
+    return out
+
+
+def comparison_cases(criteria: dict[str, str], left: str, right: str, pages: dict[str, dict[str, list[dict]]],
+                     summaries: dict[str, str], modules_per_page: int = 3) -> tuple[list[PairCase], list[PointCase]]:
+    """Pairwise criteria: configuration ``left`` as A, ``right`` as B, per user. Pointwise criteria:
+    each of the first model-written modules of both pages, scored alone (ids say which side)."""
+    pairs, points = [], []
+    for user in sorted(pages[left]):
+        a, b = pages[left][user], pages[right][user]
+        for name, kind in criteria.items():
+            if kind == "pairwise":
+                pairs.append(PairCase(f"{user}/{name}/{left}-vs-{right}", name, user, summaries[user], a, b))
+            else:
+                for side, page in ((left, a), (right, b)):
+                    for i, m in enumerate(page[:modules_per_page]):
+                        points.append(PointCase(f"{user}/{name}/{side}/{i}", name, user, m["title"], m["products"]))
+    return pairs, points

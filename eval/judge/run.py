@@ -1,0 +1,237 @@
+"""``homepage eval judge SUITE.yaml --out DIR``: compose the compared configurations' pages, build
+the known-answer cases, ask every judge, and report accuracy, flip and tie rates beside win rates.
+
+The store holds each user's history only (the validation baskets held out, as in fine-tuning's
+evaluation), built by the production ingest. Compared users and calibration users are disjoint
+seeded samples of the validation users.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+from agent.backends import load_backend
+from agent.cache import PageCache
+from agent.service import composer_for
+from agent.settings import Settings
+from eval.judge.cases import comparison_cases, known_cases, page_view
+from eval.judge.criteria import CRITERIA_DIR, load_criteria
+from eval.judge.judging import Judge, PairVerdict, PointVerdict
+from eval.judge.stats import bootstrap_mean, wilson
+from eval.judge.suite import Suite
+from finetune.store import build_store, read_logs, validation_part
+
+VOTE = "vote"
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Backends:
+    """One loaded model per distinct model setting (configurations and judges share them)."""
+
+    KEYS = ("backend", "model", "gguf_file", "adapter", "dtype", "openai_base_url")
+
+    def __init__(self):
+        self._loaded = {}
+
+    def get(self, settings: Settings):
+        key = tuple(str(getattr(settings, k)) for k in self.KEYS)
+        if key not in self._loaded:
+            self._loaded[key] = load_backend(settings)
+        return self._loaded[key]
+
+
+def pages_for(suite: Suite, settings: Settings, retriever, users: list[str], backends: Backends) -> dict:
+    """configuration -> user -> page view; and how each page was made."""
+    out, paths = {}, {}
+    for name, cfg in suite.configurations.items():
+        s = settings.model_copy(update=cfg.settings)
+        backend = None if cfg.deterministic else backends.get(s)
+        composer = composer_for(s, retriever, backend, budget_s=None, cache=PageCache(0))
+        made = composer.compose_batch(users, suite.batch) if backend else \
+            [composer.compose(u, use_llm=False, use_cache=False) for u in users]
+        out[name] = {u: page_view(p, retriever.products) for u, p in zip(users, made, strict=True)}
+        paths[name] = dict(Counter(p.meta.path for p in made))
+    return out, paths
+
+
+def _accuracy(points: list[tuple[PointVerdict, PointVerdict]], pairs: list[PairVerdict]) -> dict:
+    """Known-answer accuracy: a pointwise pair is right when the good module scores higher, a
+    pairwise case when the verdict (both orders) names the better page. Failures count as wrong."""
+    right = sum(g.score is not None and b.score is not None and g.score > b.score for g, b in points)
+    right += sum(v.winner == "A" for v in pairs)
+    total = len(points) + len(pairs)
+    ties = sum(g.score is not None and g.score == b.score for g, b in points) + sum(v.winner == "tie" for v in pairs)
+    failed = sum(g.score is None or b.score is None for g, b in points) + sum(v.winner is None for v in pairs)
+    rate, low, high = wilson(right, total)
+    return {"cases": total, "correct": right, "accuracy": [round(rate, 4), round(low, 4), round(high, 4)],
+            "tie_rate": round(ties / total, 4) if total else 0.0,
+            "flip_rate": round(sum(v.flipped for v in pairs) / len(pairs), 4) if pairs else None,
+            "failures": failed}
+
+
+def _win_rates(suite: Suite, kinds: dict[str, str], left: str, right: str, pairs: list[PairVerdict],
+               points: list[PointVerdict], pages: dict, targets: dict[str, list[str]]) -> dict:
+    out = {}
+    for criterion, kind in kinds.items():
+        if kind == "pairwise":
+            outcome = {v.case.user: {"A": 1.0, "tie": 0.5, "B": 0.0}[v.winner]
+                       for v in pairs if v.case.criterion == criterion and v.winner is not None}
+            entry = {"kind": kind, "win_rate": [round(x, 4) for x in bootstrap_mean(outcome, seed=suite.seed)],
+                     "users": len(outcome)}
+            if criterion == "shopper_fit":  # the ranking truth: does the judge prefer the page holding the next item?
+                agree = total = 0
+                for v in pairs:
+                    if v.case.criterion != criterion or v.winner is None:
+                        continue
+                    want = set(targets.get(v.case.user, []))
+                    holds = [bool(want & {x["item_id"] for m in page for x in m["products"]})
+                             for page in (pages[left][v.case.user], pages[right][v.case.user])]
+                    if holds[0] != holds[1]:
+                        total += 1
+                        agree += v.winner == ("A" if holds[0] else "B")
+                entry["prefers_next_item"] = {"users": total, "rate": [round(x, 4) for x in wilson(agree, total)]}
+        else:
+            by_user: dict[str, dict[str, list[int]]] = {}
+            for v in points:
+                if v.case.criterion == criterion and v.score is not None:
+                    side = v.case.id.split("/")[2]
+                    by_user.setdefault(v.case.user, {}).setdefault(side, []).append(v.score)
+            diff = {u: sum(s[left]) / len(s[left]) - sum(s[right]) / len(s[right])
+                    for u, s in by_user.items() if s.get(left) and s.get(right)}
+            entry = {"kind": kind, "users": len(diff),
+                     "mean_score_difference": [round(x, 4) for x in bootstrap_mean(diff, seed=suite.seed)]}
+        out[criterion] = entry
+    return out
+
+
+def _vote(verdicts: dict[str, dict[str, object]]) -> dict[str, object]:
+    """Majority of several judges per case: pairwise the most common winner (else tie), pointwise the
+    median score."""
+    voted = {}
+    for case_id in next(iter(verdicts.values())):
+        got = [v[case_id] for v in verdicts.values()]
+        if isinstance(got[0], PairVerdict):
+            winners = [g.winner for g in got if g.winner is not None]
+            winner, count = Counter(winners).most_common(1)[0] if winners else (None, 0)
+            voted[case_id] = PairVerdict(got[0].case, winner if count * 2 > len(winners) else ("tie" if winners
+                                         else None), sum(g.flipped for g in got) * 2 > len(got), [])
+        else:
+            scores = sorted(g.score for g in got if g.score is not None)
+            voted[case_id] = PointVerdict(got[0].case, scores[len(scores) // 2] if scores else None, [])
+    return voted
+
+
+def run(suite: Suite, settings: Settings, out: Path, progress: bool = True) -> dict:
+    started = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    criteria = load_criteria()
+    kinds = {name: criteria.by_name[name].kind for name in suite.criteria}
+    logs = read_logs(suite.data, settings, out / "quarantine")
+    history, targets = validation_part(logs.events)
+    retriever = build_store(out / "store", settings, logs.catalogue, history, progress)
+    users = sorted(targets)
+    random.Random(suite.seed).shuffle(users)
+    compared = sorted(users[:suite.users])
+    calibration = sorted(users[suite.users:suite.users + suite.calibration_users])
+    backends = Backends()
+    mark = time.perf_counter()
+    pages, paths = pages_for(suite, settings, retriever, compared, backends)
+    base = composer_for(settings, retriever, None, budget_s=None, cache=PageCache(0))
+    calibration_pages = {u: page_view(base.compose(u, use_llm=False, use_cache=False), retriever.products)
+                         for u in calibration}
+    summaries = {u: retriever.history(u).summary for u in compared + calibration}
+    popular = [i for i, _ in Counter(e.item_id for e in history).most_common()]
+    known = known_cases(suite.criteria, calibration_pages, summaries, targets, retriever.products, popular,
+                        base.rules.banned_words, suite.seed)
+    compose_s = time.perf_counter() - mark
+
+    comparisons = {f"{left} vs {right}": comparison_cases(kinds, left, right, pages, summaries)
+                   for left, right in suite.comparisons}
+    judged: dict[str, dict] = {}
+    verdicts: dict[str, dict[str, object]] = {}
+    calls, judge_s = {}, {}
+    for name, spec in suite.judges.items():
+        mark = time.perf_counter()
+        s = settings.model_copy(update=spec.settings)
+        judge = Judge(name, backends.get(s), load_criteria(spec.criteria_dir or CRITERIA_DIR), base.rules.banned_words,
+                      suite.batch, suite.repeats)
+        mine: dict[str, object] = {}
+        for v in judge.score([c for k in known.points for c in (k.good, k.bad)]):
+            mine[v.case.id] = v
+        for v in judge.compare([k.case for k in known.pairs]):
+            mine[v.case.id] = v
+        for pairs, points in comparisons.values():
+            for v in judge.compare(pairs):
+                mine[v.case.id] = v
+            for v in judge.score(points):
+                mine[v.case.id] = v
+        verdicts[name] = mine
+        calls[name], judge_s[name] = judge.calls, time.perf_counter() - mark
+        if progress:
+            print(f"judge {name}: {judge.calls} calls in {judge_s[name]:.0f} s", flush=True)
+    if len(suite.vote) >= 2:
+        verdicts[VOTE] = _vote({n: verdicts[n] for n in suite.vote})
+
+    for name, mine in verdicts.items():
+        report = {"criteria": {}, "comparisons": {}}
+        for criterion in suite.criteria:
+            points = [(mine[k.good.id], mine[k.bad.id]) for k in known.points if k.good.criterion == criterion]
+            pairs = [mine[k.case.id] for k in known.pairs if k.case.criterion == criterion]
+            acc = _accuracy(points, pairs)
+            acc["trusted"] = acc["cases"] > 0 and acc["accuracy"][0] >= suite.trust_bar
+            acc["by_perturbation"] = {
+                p: _accuracy([(mine[k.good.id], mine[k.bad.id]) for k in known.points
+                              if k.good.criterion == criterion and k.perturbation == p],
+                             [mine[k.case.id] for k in known.pairs
+                              if k.case.criterion == criterion and k.perturbation == p])["accuracy"]
+                for p in sorted({k.perturbation for k in known.points if k.good.criterion == criterion}
+                                | {k.perturbation for k in known.pairs if k.case.criterion == criterion})}
+            report["criteria"][criterion] = acc
+        for title, (pairs, points) in comparisons.items():
+            left, right = title.split(" vs ")
+            rates = _win_rates(suite, kinds, left, right, [mine[c.id] for c in pairs], [mine[c.id] for c in points],
+                               pages, targets)
+            for criterion, entry in rates.items():
+                entry["trusted"] = report["criteria"][criterion]["trusted"]
+            report["comparisons"][title] = rates
+        judged[name] = report
+
+    cases = len(known.points) + len(known.pairs) + sum(len(p) + len(q) for p, q in comparisons.values())
+    seconds = time.perf_counter() - started
+    result = {
+        "suite": suite.name, "seed": suite.seed, "trust_bar": suite.trust_bar, "repeats": suite.repeats,
+        "users": {"compared": len(compared), "calibration": len(calibration)},
+        "judges": judged,
+        "pages": {"paths": paths},
+        "timing": {"seconds": round(seconds, 1), "compose_seconds": round(compose_s, 1),
+                   "judge_seconds": {k: round(v, 1) for k, v in judge_s.items()}, "calls": calls, "cases": cases,
+                   "cases_per_minute": round(cases * 60 / max(sum(judge_s.values()), 1e-9), 1)},
+        "hashes": {"data": logs.digest, "criteria": criteria.version, "suite": _digest(suite.model_dump(mode="json")),
+                   "judges": {n: _digest(s.settings, str(s.criteria_dir)) for n, s in suite.judges.items()},
+                   "configurations": {n: _digest(c.model_dump(mode="json")) for n, c in suite.configurations.items()}},
+        "verdicts": {name: {cid: _verdict_record(v) for cid, v in mine.items()} for name, mine in verdicts.items()},
+        "known_answer_cases": [{"id": k.good.id.rsplit("/", 1)[0], "perturbation": k.perturbation}
+                               for k in known.points] + [{"id": k.case.id, "perturbation": k.perturbation}
+                                                          for k in known.pairs],
+    }
+    retriever.close()
+    return result
+
+
+def _verdict_record(v) -> dict:
+    if isinstance(v, PairVerdict):
+        record = {"criterion": v.case.criterion, "user": v.case.user, "winner": v.winner, "flipped": v.flipped}
+    else:
+        record = {"criterion": v.case.criterion, "user": v.case.user, "score": v.score}
+    record["asked"] = [asdict(a) for a in v.asked]
+    return record

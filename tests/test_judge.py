@@ -1,0 +1,212 @@
+"""LLM-judge suites: statistics by hand, the perturbations really make the worse side, the position
+swap and flip-to-tie, refused suites name file, line and field, held-out items stay out of judge
+prompts, and a tiny suite end to end on the real embedded model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from agent.backends import Generation, LLMBackend
+from agent.errors import ConfigError
+from eval.judge.cases import KnownCases, PairCase, PointCase, known_cases
+from eval.judge.criteria import load_criteria
+from eval.judge.judging import Judge
+from eval.judge.stats import bootstrap_mean, wilson
+from eval.judge.suite import load_suite
+from retrieval.records import Product
+
+SUITES = Path(__file__).resolve().parent.parent / "eval" / "suites"
+
+
+def test_wilson_interval_by_hand():
+    # 8 of 10: p = 0.8, z = 1.96: centre = (0.8 + 0.19208) / 1.38416 = 0.71674,
+    # half = 1.96 * sqrt(0.016 + 0.0096040) / 1.38416 = 0.22663
+    rate, low, high = wilson(8, 10)
+    assert rate == 0.8 and low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
+    assert wilson(0, 0) == (0.0, 0.0, 1.0)
+    assert wilson(5, 5)[2] == 1.0 and wilson(0, 5)[1] == 0.0
+
+
+def test_bootstrap_mean_of_identical_users_has_no_spread():
+    assert bootstrap_mean({"u1": 1.0, "u2": 1.0, "u3": 1.0}) == (1.0, 1.0, 1.0)
+    mean, low, high = bootstrap_mean({"u1": 1.0, "u2": 0.0, "u3": 0.5, "u4": 0.5})
+    assert mean == 0.5 and 0.0 <= low < 0.5 < high <= 1.0
+
+
+# -- the perturbations -------------------------------------------------------------------------------
+def _catalogue() -> dict[str, Product]:
+    def p(i, dept, cat):
+        return Product(i, f"{cat} product {i}", ("Beauty", dept, cat), "Acme", 10.0)
+
+    return {**{f"s{i}": p(f"s{i}", "Skin Care", "Serums") for i in range(6)},
+            **{f"h{i}": p(f"h{i}", "Hair Care", "Shampoos") for i in range(6)},
+            **{f"m{i}": p(f"m{i}", "Makeup", "Lipstick") for i in range(6)}}
+
+
+def _view(products, ids):
+    return [{"item_id": i, "title": products[i].title, "brand": "Acme", "category": products[i].category,
+             "price": 10.0} for i in ids]
+
+
+def test_perturbations_make_the_worse_side():
+    products = _catalogue()
+    page = [{"type": "for_you", "title": "Picked for you", "products": _view(products, ["s0", "s1", "s2"])},
+            {"type": "trending", "title": "Trending now", "products": _view(products, ["s3", "s4"])}]
+    known = known_cases(["title_fit", "copy_safety", "shopper_fit", "variety"], {"u": page}, {"u": "Likes serums"},
+                        {"u": ["s5"]}, products, ["h0", "h1", "h2", "h3", "h4", "m0"], ["free"], seed=0)
+    by = {(k.good.criterion, k.perturbation): k for k in known.points}
+    title = by[("title_fit", "category title")]
+    assert title.good.title == "Your Serums picks" and title.bad.title in ("Your Shampoos picks", "Your Lipstick picks")
+    claim = by[("copy_safety", "claim")]
+    assert claim.good.title == "Picked for you" and claim.bad.title.startswith("Picked for you, ")
+    assert claim.bad.items == claim.good.items
+    pairs = {k.perturbation: k.case for k in known.pairs}
+    unrelated = pairs["unrelated popular"]
+    assert unrelated.a == page
+    worse_ids = [x["item_id"] for m in unrelated.b for x in m["products"]]
+    assert len(worse_ids) == 5 and all(products[i].department != "Skin Care" for i in worse_ids)
+    nxt = pairs["next item"]  # reference-guided: the held-out item is in the better page, and only there
+    assert "s5" in [x["item_id"] for m in nxt.a for x in m["products"]]
+    assert nxt.b == page and "s5" not in json.dumps(nxt.b)
+    collapsed = pairs["collapsed"]
+    assert collapsed.a == page and [x["item_id"] for x in collapsed.b[1]["products"]] == ["s0", "s1"]
+    # no other case shows the held-out item
+    others = [*[(k.good, k.bad) for k in known.points], *[k.case for k in known.pairs if k.perturbation != "next item"]]
+    assert "s5" not in json.dumps([repr(o) for o in others])
+
+
+# -- the position swap ---------------------------------------------------------------------------------
+class Scripted(LLMBackend):
+    """Answers from a function of the prompt text, recording what it was asked."""
+
+    name = model_name = "scripted"
+
+    def __init__(self, answer):
+        self.answer, self.prompts = answer, []
+
+    def generate(self, messages, schema, max_new_tokens, deadline=None):
+        self.prompts.append(messages[-1]["content"])
+        return Generation(self.answer(messages[-1]["content"]), 1, 1, 0.0)
+
+
+def _pair(case_id="u/shopper_fit/x"):
+    page_a = [{"type": "t", "title": "Alpha", "products": _view(_catalogue(), ["s0"])}]
+    page_b = [{"type": "t", "title": "Beta", "products": _view(_catalogue(), ["h0"])}]
+    return PairCase(case_id, "shopper_fit", "u", "Likes serums", page_a, page_b)
+
+
+def _first_shown(prompt: str) -> str:
+    return "Alpha" if prompt.index("Alpha") < prompt.index("Beta") else "Beta"
+
+
+@pytest.mark.parametrize(("answer", "winner", "flipped"), [
+    (lambda p: '{"rationale":"serums","winner":"A"}' if _first_shown(p) == "Alpha" else
+     '{"rationale":"serums","winner":"B"}', "A", False),  # prefers Alpha in both orders
+    (lambda p: '{"rationale":"first","winner":"A"}', "tie", True),  # always the first shown: position bias
+    (lambda p: '{"rationale":"same","winner":"tie"}', "tie", False),
+    (lambda p: "not json", None, False),  # nothing usable: a failure, not a crash
+])
+def test_both_orders_and_a_flip_is_a_tie(answer, winner, flipped):
+    backend = Scripted(answer)
+    verdict = Judge("j", backend, load_criteria(), ["free"]).compare([_pair()])[0]
+    assert (verdict.winner, verdict.flipped) == (winner, flipped)
+    assert [_first_shown(p) for p in backend.prompts] == ["Alpha", "Beta"]  # asked in both orders
+    assert len(verdict.asked) == 2
+
+
+def test_pointwise_scores_and_failures():
+    backend = Scripted(lambda p: '{"rationale":"ok","score":4}' if "Serums" in p else '{"score":9}')
+    cases = [PointCase("u/title_fit/good", "title_fit", "u", "Your Serums picks", _view(_catalogue(), ["s0"])),
+             PointCase("u/title_fit/bad", "title_fit", "u", "Your Shampoos picks", _view(_catalogue(), ["h0"]))]
+    good, bad = Judge("j", backend, load_criteria(), ["free"]).score(cases)
+    assert good.score == 4 and bad.score is None and "unusable answer" in bad.asked[0].error
+
+
+def test_accuracy_counts_failures_and_ties_as_wrong():
+    from eval.judge.judging import PairVerdict, PointVerdict
+    from eval.judge.run import _accuracy
+
+    p = PointCase("x", "title_fit", "u", "t", [])
+    points = [(PointVerdict(p, 5, []), PointVerdict(p, 2, [])), (PointVerdict(p, 3, []), PointVerdict(p, 3, [])),
+              (PointVerdict(p, None, []), PointVerdict(p, 1, []))]
+    pair = _pair()
+    pairs = [PairVerdict(pair, "A", False, []), PairVerdict(pair, "tie", True, []), PairVerdict(pair, "B", False, [])]
+    acc = _accuracy(points, pairs)
+    assert acc["cases"] == 6 and acc["correct"] == 2 and acc["accuracy"][0] == pytest.approx(2 / 6, abs=1e-4)
+    assert acc["tie_rate"] == pytest.approx(2 / 6, abs=1e-4) and acc["flip_rate"] == pytest.approx(1 / 3, abs=1e-4)
+    assert acc["failures"] == 1
+    assert math.isclose(acc["accuracy"][1], wilson(2, 6)[1], abs_tol=1e-4)
+
+
+# -- suites --------------------------------------------------------------------------------------------
+def test_shipped_suite_loads():
+    suite = load_suite(SUITES / "llm_vs_deterministic.yaml", set(load_criteria().by_name))
+    assert suite.comparisons == [("llm", "deterministic")] and (suite.data / "items.csv").exists()
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (("criteria: [title_fit, copy_safety, shopper_fit, variety]", "criteria: [title_fit, tone]"),
+     r":\d+: criteria\.1: unknown criterion 'tone'"),
+    (("  - [llm, deterministic]", "  - [llm, baseline]"), r":\d+: comparisons\.0\.1: unknown configuration 'baseline'"),
+    (("  embedded: {}", "  embedded: {settings: {temperature: 1}}"),
+     r":\d+: judges\.embedded\.settings\.temperature: not a setting"),
+    (("users: 20 ", "users: -3 "), r":\d+: users: Input should be greater than or equal to 1"),
+])
+def test_a_broken_suite_is_refused_with_file_line_and_field(tmp_path, edit, message):
+    text = (SUITES / "llm_vs_deterministic.yaml").read_text().replace("../../data/sample", str(SUITES.parent.parent /
+                                                                                             "data" / "sample"))
+    assert edit[0] in text
+    path = tmp_path / "suite.yaml"
+    path.write_text(text.replace(edit[0], edit[1]))
+    with pytest.raises(ConfigError, match=r"suite\.yaml" + message):
+        load_suite(path, set(load_criteria().by_name))
+
+
+def test_known_cases_of_an_empty_sample_are_empty():
+    assert known_cases(["variety"], {}, {}, {}, {}, [], [], 0) == KnownCases()
+
+
+# -- end to end on the real embedded model -------------------------------------------------------------
+def test_a_tiny_suite_end_to_end_on_the_embedded_model(tmp_path, settings, composer):
+    """Three compared and three calibration users of a sample slice, every criterion, the LLM page
+    against the deterministic page, judged by the packaged model; the report's numbers recomputed
+    from its own verdicts."""
+    from eval.judge.report import write_report
+    from eval.judge.run import run
+    from tests.test_ranking import _sample_slice
+
+    data = _sample_slice(tmp_path / "data", products=400)
+    text = (SUITES / "llm_vs_deterministic.yaml").read_text().replace("../../data/sample", str(data))
+    text = text.replace("users: 20 ", "users: 3 ").replace("calibration_users: 20 ", "calibration_users: 3 ")
+    (tmp_path / "suite.yaml").write_text(text)
+    suite = load_suite(tmp_path / "suite.yaml", set(load_criteria().by_name))
+    local = settings.model_copy(update={"store_dir": tmp_path / "main-store"})
+    result = run(suite, local, tmp_path / "out", progress=False)
+    write_report(result, tmp_path / "out")
+
+    report = result["judges"]["embedded"]
+    assert set(report["criteria"]) == {"title_fit", "copy_safety", "shopper_fit", "variety"}
+    for criterion, acc in report["criteria"].items():
+        low, high = acc["accuracy"][1], acc["accuracy"][2]
+        assert 0 <= low <= acc["accuracy"][0] <= high <= 1 and acc["cases"] > 0, criterion
+        assert acc["trusted"] == (acc["accuracy"][0] >= 0.75)
+    # recomputed from the verdicts written: shopper_fit's accuracy and the comparison's win rate
+    verdicts = result["verdicts"]["embedded"]
+    known = [k["id"] for k in result["known_answer_cases"] if "/shopper_fit/" in k["id"]]
+    right = sum(verdicts[i]["winner"] == "A" for i in known)
+    assert report["criteria"]["shopper_fit"]["correct"] == right
+    compared = {v["user"]: v["winner"] for i, v in verdicts.items() if i.endswith("/shopper_fit/llm-vs-deterministic")}
+    wins = [{"A": 1.0, "tie": 0.5, "B": 0.0}[w] for w in compared.values() if w is not None]
+    rate = report["comparisons"]["llm vs deterministic"]["shopper_fit"]["win_rate"]
+    assert rate[0] == pytest.approx(sum(wins) / len(wins), abs=1e-4)
+    assert result["pages"]["paths"]["deterministic"] == {"deterministic": 3}
+    assert sum(result["pages"]["paths"]["llm"].values()) == 3
+    for name in ("judge.json", "judge.md", "judge.html"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    assert "not trusted" in (tmp_path / "out" / "judge.md").read_text() or all(
+        a["trusted"] for a in report["criteria"].values())
+    assert result["timing"]["cases"] > 0 and result["timing"]["cases_per_minute"] > 0
