@@ -69,6 +69,12 @@ class FinetuneConfig(_Strict):
         "only each module's first handle, where it is an item the shopper bought next (the verbalizer's target: "
         "serving reads every handle's score at that position); examples without one are skipped")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    task: Literal["page", "judge"] = Field("page", description="what the adapter learns: 'page' — the composer's "
+                                           "drafts; 'judge' — a judge's verdicts on known-answer cases of training "
+                                           "users (eval/judge/training.py; judge_suite names the criteria and the "
+                                           "users kept out)")
+    judge_suite: Path | None = Field(None, description="the judge suite whose criteria and users a judge adapter "
+                                     "follows (task: judge)")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
 

@@ -336,10 +336,19 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             "openai_base_url": config.teacher.base_url, "adapter": None}))
     started = time.perf_counter()
     _writes(settings, config.out)
-    manifest = build_examples(config, settings, teacher)
-    print(f"examples: {manifest['examples']} ({manifest['examples_eval']} held out for the evaluation loss), "
-          f"{manifest['examples_with_target_shown']} showing an item the user bought next; skipped "
-          f"{manifest['skipped'] or 'none'} ({manifest['seconds']} s) -> {config.out}")
+    if config.task == "judge":
+        from eval.judge.training import build_judge_examples
+
+        if config.judge_suite is None:
+            raise ConfigError(f"{args.target}: judge_suite is required when task is 'judge'")
+        manifest = build_judge_examples(config, settings)
+        print(f"judge examples: {manifest['examples']} ({manifest['examples_eval']} held out) from "
+              f"{manifest['users_sampled']} training users ({manifest['seconds']} s) -> {config.out}")
+    else:
+        manifest = build_examples(config, settings, teacher)
+        print(f"examples: {manifest['examples']} ({manifest['examples_eval']} held out for the evaluation loss), "
+              f"{manifest['examples_with_target_shown']} showing an item the user bought next; skipped "
+              f"{manifest['skipped'] or 'none'} ({manifest['seconds']} s) -> {config.out}")
     if args.examples_only:
         return 0
     metadata = train(config, settings, read_examples(config.out), manifest, restart=args.restart).metadata

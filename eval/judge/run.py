@@ -18,6 +18,7 @@ from pathlib import Path
 
 from agent.backends import load_backend
 from agent.cache import PageCache
+from agent.errors import ConfigError
 from agent.service import composer_for
 from agent.settings import Settings
 from eval.judge.cases import comparison_cases, known_cases, page_view
@@ -163,8 +164,10 @@ def run(suite: Suite, settings: Settings, out: Path, progress: bool = True) -> d
     for name, spec in suite.judges.items():
         mark = time.perf_counter()
         s = settings.model_copy(update=spec.settings)
-        judge = Judge(name, backends.get(s), load_criteria(spec.criteria_dir or CRITERIA_DIR), base.rules.banned_words,
-                      suite.batch, suite.repeats)
+        own = load_criteria(spec.criteria_dir or CRITERIA_DIR)
+        if missing := sorted(set(suite.criteria) - set(own.by_name)):
+            raise ConfigError(f"judge {name!r}: its criteria folder {spec.criteria_dir} lacks {missing}")
+        judge = Judge(name, backends.get(s), own, base.rules.banned_words, suite.batch, suite.repeats)
         mine: dict[str, object] = {}
         for v in judge.score([c for k in known.points for c in (k.good, k.bad)]):
             mine[v.case.id] = v

@@ -1,0 +1,92 @@
+"""Examples that teach a judge: known-answer cases of training users, with the known verdict as the
+completion, for ``homepage finetune`` (a config with ``task: judge``). The users the suite compares
+or calibrates on never enter: the adapter judge is measured on other people's cases.
+
+Pointwise: the good module scores 5 and its perturbed twin 1. Pairwise: asked in both orders, the
+better page wins in each. The reasons are short fixed sentences per criterion (the judge is trained
+to decide, not to write).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+from agent.cache import PageCache
+from agent.service import adapter_inputs, composer_for
+from agent.settings import Settings
+from eval.judge.cases import known_cases, page_view
+from eval.judge.criteria import load_criteria
+from eval.judge.judging import Judge
+from eval.judge.suite import load_suite
+from finetune.config import FinetuneConfig
+from finetune.examples import EXAMPLES_FILE, MANIFEST_FILE
+from finetune.store import build_store, read_logs, training_part, validation_part
+
+REASONS = {
+    "title_fit": ("The title names these products.", "The title is about other products."),
+    "copy_safety": ("It claims nothing beyond the facts.", "It makes a claim the facts do not support."),
+    "shopper_fit": ("{w} matches the shopper's history better.",),
+    "variety": ("{w} shows more different products.",),
+}
+
+
+def _compact(value: dict) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def build_judge_examples(config: FinetuneConfig, settings: Settings, progress: bool = True) -> dict:
+    started = time.perf_counter()
+    suite = load_suite(config.judge_suite, set(load_criteria().by_name))
+    criteria = load_criteria()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logs = read_logs(config.data, settings, out / "quarantine")
+    _, valid_targets = validation_part(logs.events)
+    reserved = sorted(valid_targets)
+    random.Random(suite.seed).shuffle(reserved)
+    reserved = set(reserved[: suite.users + suite.calibration_users])  # the suite's users: never trained on
+    store_events, targets = training_part(logs.events)
+    retriever = build_store(out / "store-train", settings, logs.catalogue, store_events, progress)
+    composer = composer_for(settings, retriever, None, budget_s=None, cache=PageCache(0))
+    users = [u for u in sorted(targets) if u not in reserved]
+    random.Random(config.seed).shuffle(users)
+    users = sorted(users[: config.users] if config.users else users)
+    pages = {u: page_view(composer.compose(u, use_llm=False, use_cache=False), retriever.products) for u in users}
+    summaries = {u: retriever.history(u).summary for u in users}
+    popular = [i for i, _ in Counter(e.item_id for e in store_events).most_common()]
+    known = known_cases(suite.criteria, pages, summaries, targets, retriever.products, popular,
+                        composer.rules.banned_words, config.seed)
+    asker = Judge("teacher", None, criteria, composer.rules.banned_words)
+    held_out = set(users[: round(len(users) * config.eval_fraction)])
+    examples = []
+    for k in known.points:
+        good, bad = REASONS[k.good.criterion]
+        for case, score, reason in ((k.good, 5, good), (k.bad, 1, bad)):
+            values = {"title": case.title, "items": case.items, "banned_words": asker.banned}
+            examples.append((case.user, asker._messages(case.criterion, values),
+                             _compact({"rationale": reason, "score": score})))
+    for k in known.pairs:
+        case = k.case
+        for a, b, winner in ((case.a, case.b, "A"), (case.b, case.a, "B")):
+            values = {"summary": case.summary, "a": a, "b": b}
+            examples.append((case.user, asker._messages(case.criterion, values),
+                             _compact({"rationale": REASONS[case.criterion][0].format(w=winner), "winner": winner})))
+    with open(out / EXAMPLES_FILE, "w", encoding="utf-8") as f:
+        for user, messages, completion in examples:
+            f.write(json.dumps({"user_id": user, "split": "eval" if user in held_out else "train",
+                                "messages": messages, "completion": completion}) + "\n")
+    retriever.close()
+    manifest = {
+        "task": "judge", "suite": str(config.judge_suite), "data": str(config.data), "data_hash": logs.digest,
+        "users_sampled": len(users), "users_reserved_for_the_suite": len(reserved), "examples": len(examples),
+        "examples_eval": sum(u in held_out for u, _, _ in examples),
+        "pointwise_cases": len(known.points), "pairwise_cases": len(known.pairs),
+        **adapter_inputs(settings, composer), "templates": {"judge_criteria": criteria.version},
+        "teacher": {"kind": "known answers"}, "seed": config.seed, "seconds": round(time.perf_counter() - started, 1),
+    }
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
