@@ -27,12 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.privacy import Privacy
+from retrieval.retriever import CATALOG_FILE, CHROMA_DIR
 
-CATALOG_FILE, CHROMA_DIR = "catalog.sqlite3", "chroma"  # as ``retrieval.retriever`` names them
 AUDIT_FILE = "privacy/audit.jsonl"
 OUTPUTS_FILE = "privacy/outputs.txt"
 _ID_CHARS = rb"A-Za-z0-9_.@:+\-"
-_TEXT_SUFFIXES = {".json", ".jsonl", ".csv", ".md", ".html", ".txt", ".log", ".yaml", ".yml"}
 
 
 # -- what was stored about a user ---------------------------------------------------------------------
