@@ -347,7 +347,7 @@ def erase(privacy: Privacy, store: Path, user_ids: list[str], outputs: list[Path
     folders = [store, *[Path(o) for o in outputs if Path(o).exists()]]
     stores = sorted({p.parent for f in folders for p in f.rglob(CATALOG_FILE)})
     for s in stores:
-        _erase_store(s, stored, receipt, traces, host if s == store else None, port)
+        _erase_store(s, stored, receipt, traces, host if s.resolve() == store.resolve() else None, port)
     for folder in folders:
         _erase_files(folder, ids, receipt, skip={s / CATALOG_FILE for s in stores} | {s / CHROMA_DIR for s in stores})
     receipt.scanned = [str(f) for f in folders]
