@@ -91,7 +91,6 @@ class Retriever:
     def reopen(self, config: RetrievalConfig) -> None:
         """After an erasure rewrote the stores under this retriever: new vector-store handles, and
         histories and sources built again from what the stores hold now."""
-        self.catalog.close()  # connections reopen on next use, on the vacuumed file
         client = chroma_client(Path(config.store_dir) / CHROMA_DIR, config.chroma_host, config.chroma_port)
         self.index = VectorIndex(client, self.index.embeddings)
         self._context = SourceContext(self.catalog, self.index, self.catalog.path.parent, self._context.options)

@@ -210,3 +210,35 @@ def test_a_tiny_suite_end_to_end_on_the_embedded_model(tmp_path, settings, compo
     assert "not trusted" in (tmp_path / "out" / "judge.md").read_text() or all(
         a["trusted"] for a in report["criteria"].values())
     assert result["timing"]["cases"] > 0 and result["timing"]["cases_per_minute"] > 0
+
+
+def test_judge_examples_teach_known_verdicts_and_never_show_the_suites_users(tmp_path, settings):
+    from eval.judge.training import build_judge_examples
+    from finetune.config import FinetuneConfig
+    from finetune.examples import read_examples
+    from finetune.store import read_logs, validation_part
+    from tests.test_ranking import _sample_slice
+
+    data = _sample_slice(tmp_path / "data", products=400)
+    text = (SUITES / "llm_vs_deterministic.yaml").read_text().replace("../../data/sample", str(data))
+    (tmp_path / "suite.yaml").write_text(text.replace("users: 20 ", "users: 5 ").replace("calibration_users: 20 ",
+                                                                                          "calibration_users: 5 "))
+    local = settings.model_copy(update={"store_dir": tmp_path / "main-store"})
+    config = FinetuneConfig(data=data, out=tmp_path / "out", users=6, task="judge", judge_suite=tmp_path / "suite.yaml")
+    manifest = build_judge_examples(config, local, progress=False)
+    examples = read_examples(tmp_path / "out")
+    assert manifest["examples"] == len(examples) > 0 and manifest["users_reserved_for_the_suite"] == 10
+    # the suite's users, drawn as the suite draws them, are not among the examples' users
+    _, targets = validation_part(read_logs(data, local, tmp_path / "q").events)
+    reserved = sorted(targets)
+    import random
+
+    random.Random(0).shuffle(reserved)
+    assert not set(reserved[:10]) & {e["user_id"] for e in examples}
+    verdicts = [json.loads(e["completion"]) for e in examples]
+    assert {v.get("score") for v in verdicts if "score" in v} == {1, 5}
+    pairs = [v["winner"] for v in verdicts if "winner" in v]
+    assert pairs and pairs.count("A") == pairs.count("B")  # each pair asked in both orders
+    criteria = load_criteria()
+    for e, v in zip(examples, verdicts, strict=True):  # the completion is what the judge's grammar allows
+        assert len(v["rationale"]) <= 80 and e["messages"][0]["content"] == criteria.system.render()
