@@ -95,15 +95,22 @@ def _ensure_store(settings) -> None:
         raise UserError(f"the store {settings.store_dir} is empty: run `homepage ingest` first")
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    cmd_ingest(args)
+def _users_and_items(settings) -> tuple[list[str], list[str]]:
+    """The store's users (most active first) and product ids; read only (SQLite, safe beside a service)."""
     from retrieval.catalog import Catalog
     from retrieval.retriever import CATALOG_FILE
 
     catalog = Catalog(Path(settings.store_dir) / CATALOG_FILE)
-    users = catalog.users()
-    catalog.close()
+    try:
+        return catalog.users(), list(catalog.products)
+    finally:
+        catalog.close()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    cmd_ingest(args)
+    users, _ = _users_and_items(settings)
     # a few real users across the activity range, plus one nobody has seen (cold start)
     step = max(len(users) // max(args.users, 1), 1)
     picked = [*users[::step][: args.users], "new-visitor-0001"]
@@ -195,13 +202,9 @@ def cmd_eval_ranking(args: argparse.Namespace) -> int:
 
 def cmd_eval_load(args: argparse.Namespace) -> int:
     from eval.load import format_report, run_load, write_report
-    from retrieval.catalog import Catalog
-    from retrieval.retriever import CATALOG_FILE
 
     settings = _settings(args)
-    catalog = Catalog(Path(settings.store_dir) / CATALOG_FILE)  # read only: SQLite, beside the service
-    users, items = catalog.users(), list(catalog.products)
-    catalog.close()
+    users, items = _users_and_items(settings)
     if not users or not items:
         raise UserError(f"{settings.store_dir}: no users or products to load the service with")
     report = run_load(args.url, users, items, args.clients, args.seconds, args.event_share,
@@ -214,23 +217,17 @@ def cmd_eval_load(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_injection(args: argparse.Namespace) -> int:
-    from agent.cache import PageCache
     from agent.service import build_composer
     from eval.injection import PAYLOADS, format_report, run, write_report
-    from retrieval.catalog import Catalog
-    from retrieval.retriever import CATALOG_FILE
 
     settings = _settings(args)
     _ensure_store(settings)
-    catalog = Catalog(Path(settings.store_dir) / CATALOG_FILE)
-    everyone = catalog.users()
-    catalog.close()
+    everyone, _ = _users_and_items(settings)
     users = sorted(random.Random(args.seed).sample(everyone, min(args.users, len(everyone))))
     reports = []
     for prior in args.priors:
         composer = build_composer(settings.model_copy(update={
             "handle_prior": None if prior == "none" else float(prior), "budget_ms": None, "cache_users": 0}))
-        composer.cache = PageCache(0)
         for payload in args.payloads or list(PAYLOADS):
             reports.append(run(composer, users, payload, args.batch, args.seed))
             print(format_report(reports[-1:]).splitlines()[-1], f"({reports[-1]['seconds']} s)", flush=True)

@@ -242,15 +242,18 @@ def _rewrite_lines(path: Path, pattern: re.Pattern) -> int:
     return len(lines) - len(kept)
 
 
+_GONE = object()  # what pruning leaves of an entry about an erased user (JSON null stays null)
+
+
 def _prune_json(value, ids: set[str]):
     """JSON without the entries keyed by, equal to, or (objects) holding one of the ids."""
     if isinstance(value, dict):
         if any(isinstance(v, str) and v in ids for v in value.values()):
-            return None
-        return {k: p for k, v in value.items() if k not in ids and (p := _prune_json(v, ids)) is not None}
+            return _GONE
+        return {k: p for k, v in value.items() if k not in ids and (p := _prune_json(v, ids)) is not _GONE}
     if isinstance(value, list):
-        return [p for v in value if (p := _prune_json(v, ids)) is not None]
-    return None if isinstance(value, str) and value in ids else value
+        return [p for v in value if (p := _prune_json(v, ids)) is not _GONE]
+    return _GONE if isinstance(value, str) and value in ids else value
 
 
 @dataclass
@@ -324,7 +327,7 @@ def _erase_files(folder: Path, ids: set[str], receipt: Receipt, skip: set[Path])
         if path.suffix == ".json":
             try:
                 pruned = _prune_json(json.loads(data), ids)
-                path.write_text(json.dumps(pruned, indent=2) + "\n")
+                path.write_text(json.dumps(None if pruned is _GONE else pruned, indent=2) + "\n")
                 receipt.removed[str(path)] += 1
                 if not pattern.search(path.read_bytes()):
                     continue

@@ -284,11 +284,12 @@ def load_events(
 def parse_event(row: dict[str, Any], c: EventColumns, privacy: Privacy, counts: Counter | None = None) -> Event:
     """One event row, or ``ValueError`` saying what is wrong (ingest and the service). A user id
     that is an e-mail address or phone number is stored as its keyed pseudonym."""
+    counts = Counter() if counts is None else counts
     if "_error" in row:
         raise ValueError(f"malformed: {row['_error']}")
     raw = _raw_id(row.get(c.user_id))
     stored = check_id(privacy.user_id(raw) if isinstance(raw, str) else raw, "user_id")
-    if stored != raw and counts is not None:
+    if stored != raw:
         counts["pseudonymised user id"] += 1
     item_id = check_id(_raw_id(row.get(c.item_id)), "item_id")
     timestamp = parse_timestamp(row.get(c.timestamp))
@@ -304,5 +305,5 @@ def parse_event(row: dict[str, Any], c: EventColumns, privacy: Privacy, counts: 
         item_id=item_id,
         timestamp=timestamp,
         seq_pos=None if seq is None else int(seq),
-        event_type=(_private_text(row.get(c.event_type), Counter()) or "view").lower(),
+        event_type=(_private_text(row.get(c.event_type), counts) or "view").lower(),
     )

@@ -203,3 +203,12 @@ def test_retention_erases_old_events_and_the_texts_made_from_them(tmp_path):
         _, _, capacity, count, size = _HNSW_HEADER.unpack_from(header.read_bytes())
         data = (header.parent / "data_level0.bin").read_bytes()
         assert len(data) == capacity * size and not any(data[count * size:])
+
+
+def test_json_reports_lose_the_users_entries_and_keep_everything_else():
+    from retrieval.erasure import _prune_json
+
+    report = {"n": 3, "missing": None, "u1": {"ndcg": 0.5}, "rows": [{"user": "u1", "v": 1}, {"user": "u2", "v": None}],
+              "users": ["u1", "u2"], "nested": {"per_user": {"u1": 1.0, "u2": 0.0}}}
+    assert _prune_json(report, {"u1"}) == {"n": 3, "missing": None, "rows": [{"user": "u2", "v": None}],
+                                           "users": ["u2"], "nested": {"per_user": {"u2": 0.0}}}

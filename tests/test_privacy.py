@@ -99,6 +99,7 @@ def test_events_store_pseudonyms_and_quarantine_keeps_rows_redacted(tmp_path):
     assert [e.user_id for e in events] == [pseudonym, "u2"]
     assert events[1].event_type == "call me at [phone]"
     assert report.privacy["pseudonymised user id"] == 2  # the quarantined row's id too
+    assert report.privacy["phone"] == 1  # the event type's phone number
     kept = report.quarantine_path.read_text()
     assert "jane.doe@example.com" not in kept and pseudonym in kept  # erasure can still find it
     assert [json.loads(line)["row"]["user_id"] for line in kept.splitlines()] == [pseudonym, "u3"]

@@ -57,7 +57,7 @@ class Judge:
         self.banned, self.batch, self.repeats = list(banned), batch, repeats
         self.calls = 0
 
-    def _messages(self, criterion: str, values: dict) -> list[dict[str, str]]:
+    def messages(self, criterion: str, values: dict) -> list[dict[str, str]]:
         return [{"role": "system", "content": self.criteria.system.render()},
                 {"role": "user", "content": self.criteria.by_name[criterion].template.render(**values)}]
 
@@ -66,7 +66,7 @@ class Judge:
         answers: list[Asked] = []
         for start in range(0, len(requests), self.batch):
             chunk = requests[start:start + self.batch]
-            asks = [(self._messages(c, v), self.criteria.by_name[c].schema) for c, v in chunk]
+            asks = [(self.messages(c, v), self.criteria.by_name[c].schema) for c, v in chunk]
             try:
                 generations = self.backend.generate_batch(asks, VERDICT_TOKENS)
                 texts = [(g.text, None) for g in generations]

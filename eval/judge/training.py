@@ -67,13 +67,13 @@ def build_judge_examples(config: FinetuneConfig, settings: Settings, progress: b
         good, bad = REASONS[k.good.criterion]
         for case, score, reason in ((k.good, 5, good), (k.bad, 1, bad)):
             values = {"title": case.title, "items": case.items, "banned_words": asker.banned}
-            examples.append((case.user, asker._messages(case.criterion, values),
+            examples.append((case.user, asker.messages(case.criterion, values),
                              _compact({"rationale": reason, "score": score})))
     for k in known.pairs:
         case = k.case
         for a, b, winner in ((case.a, case.b, "A"), (case.b, case.a, "B")):
             values = {"summary": case.summary, "a": a, "b": b}
-            examples.append((case.user, asker._messages(case.criterion, values),
+            examples.append((case.user, asker.messages(case.criterion, values),
                              _compact({"rationale": REASONS[case.criterion][0].format(w=winner), "winner": winner})))
     with open(out / EXAMPLES_FILE, "w", encoding="utf-8") as f:
         for user, messages, completion in examples:
