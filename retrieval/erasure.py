@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import sqlite3
-import struct
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -159,7 +158,7 @@ def rebuild_vectors(store: Path, drop: set[str], host: str | None = None, port: 
     import chromadb
     from chromadb.config import Settings
 
-    from retrieval.vectors import BEHAVIOUR, chroma_client, close_embedded
+    from retrieval.vectors import BEHAVIOUR, chroma_client, close_embedded, zero_unused_slots
 
     folder = Path(store) / CHROMA_DIR
     if not host and not folder.exists():
@@ -207,28 +206,6 @@ def rebuild_vectors(store: Path, drop: set[str], host: str | None = None, port: 
     fresh.rename(folder)
     shutil.rmtree(old)
     return removed, gone
-
-
-_HNSW_HEADER = struct.Struct("<iQQQQ")  # version, level-0 offset, capacity, elements, bytes per element
-
-
-def zero_unused_slots(segment: Path) -> int:
-    """Zero the HNSW level-0 file past its last element; returns the bytes zeroed. chromadb writes
-    the whole preallocated capacity, and the slots not yet used hold whatever the process's memory
-    held (we found an erased user's text there). Only a header we understand is acted on."""
-    header, data = segment / "header.bin", segment / "data_level0.bin"
-    if not header.exists() or not data.exists():
-        return 0
-    version, offset, capacity, count, size = _HNSW_HEADER.unpack_from(header.read_bytes())
-    if version != 1 or offset != 0 or not 0 <= count <= capacity or data.stat().st_size != capacity * size:
-        return 0
-    unused = (capacity - count) * size
-    with open(data, "r+b") as fh:
-        fh.seek(count * size)
-        fh.write(bytes(unused))
-        fh.flush()
-        os.fsync(fh.fileno())
-    return unused
 
 
 def _rewrite_lines(path: Path, pattern: re.Pattern) -> int:

@@ -11,7 +11,7 @@ from retrieval.history import History, build_history
 from retrieval.privacy import KEY_FILE, Privacy
 from retrieval.records import Candidate, Event, Product
 from retrieval.sources import SOURCES, SourceContext, fuse
-from retrieval.vectors import LocalEmbeddings, VectorIndex, chroma_client
+from retrieval.vectors import LocalEmbeddings, VectorIndex, chroma_client, settle_embedded
 
 CATALOG_FILE = "catalog.sqlite3"
 CHROMA_DIR = "chroma"
@@ -91,7 +91,10 @@ class Retriever:
     def reopen(self, config: RetrievalConfig) -> None:
         """After an erasure rewrote the stores under this retriever: new vector-store handles, and
         histories and sources built again from what the stores hold now."""
-        client = chroma_client(Path(config.store_dir) / CHROMA_DIR, config.chroma_host, config.chroma_port)
+        folder = Path(config.store_dir) / CHROMA_DIR
+        client = chroma_client(folder, config.chroma_host, config.chroma_port)
+        if not config.chroma_host:
+            settle_embedded(client, folder)
         self.index = VectorIndex(client, self.index.embeddings)
         self._context = SourceContext(self.catalog, self.index, self.catalog.path.parent, self._context.options)
         self.sources = {name: SOURCES[name](self._context) for name in self.sources}

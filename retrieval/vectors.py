@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import struct
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -98,6 +99,39 @@ def close_embedded(persist_dir: str | Path) -> None:
     fd = _OWNED.pop(str(folder), None)
     if fd is not None:
         os.close(fd)
+
+
+_HNSW_HEADER = struct.Struct("<iQQQQ")  # version, level-0 offset, capacity, elements, bytes per element
+
+
+def zero_unused_slots(segment: Path) -> int:
+    """Zero the HNSW level-0 file past its last element; returns the bytes zeroed. chromadb writes
+    the whole preallocated capacity, and the slots not yet used hold whatever the process's memory
+    held (we found an erased user's text there). Only a header we understand is acted on."""
+    header, data = segment / "header.bin", segment / "data_level0.bin"
+    if not header.exists() or not data.exists():
+        return 0
+    version, offset, capacity, count, size = _HNSW_HEADER.unpack_from(header.read_bytes())
+    if version != 1 or offset != 0 or not 0 <= count <= capacity or data.stat().st_size != capacity * size:
+        return 0
+    unused = (capacity - count) * size
+    with open(data, "r+b") as fh:
+        fh.seek(count * size)
+        fh.write(bytes(unused))
+        fh.flush()
+        os.fsync(fh.fileno())
+    return unused
+
+
+def settle_embedded(client, folder: Path) -> None:
+    """Load every collection of an embedded store now, then zero its HNSW files' unused slots.
+    chromadb rewrites a collection's HNSW files, from this process's memory, when the process first
+    loads a collection that holds fewer records than its sync threshold; a process that once held
+    erased data (the service that ran the erasure) must take that load before the zeroing."""
+    for collection in client.list_collections():
+        collection.get(limit=1, include=[])
+    for header in Path(folder).glob("*/header.bin"):
+        zero_unused_slots(header.parent)
 
 
 def chroma_client(persist_dir: str | None = None, host: str | None = None, port: int = 8000):

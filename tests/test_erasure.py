@@ -6,6 +6,7 @@ Tests in this module run in order on one store (the planted check first, then th
 from __future__ import annotations
 
 import csv
+import ctypes
 import json
 import shutil
 import sqlite3
@@ -18,11 +19,12 @@ from agent.service import composer_for
 from agent.settings import Settings
 from retrieval import Retriever, ingest
 from retrieval.catalog import Catalog
-from retrieval.erasure import _HNSW_HEADER, AUDIT_FILE, Traces, erase, erase_expired, register_output, scan
+from retrieval.erasure import AUDIT_FILE, Traces, erase, erase_expired, register_output, scan
 from retrieval.retriever import CATALOG_FILE, CHROMA_DIR
-from retrieval.vectors import BEHAVIOUR, chroma_client
+from retrieval.vectors import _HNSW_HEADER, BEHAVIOUR, chroma_client
 from tests.test_ranking import _sample_slice
 
+M_PERTURB = -6  # glibc's mallopt parameter
 EMAIL_USER, PHONE_USER = "planted.user@example.net", "+44 20 7946 0999"
 PLANTED = {
     "title": " - questions? write to jane.roe@example.org",
@@ -57,6 +59,21 @@ def _plant(folder: Path) -> tuple[str, str]:
         writer.writeheader()
         writer.writerows(events)
     return first, second
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _uninitialised_memory_visible():
+    """glibc fills what malloc hands out with a non-zero byte here, so chromadb's HNSW files show any
+    part written from uninitialised memory (elsewhere it is often zero by chance, and the check
+    would pass by luck)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        yield
+        return
+    mallopt(M_PERTURB, 0x55)
+    yield
+    mallopt(M_PERTURB, 0)
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +127,17 @@ def _behaviour_record(store: Path, user: str) -> tuple[str, np.ndarray]:
     return record["documents"][0], np.asarray(record["embeddings"][0], np.float32)
 
 
+def _unused_slots_zero(store: Path) -> bool:
+    """The HNSW files hold nothing past their last element: chromadb writes that part from
+    uninitialised memory, where an erased text was once found."""
+    for header in (store / CHROMA_DIR).glob("*/header.bin"):
+        _, _, capacity, count, size = _HNSW_HEADER.unpack_from(header.read_bytes())
+        data = (header.parent / "data_level0.bin").read_bytes()
+        if len(data) != capacity * size or any(data[count * size:]):
+            return False
+    return True
+
+
 def test_deleting_is_not_erasing(world, tmp_path):
     """The reason for the rebuild: after chromadb's delete and SQLite's DELETE the user's behaviour
     text and vector are still in the files, and the scan finds them."""
@@ -152,14 +180,18 @@ def test_forget_erases_a_user_everywhere_and_the_scan_proves_it(world):
     assert receipt.clean, receipt.lines()
     assert scan([store, *world["outputs"]], traces) == []
     assert receipt.removed[f"{store}: events"] > 0 and receipt.removed[f"{store}: vector collection behaviour"] == 2
+    assert _unused_slots_zero(store)
     assert trained not in examples.read_text()
     # the fine-tuning store's event log and vectors were rewritten too
     assert any("store-train" in place for place, n in receipt.removed.items() if n)
+    # this process held the erased data, and chromadb rewrites the files when it first loads them here:
+    # the reopen takes that load before zeroing again, so pages served afterwards leave them clean
     retriever.reopen(settings.retrieval_config())
     assert retriever.catalog.event_count(stored) == 0 and retriever.catalog.event_count(other) == others_events
     assert retriever.index.count("products") == products_before
     assert world["served"].compose(EMAIL_USER, use_llm=False).meta.cold_start
     assert not world["served"].compose(other, use_llm=False).meta.cold_start
+    assert _unused_slots_zero(store)
     # the audit log: a keyed hash per user, never the id or the pseudonym
     audit = (store / AUDIT_FILE).read_text()
     line = json.loads(audit.splitlines()[-1])
@@ -191,18 +223,13 @@ def test_retention_erases_old_events_and_the_texts_made_from_them(tmp_path):
     receipt = erase_expired(settings.retrieval_config().privacy(), store, 1_500_000, settings.embedding_model)
 
     assert receipt.clean, receipt.lines()
+    assert _unused_slots_zero(store)  # before this process opens the store again (see the reopen above)
     assert scan([store], Traces(ids={old}, texts={old_text, mixed_text}, vectors=[old_vector, mixed_vector])) == []
     catalog = Catalog(store / CATALOG_FILE)
     assert catalog.event_count(old) == 0 and catalog.event_count(mixed) == mixed_left
     catalog.close()
     text, _ = _behaviour_record(store, mixed)
     assert text != mixed_text and f"Interacted with {mixed_left} products." in text
-    # the rebuilt HNSW files hold nothing past their last element (chromadb writes that part from
-    # uninitialised memory, where an erased text was once found)
-    for header in (store / CHROMA_DIR).glob("*/header.bin"):
-        _, _, capacity, count, size = _HNSW_HEADER.unpack_from(header.read_bytes())
-        data = (header.parent / "data_level0.bin").read_bytes()
-        assert len(data) == capacity * size and not any(data[count * size:])
 
 
 def test_json_reports_lose_the_users_entries_and_keep_everything_else():
