@@ -81,14 +81,19 @@ def per_user(ranked: dict[str, Sequence[str]], targets: dict[str, Collection[str
     return out
 
 
+def bootstrap_interval(values: dict[str, float], samples: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean over users and its 95 % bootstrap interval (users resampled: whatever one user holds
+    stays together)."""
+    if not values:
+        return 0.0, 0.0, 0.0
+    data = np.array([values[u] for u in sorted(values)], dtype=float)
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, len(data), size=(samples, len(data)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(data.mean()), float(low), float(high)
+
+
 def paired_interval(a: dict[str, float], b: dict[str, float], samples: int = 1000, seed: int = 0,
                     ) -> tuple[float, float, float]:
     """Mean of a - b over the users both have, and its 95 % paired-bootstrap interval."""
-    users = sorted(set(a) & set(b))
-    if not users:
-        return 0.0, 0.0, 0.0
-    diff = np.array([a[u] - b[u] for u in users])
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), size=(samples, len(diff)))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(diff.mean()), float(low), float(high)
+    return bootstrap_interval({u: a[u] - b[u] for u in set(a) & set(b)}, samples, seed)

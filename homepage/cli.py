@@ -138,11 +138,18 @@ def _writes(settings, *folders) -> None:
             register_output(settings.store_dir, Path(folder))
 
 
+def _publish(settings, out: str | None, write, report) -> None:
+    """Write a report where ``--out`` asks, the folder registered with the store."""
+    if out:
+        _writes(settings, out)
+        write(report, Path(out))
+
+
 def cmd_forget(args: argparse.Namespace) -> int:
-    from retrieval.erasure import erase, erase_expired, registered_outputs
+    from retrieval.erasure import AUDIT_FILE, erase, erase_expired, registered_outputs
 
     settings = _settings(args)
-    config = settings.retrieval_config()
+    privacy = settings.retrieval_config().privacy()
     outputs = [*registered_outputs(settings.store_dir), *(Path(o) for o in args.outputs)]
     if args.expired:
         if args.users:
@@ -150,7 +157,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
         if settings.retention_days is None:
             raise UserError("--expired needs the retention_days setting (homepage.toml or HOMEPAGE_RETENTION_DAYS)")
         before = time.time() - settings.retention_days * 86_400
-        receipt = erase_expired(config.privacy(), settings.store_dir, before, settings.embedding_model, outputs,
+        receipt = erase_expired(privacy, settings.store_dir, before, settings.embedding_model, outputs,
                                 settings.chroma_host, settings.chroma_port)
     else:
         if not args.users:
@@ -159,13 +166,13 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
         for user in args.users:
             try:
-                check_id(config.privacy().user_id(user), "user id")
+                check_id(privacy.user_id(user), "user id")
             except ValueError as exc:
                 raise UserError(str(exc)) from None
-        receipt = erase(config.privacy(), settings.store_dir, args.users, outputs, settings.chroma_host,
+        receipt = erase(privacy, settings.store_dir, args.users, outputs, settings.chroma_host,
                         settings.chroma_port)
     print("\n".join(receipt.lines()))
-    print(f"receipt appended to {Path(settings.store_dir) / 'privacy' / 'audit.jsonl'}")
+    print(f"receipt appended to {Path(settings.store_dir) / AUDIT_FILE}")
     return 0 if receipt.clean else 1
 
 
@@ -210,9 +217,7 @@ def cmd_eval_load(args: argparse.Namespace) -> int:
     report = run_load(args.url, users, items, args.clients, args.seconds, args.event_share,
                       token=settings.api_token, seed=args.seed, think_s=args.think)
     print(format_report(report))
-    if args.out:
-        _writes(settings, args.out)
-        write_report(report, Path(args.out))
+    _publish(settings, args.out, write_report, report)
     return 0
 
 
@@ -232,9 +237,7 @@ def cmd_eval_injection(args: argparse.Namespace) -> int:
             reports.append(run(composer, users, payload, args.batch, args.seed))
             print(format_report(reports[-1:]).splitlines()[-1], f"({reports[-1]['seconds']} s)", flush=True)
     print(format_report(reports))
-    if args.out:
-        _writes(settings, args.out)
-        write_report(reports, Path(args.out))
+    _publish(settings, args.out, write_report, reports)
     return 0
 
 
@@ -293,9 +296,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = run_bench(composer, users=args.users, batch_size=args.batch, validity_users=args.validity_users,
                        seed=args.seed, before=before)
     print(format_report(report))
-    if args.out:
-        _writes(settings, args.out)
-        write_report(report, Path(args.out))
+    _publish(settings, args.out, write_report, report)
     return 0
 
 

@@ -377,7 +377,7 @@ def erase_expired(privacy: Privacy, store: Path, before: float, embedding_model:
     written again from what is left (the old text and vector go). Events without a timestamp (a
     sequence position only) cannot age and are kept."""
     from retrieval.catalog import Catalog
-    from retrieval.history import summarise
+    from retrieval.ingest import behaviour_document
     from retrieval.vectors import LocalEmbeddings
 
     store = Path(store)
@@ -390,10 +390,9 @@ def erase_expired(privacy: Privacy, store: Path, before: float, embedding_model:
     finally:
         catalog.close()
     gone = {u for u, items in left.items() if not items}
-    texts = {u: summarise(items) for u, items in left.items() if items}
-    vectors = LocalEmbeddings(embedding_model).embed_documents(list(texts.values())) if texts else []
-    updates = {u: (text, vector, {"events": len(left[u])}) for (u, text), vector in zip(texts.items(), vectors,
-                                                                                      strict=True)}
+    docs = {u: behaviour_document(items) for u, items in left.items() if items}  # as ingest writes them
+    vectors = LocalEmbeddings(embedding_model).embed_documents([text for text, _ in docs.values()]) if docs else []
+    updates = {u: (text, vector, meta) for (u, (text, meta)), vector in zip(docs.items(), vectors, strict=True)}
     receipt = Receipt("retention", sorted(privacy.audit_subject(u) for u in gone),
                       vector_store=f"{host}:{port}" if host else "embedded")
     receipt.removed[f"{store}: events older than {time.strftime('%Y-%m-%d', time.gmtime(before))}"] = removed

@@ -47,6 +47,13 @@ def _digest(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
+def behaviour_document(items: list[Product]) -> tuple[str, dict]:
+    """A user's behaviour text from their products, and the metadata stored with it (the digest lets
+    a later ingest skip an unchanged text)."""
+    text = summarise(items)
+    return text, {"events": len(items), "digest": _digest(text)}
+
+
 def _upsert_changed(index: VectorIndex, name: str, docs: dict[str, tuple[str, dict]], progress: bool) -> int:
     """Embed only the documents that are new or whose text changed since the last ingest; where
     only the metadata changed (price, stock), update it in place. Returns how many were embedded."""
@@ -148,7 +155,7 @@ def ingest(
         for e in catalog.all_events():
             if e.item_id in catalog.products:  # a removed product's events stay, unsummarised
                 by_user[e.user_id].append(catalog.products[e.item_id])
-        user_docs = {user: (summarise(items), {"events": len(items)}) for user, items in by_user.items()}
+        user_docs = {user: behaviour_document(items) for user, items in by_user.items()}
         embedded_users = _upsert_changed(index, BEHAVIOUR, user_docs, progress)
     finally:
         catalog.close()

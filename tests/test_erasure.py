@@ -230,6 +230,10 @@ def test_retention_erases_old_events_and_the_texts_made_from_them(tmp_path):
     catalog.close()
     text, _ = _behaviour_record(store, mixed)
     assert text != mixed_text and f"Interacted with {mixed_left} products." in text
+    # the rewritten record is stored as ingest stores it: ingesting the events that are left embeds nobody again
+    (data / "kept.csv").write_text("\n".join(line for line in lines if not line.endswith(",1000000,view")) + "\n")
+    report = ingest(settings.retrieval_config(), data / "items.csv", data / "kept.csv", progress=False)
+    assert report.new_events == 0 and report.embedded_users == 0
 
 
 def test_json_reports_lose_the_users_entries_and_keep_everything_else():

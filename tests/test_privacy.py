@@ -129,7 +129,6 @@ def test_injected_titles_never_break_a_page_and_ingest_clears_them(settings, com
     assert composer.retriever.products == before
 
 
-
 # -- what a remote model server receives ----------------------------------------------------------------
 def test_remote_prompts_carry_no_user_id_and_no_history_when_told_not_to(composer, sample_users):
     from agent.composer import WITHHELD_SUMMARY, Composer

@@ -155,3 +155,14 @@ def comparison_cases(criteria: dict[str, str], left: str, right: str, pages: dic
                     for i, m in enumerate(page[:modules_per_page]):
                         points.append(PointCase(f"{user}/{name}/{side}/{i}", name, user, m["title"], m["products"]))
     return pairs, points
+
+
+def deterministic_known_cases(criteria: list[str], composer, users: list[str], targets: dict[str, list[str]],
+                              events: list, seed: int) -> KnownCases:
+    """``known_cases`` from these users' deterministic pages, popularity counted over ``events``."""
+    retriever = composer.retriever
+    pages = {u: page_view(composer.compose(u, use_llm=False, use_cache=False), retriever.products) for u in users}
+    summaries = {u: retriever.history(u).summary for u in users}
+    popular = [i for i, _ in Counter(e.item_id for e in events).most_common()]
+    return known_cases(criteria, pages, summaries, targets, retriever.products, popular, composer.rules.banned_words,
+                       seed)

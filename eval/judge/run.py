@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -21,14 +20,16 @@ from agent.cache import PageCache
 from agent.errors import ConfigError
 from agent.service import composer_for
 from agent.settings import Settings
-from eval.judge.cases import comparison_cases, known_cases, page_view
+from eval.judge.cases import comparison_cases, deterministic_known_cases, page_view
 from eval.judge.criteria import CRITERIA_DIR, load_criteria
 from eval.judge.judging import Judge, PairVerdict, PointVerdict
-from eval.judge.stats import bootstrap_mean, wilson
-from eval.judge.suite import Suite
+from eval.judge.stats import wilson
+from eval.judge.suite import Suite, suite_users
+from eval.metrics import bootstrap_interval
 from finetune.store import build_store, read_logs, validation_part
 
 VOTE = "vote"
+BOOTSTRAP_SAMPLES = 2000
 
 
 def _digest(*parts: object) -> str:
@@ -79,6 +80,11 @@ def _accuracy(points: list[tuple[PointVerdict, PointVerdict]], pairs: list[PairV
             "failures": failed}
 
 
+def _interval(values: dict[str, float], seed: int) -> list[float]:
+    """Mean over users with its 95 % bootstrap interval, as reported."""
+    return [round(x, 4) for x in bootstrap_interval(values, BOOTSTRAP_SAMPLES, seed)]
+
+
 def _win_rates(suite: Suite, kinds: dict[str, str], left: str, right: str, pairs: list[PairVerdict],
                points: list[PointVerdict], pages: dict, targets: dict[str, list[str]]) -> dict:
     out = {}
@@ -86,7 +92,7 @@ def _win_rates(suite: Suite, kinds: dict[str, str], left: str, right: str, pairs
         if kind == "pairwise":
             outcome = {v.case.user: {"A": 1.0, "tie": 0.5, "B": 0.0}[v.winner]
                        for v in pairs if v.case.criterion == criterion and v.winner is not None}
-            entry = {"kind": kind, "win_rate": [round(x, 4) for x in bootstrap_mean(outcome, seed=suite.seed)],
+            entry = {"kind": kind, "win_rate": _interval(outcome, suite.seed),
                      "users": len(outcome)}
             if criterion == "shopper_fit":  # the ranking truth: does the judge prefer the page holding the next item?
                 agree = total = 0
@@ -109,7 +115,7 @@ def _win_rates(suite: Suite, kinds: dict[str, str], left: str, right: str, pairs
             diff = {u: sum(s[left]) / len(s[left]) - sum(s[right]) / len(s[right])
                     for u, s in by_user.items() if s.get(left) and s.get(right)}
             entry = {"kind": kind, "users": len(diff),
-                     "mean_score_difference": [round(x, 4) for x in bootstrap_mean(diff, seed=suite.seed)]}
+                     "mean_score_difference": _interval(diff, suite.seed)}
         out[criterion] = entry
     return out
 
@@ -140,33 +146,27 @@ def run(suite: Suite, settings: Settings, out: Path, progress: bool = True) -> d
     logs = read_logs(suite.data, settings, out / "quarantine")
     history, targets = validation_part(logs.events)
     retriever = build_store(out / "store", settings, logs.catalogue, history, progress)
-    users = sorted(targets)
-    random.Random(suite.seed).shuffle(users)
-    compared = sorted(users[:suite.users])
-    calibration = sorted(users[suite.users:suite.users + suite.calibration_users])
+    compared, calibration = suite_users(suite, targets)
     backends = Backends()
     mark = time.perf_counter()
     pages, paths = pages_for(suite, settings, retriever, compared, backends)
     base = composer_for(settings, retriever, None, budget_s=None, cache=PageCache(0))
-    calibration_pages = {u: page_view(base.compose(u, use_llm=False, use_cache=False), retriever.products)
-                         for u in calibration}
-    summaries = {u: retriever.history(u).summary for u in compared + calibration}
-    popular = [i for i, _ in Counter(e.item_id for e in history).most_common()]
-    known = known_cases(suite.criteria, calibration_pages, summaries, targets, retriever.products, popular,
-                        base.rules.banned_words, suite.seed)
+    known = deterministic_known_cases(suite.criteria, base, calibration, targets, history, suite.seed)
+    summaries = {u: retriever.history(u).summary for u in compared}
     compose_s = time.perf_counter() - mark
 
     comparisons = {f"{left} vs {right}": comparison_cases(kinds, left, right, pages, summaries)
                    for left, right in suite.comparisons}
     judged: dict[str, dict] = {}
     verdicts: dict[str, dict[str, object]] = {}
-    calls, judge_s = {}, {}
+    calls, judge_s, judge_criteria = {}, {}, {}
     for name, spec in suite.judges.items():
         mark = time.perf_counter()
         s = settings.model_copy(update=spec.settings)
         own = load_criteria(spec.criteria_dir or CRITERIA_DIR)
         if missing := sorted(set(suite.criteria) - set(own.by_name)):
             raise ConfigError(f"judge {name!r}: its criteria folder {spec.criteria_dir} lacks {missing}")
+        judge_criteria[name] = own.version
         judge = Judge(name, backends.get(s), own, base.rules.banned_words, suite.batch, suite.repeats)
         mine: dict[str, object] = {}
         for v in judge.score([c for k in known.points for c in (k.good, k.bad)]):
@@ -220,7 +220,7 @@ def run(suite: Suite, settings: Settings, out: Path, progress: bool = True) -> d
                    "judge_seconds": {k: round(v, 1) for k, v in judge_s.items()}, "calls": calls, "cases": cases,
                    "cases_per_minute": round(cases * 60 / max(sum(judge_s.values()), 1e-9), 1)},
         "hashes": {"data": logs.digest, "criteria": criteria.version, "suite": _digest(suite.model_dump(mode="json")),
-                   "judges": {n: _digest(s.settings, str(s.criteria_dir)) for n, s in suite.judges.items()},
+                   "judges": {n: _digest(s.settings, judge_criteria[n]) for n, s in suite.judges.items()},
                    "configurations": {n: _digest(c.model_dump(mode="json")) for n, c in suite.configurations.items()}},
         "verdicts": {name: {cid: _verdict_record(v) for cid, v in mine.items()} for name, mine in verdicts.items()},
         "known_answer_cases": [{"id": k.good.id.rsplit("/", 1)[0], "perturbation": k.perturbation}

@@ -8,6 +8,8 @@ with the file, line and field.
 
 from __future__ import annotations
 
+import random
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +102,11 @@ def load_suite(path: Path, known_criteria: set[str]) -> Suite:
         if judge.criteria_dir is not None and not (judge.criteria_dir / "criteria.yaml").exists():
             refuse(("judges", name, "criteria_dir"), f"{judge.criteria_dir}: no criteria.yaml there")
     return suite
+
+
+def suite_users(suite: Suite, users: Iterable[str]) -> tuple[list[str], list[str]]:
+    """The compared and the calibration users: disjoint seeded samples of ``users`` (the validation
+    users; a judge adapter's training leaves both out)."""
+    order = sorted(users)
+    random.Random(suite.seed).shuffle(order)
+    return sorted(order[:suite.users]), sorted(order[suite.users:suite.users + suite.calibration_users])

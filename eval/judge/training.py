@@ -12,16 +12,15 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections import Counter
 from pathlib import Path
 
 from agent.cache import PageCache
 from agent.service import adapter_inputs, composer_for
 from agent.settings import Settings
-from eval.judge.cases import known_cases, page_view
+from eval.judge.cases import deterministic_known_cases
 from eval.judge.criteria import load_criteria
 from eval.judge.judging import Judge
-from eval.judge.suite import load_suite
+from eval.judge.suite import load_suite, suite_users
 from finetune.config import FinetuneConfig
 from finetune.examples import EXAMPLES_FILE, MANIFEST_FILE
 from finetune.store import build_store, read_logs, training_part, validation_part
@@ -40,26 +39,20 @@ def _compact(value: dict) -> str:
 
 def build_judge_examples(config: FinetuneConfig, settings: Settings, progress: bool = True) -> dict:
     started = time.perf_counter()
-    suite = load_suite(config.judge_suite, set(load_criteria().by_name))
     criteria = load_criteria()
+    suite = load_suite(config.judge_suite, set(criteria.by_name))
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     logs = read_logs(config.data, settings, out / "quarantine")
     _, valid_targets = validation_part(logs.events)
-    reserved = sorted(valid_targets)
-    random.Random(suite.seed).shuffle(reserved)
-    reserved = set(reserved[: suite.users + suite.calibration_users])  # the suite's users: never trained on
+    reserved = set().union(*suite_users(suite, valid_targets))  # the suite's users: never trained on
     store_events, targets = training_part(logs.events)
     retriever = build_store(out / "store-train", settings, logs.catalogue, store_events, progress)
     composer = composer_for(settings, retriever, None, budget_s=None, cache=PageCache(0))
     users = [u for u in sorted(targets) if u not in reserved]
     random.Random(config.seed).shuffle(users)
     users = sorted(users[: config.users] if config.users else users)
-    pages = {u: page_view(composer.compose(u, use_llm=False, use_cache=False), retriever.products) for u in users}
-    summaries = {u: retriever.history(u).summary for u in users}
-    popular = [i for i, _ in Counter(e.item_id for e in store_events).most_common()]
-    known = known_cases(suite.criteria, pages, summaries, targets, retriever.products, popular,
-                        composer.rules.banned_words, config.seed)
+    known = deterministic_known_cases(suite.criteria, composer, users, targets, store_events, config.seed)
     asker = Judge("teacher", None, criteria, composer.rules.banned_words)
     held_out = set(users[: round(len(users) * config.eval_fraction)])
     examples = []
