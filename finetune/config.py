@@ -68,6 +68,10 @@ class FinetuneConfig(_Strict):
         "page", description="what the loss reads: 'page' — the whole draft (titles and every handle); 'handles' — "
         "only each module's first handle, where it is an item the shopper bought next (the verbalizer's target: "
         "serving reads every handle's score at that position); examples without one are skipped")
+    shuffle_candidates: bool = Field(
+        False, description="shuffle each module's candidates (seeded, per user) before the prompt is rendered, so "
+        "the model cannot learn to copy the pool's retrieval order: its handle scores must come from the products "
+        "and the history; serving blends them with pool order through handle_prior")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     task: Literal["page", "judge"] = Field("page", description="what the adapter learns: 'page' — the composer's "
                                            "drafts; 'judge' — a judge's verdicts on known-answer cases of training "

@@ -122,10 +122,14 @@ def build_examples(config: FinetuneConfig, settings: Settings, teacher_backend: 
     held_out = set(users[: round(len(users) * config.eval_fraction)])
     skipped: Counter = Counter()
     written = with_hits = in_eval = 0
+    shuffler = random.Random(config.seed + 1)
     with open(out / EXAMPLES_FILE, "w", encoding="utf-8") as f:
         for user in tqdm(users, desc="examples", unit="user", disable=not progress):
             history = retriever.history(user)
             pools = composer.pools(history)
+            if config.shuffle_candidates:
+                for module in pools.written():
+                    shuffler.shuffle(module.candidates)
             titles = teacher_titles(config.teacher, history, composer, pools, teacher_backend)
             draft, hits = target_draft(composer, pools, set(targets[user]), titles)
             violations = validate(assemble(pools, parse_draft(draft.model_dump_json(), pools)), composer.ctx)
@@ -150,6 +154,7 @@ def build_examples(config: FinetuneConfig, settings: Settings, teacher_backend: 
         "examples_with_target_shown": with_hits, "skipped": dict(skipped),
         **adapter_inputs(settings, composer),
         "teacher": config.teacher.model_dump(), "seed": config.seed,
+        "shuffle_candidates": config.shuffle_candidates,
         "seconds": round(time.perf_counter() - started, 1),
     }
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
