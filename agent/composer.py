@@ -49,6 +49,7 @@ from retrieval.ids import check_id
 from retrieval.sources import SOURCES
 
 T = TypeVar("T")
+WARM_UP_USER = "warm-up-visitor"  # a visitor nobody has seen: the warm-up touches no shopper's data
 WITHHELD_SUMMARY = "A shopper (history withheld from remote models)."
 _GRACE_S = 0.25  # a backend that checks the deadline itself gets this long to say so
 
@@ -160,6 +161,21 @@ class Composer:
         return handle_order(pools, self.rules, self.handle_prior)
 
     # -- public ---------------------------------------------------------------------------------
+    def warm_up(self) -> float:
+        """One page's model work for a new visitor, nothing kept: the grammar compiler's first
+        compile, the system prompt's shared KV cache and torch's first forward passes happen here,
+        at start, rather than inside the first shoppers' time budgets. Returns the seconds it took."""
+        started = time.perf_counter()
+        if self.backend is None:
+            return 0.0
+        history = build_history(WARM_UP_USER, [], {})
+        a = Attempt(WARM_UP_USER, history, started)
+        a.pools = self.pools(history)
+        a.messages = self.messages(history, a.pools)
+        self._take(a, self._generate(a.messages, self.schema(a.pools), self.max_new_tokens, None,
+                                     self.order(a.pools)))
+        return time.perf_counter() - started
+
     def compose(self, user_id: str, use_llm: bool = True, use_cache: bool = True,
                 deadline: float | None = None) -> Homepage:
         """One valid page (see the module's docstring for the guarantee and its two errors).

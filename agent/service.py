@@ -53,6 +53,8 @@ def build_composer(settings: Settings | None = None) -> Composer:
             if settings.adapter:
                 check_adapter_inputs(settings.adapter, adapter_inputs(settings, composer), settings.adapter_mismatch)
             composer.backend = load_backend(settings)
+            if settings.warm_up:
+                composer.warm_up()
             _composers[key] = composer
         return _composers[key]
 

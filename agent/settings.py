@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     adapter_mismatch: Literal["warn", "refuse"] = Field(
         "refuse", description="an adapter trained on other templates, rules, skeleton or retrieval settings: "
         "refuse to serve it, or serve it with a warning")
+    warm_up: bool = Field(True, description="at start, compose one page for a new visitor and drop it (grammar "
+                          "compiled, system prompt cached, one forward pass), so the first shoppers' pages meet "
+                          "the budget")
     share_system_prefix: bool = Field(True, description="compute the system prompt's KV cache once per process "
                                       "(the output is the same either way)")
     seed: int = 0
