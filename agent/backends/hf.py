@@ -18,19 +18,76 @@ cost of a page is the number of model steps, and four things cut them:
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
 import shutil
 import threading
 import time
-from functools import lru_cache
+from contextlib import contextmanager
+from functools import lru_cache, wraps
 from pathlib import Path
 
 from agent.adapters import check_adapter
 from agent.backends import Generation, HandleOrder, LLMBackend
 from agent.errors import BackendError, ConfigError
 from retrieval.packaged import ModelNotFound, find_gguf, resolve_model
+
+# Decodes in flight, process-wide. A caller that stops waiting (the page's budget) leaves its decode
+# in a daemon thread; a thread still inside torch or xgrammar when the interpreter finalises aborts
+# the process ("terminate called without an active exception", exit 134). So every decode checks
+# its deadline (and the process's exit) between steps, and exit waits for the ones in flight.
+_in_flight = threading.Condition()
+_running = 0
+_exiting = threading.Event()
+
+
+@contextmanager
+def _decoding():
+    global _running
+    with _in_flight:
+        _running += 1
+    try:
+        yield
+    finally:
+        with _in_flight:
+            _running -= 1
+            _in_flight.notify_all()
+
+
+def _drain(timeout: float = 60.0) -> None:
+    """At exit: decodes stop at their next step; wait until they have."""
+    _exiting.set()
+    with _in_flight:
+        _in_flight.wait_for(lambda: _running == 0, timeout)
+
+
+def _check(deadline: float | None, what: str = "page") -> None:
+    if _exiting.is_set():
+        raise BackendError("the process is exiting", retryable=True)
+    if deadline is not None and time.monotonic() > deadline:
+        raise BackendError(f"the {what}'s time budget ran out during generation", retryable=True)
+
+
+@contextmanager
+def _model_lock(lock: threading.Lock, deadline: float | None):
+    """The model's lock, but no wait past the deadline (another decode may hold it for long)."""
+    if not lock.acquire(timeout=-1 if deadline is None else max(deadline - time.monotonic(), 0.0)):
+        raise BackendError("the model stayed busy past the page's time budget", retryable=True)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _tracked(method):
+    """A decode method counted in flight (``_drain`` waits for it at exit)."""
+    @wraps(method)
+    def tracked(*args, **kwargs):
+        with _decoding():
+            return method(*args, **kwargs)
+    return tracked
 
 
 def unique_array_keys(schema: dict) -> set[str]:
@@ -150,6 +207,8 @@ class TransformersBackend(LLMBackend):
         self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._lock = threading.Lock()  # one decode at a time on this model
         self._prefix: tuple[list[int], object] | None = None  # (ids, KV cache) of the system prompt
+        atexit.unregister(_drain)  # once, and after torch's own exit handlers: it runs before them
+        atexit.register(_drain)
 
     @classmethod
     def from_settings(cls, settings) -> TransformersBackend:
@@ -256,12 +315,15 @@ class TransformersBackend(LLMBackend):
             self._prefix = (prefix, out.past_key_values)
         return len(self._prefix[0]), self._prefix[1]
 
+    @_tracked
     def generate(self, messages, schema, max_new_tokens, deadline=None, order: HandleOrder | None = None) -> Generation:
         import torch
         import xgrammar as xgr
 
+        _check(deadline)
         started = time.perf_counter()
         matcher = xgr.GrammarMatcher(self._grammar(json.dumps(schema)))
+        _check(deadline)  # compiling a new schema's grammar can take seconds
         bitmask = xgr.allocate_token_bitmask(1, self._vocab)
         keys = unique_array_keys(schema)
         output: list[int] = []
@@ -299,15 +361,14 @@ class TransformersBackend(LLMBackend):
                     break
             return written
 
-        with self._lock, torch.inference_mode():
+        with _model_lock(self._lock, deadline), torch.inference_mode():
             ids = self.prompt_ids(messages)
             reused, past = self._system_prefix(messages, ids)
             step_ids = ids[reused:] + take(forced())
             passes, prefill = 0, 0.0
             try:
                 while len(output) < max_new_tokens and not matcher.is_completed():
-                    if deadline is not None and time.monotonic() > deadline:
-                        raise BackendError("the page's time budget ran out during generation", retryable=True)
+                    _check(deadline)
                     ordering = order is not None and self._array_opened(output, keys) is not None
                     guess = [] if ordering else self._guess(ids, output, keys)
                     out = self.model(input_ids=torch.tensor([step_ids + guess]), past_key_values=past, use_cache=True)
@@ -363,6 +424,7 @@ class TransformersBackend(LLMBackend):
         text = self.tokenizer.decode(output, skip_special_tokens=True)
         return Generation(text, len(output), passes, time.perf_counter() - started, len(ids), prefill, scored)
 
+    @_tracked
     def generate_free(self, messages: list[dict[str, str]], max_new_tokens: int) -> Generation:
         """Greedy generation without a grammar, to the end-of-turn token: what the model writes
         unaided (the fine-tuning evaluation measures how often that is a valid page)."""
@@ -374,6 +436,7 @@ class TransformersBackend(LLMBackend):
         with self._lock, torch.inference_mode():
             step, past = ids, None
             while len(output) < max_new_tokens:
+                _check(None)
                 out = self.model(input_ids=torch.tensor([step]), past_key_values=past, use_cache=True)
                 past = out.past_key_values
                 token = int(out.logits[0, -1, : self._vocab].argmax())
@@ -384,6 +447,7 @@ class TransformersBackend(LLMBackend):
         text = self.tokenizer.decode(output, skip_special_tokens=True)
         return Generation(text, len(output), len(output) + 1, time.perf_counter() - started, len(ids))
 
+    @_tracked
     def generate_batch(self, requests, max_new_tokens, orders: list[HandleOrder] | None = None,
                        deadline: float | None = None) -> list[Generation]:
         """One forward pass per step for all rows (left-padded). No jump-forward here: forced tokens
@@ -411,10 +475,9 @@ class TransformersBackend(LLMBackend):
         scored: list[list[dict[int, float]]] = [[] for _ in range(rows)]
         comma = self.tokenizer.encode(",", add_special_tokens=False)
         past, passes = None, 0
-        with self._lock, torch.inference_mode():
+        with _model_lock(self._lock, deadline), torch.inference_mode():
             while not all(done) and passes < max_new_tokens:
-                if deadline is not None and time.monotonic() > deadline:
-                    raise BackendError("the batch's time budget ran out during generation", retryable=True)
+                _check(deadline, "batch")
                 out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                                  past_key_values=past, use_cache=True)
                 passes += 1
