@@ -308,7 +308,7 @@ class Composer:
         a.messages = self.messages(a.history, a.pools)
         schema, order = self.schema(a.pools), self.order(a.pools)
         self._take(a, self._generate(a.messages, schema, self.max_new_tokens, deadline, order))
-        if a.violations and self.llm_retry:
+        if self._retry_wanted(a):
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is None or remaining > a.generations[-1].seconds:  # else the fix is quicker
                 messages = retry_messages(self.prompts["repair"], self.rules, a.messages, a.generations[-1].text,
@@ -329,12 +329,19 @@ class Composer:
         requests = [(a.messages, self.schema(a.pools)) for a in attempts]
         for a, generation in zip(attempts, self._generate_batch(requests, attempts, deadline), strict=True):
             self._take(a, generation)
-        retry = [a for a in attempts if a.violations and self.llm_retry]
+        retry = [a for a in attempts if self._retry_wanted(a)]
         if retry:
             requests = [(retry_messages(self.prompts["repair"], self.rules, a.messages, a.generations[-1].text,
                                         a.violations), self.schema(a.pools)) for a in retry]
             for a, generation in zip(retry, self._generate_batch(requests, retry, deadline), strict=True):
                 self._take(a, generation)
+
+    def _retry_wanted(self, a: Attempt) -> bool:
+        """A retry costs a second generation; an ungrounded title alone is left to the fix, which
+        writes the module's grounded title at once (unless ``title_grounding.retry``)."""
+        if not (a.violations and self.llm_retry):
+            return False
+        return self.rules.title_grounding.retry or any(v.code != "ungrounded_title" for v in a.violations)
 
     def _generate_batch(self, requests: list[tuple[list[dict[str, str]], dict]],
                         attempts: list[Attempt], deadline: float | None) -> list[Generation]:

@@ -14,7 +14,8 @@ from collections import Counter
 from agent.pools import TOPPED_UP, Pools
 from agent.rules import BrandQuota, ModuleBody, PageBody, RuleContext, module_bounds, validate
 
-TITLE_CODES = frozenset({"title_length", "title_form", "duplicate_title", "product_name_title", "banned_word"})
+TITLE_CODES = frozenset({"title_length", "title_form", "duplicate_title", "product_name_title", "banned_word",
+                         "ungrounded_title"})
 
 
 def _configured(mod: ModuleBody) -> set[str]:
@@ -72,11 +73,29 @@ def fix(page: PageBody, pools: Pools, ctx: RuleContext) -> PageBody:
 
     _widen_categories(fixed, pools, ctx, used)
     for v in validate(fixed, ctx):
-        if v.code in TITLE_CODES and v.module is not None:
-            mod = fixed.modules[v.module]
-            if mod.spec.source != "campaign":
-                mod.title = mod.spec.title  # checked at load: passes every title rule
+        if v.code in TITLE_CODES and v.module is not None and fixed.modules[v.module].spec.source != "campaign":
+            _retitle(fixed, v.module, ctx)
     return fixed
+
+
+def _retitle(page: PageBody, m: int, ctx: RuleContext) -> None:
+    """Module ``m``'s copy, from its own products: its ``title_template`` filled with the category
+    most of them are filed under (leaf first, then department), the first that breaks no title rule
+    on this page; else the configured title (checked at load: passes every title rule)."""
+    mod = page.modules[m]
+    for title in [*template_titles(mod, ctx), mod.spec.title]:
+        mod.title = title
+        if not any(v.code in TITLE_CODES and v.module == m for v in validate(page, ctx)):
+            return
+    mod.title = mod.spec.title
+
+
+def template_titles(mod: ModuleBody, ctx: RuleContext) -> list[str]:
+    products = [ctx.products[i] for i in mod.items if i in ctx.products]
+    if not mod.spec.title_template or not products:
+        return []
+    labels = [Counter(getattr(p, level) for p in products).most_common(1)[0][0] for level in ("category", "department")]
+    return [mod.spec.title_template.format(category=label) for label in dict.fromkeys(labels)]
 
 
 def _widen_categories(page: PageBody, pools: Pools, ctx: RuleContext, used: set[str]) -> None:

@@ -12,6 +12,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -20,6 +21,29 @@ from agent.configfile import load_yaml_model
 from agent.schema import Violation
 from agent.skeleton import ModuleSpec, Skeleton
 from retrieval import Product
+
+# copy words that describe no product (prompts/rules.yaml repeats them for merchandisers to edit)
+GENERIC_WORDS = (
+    "pick", "picked", "picks", "edit", "favourite", "favourites", "favorite", "favorites", "trending", "popular",
+    "top", "best", "new", "now", "more", "loved", "love", "must", "have", "today", "week", "find", "finds",
+    "selection", "collection", "curated", "handpicked", "recommended", "discover", "explore", "treat", "shop",
+    "again", "buy", "it", "something", "everyone", "people", "customers", "others", "essentials", "staples",
+)
+
+
+class TitleGrounding(BaseModel):
+    """A model-written title must describe its module's products (``ungrounded_title``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_share: float = Field(0.3, gt=0, le=1, description="share of the module's products the title must "
+                             "describe: more than half of its content words (stemmed) among a product's title, "
+                             "category path and brand words")
+    generic_words: list[str] = Field(default_factory=lambda: list(GENERIC_WORDS), description="copy words that "
+                                     "name no product (picks, edit, trending): never evidence; a title of only "
+                                     "these is generic copy, allowed on any module")
+    retry: bool = Field(False, description="ask the model again for an ungrounded title (a second generation); "
+                        "false: the fix writes the module's grounded title at once")
 
 
 class Rules(BaseModel):
@@ -32,6 +56,7 @@ class Rules(BaseModel):
     title_min_chars: int = Field(3, ge=1)
     title_max_chars: int = Field(40, ge=5)
     banned_words: list[str] = Field(default_factory=list)
+    title_grounding: TitleGrounding = Field(default_factory=TitleGrounding)
 
     @model_validator(mode="after")
     def _bounds(self) -> Rules:
@@ -95,6 +120,56 @@ def _words(text: str) -> list[str]:
 
 def _contains(words: list[str], run: list[str]) -> bool:
     return any(words[i : i + len(run)] == run for i in range(len(words) - len(run) + 1))
+
+
+# English function words: never what a title says about its products
+STOPWORDS = frozenset({
+    "a", "an", "and", "are", "as", "at", "be", "by", "for", "from", "in", "into", "is", "it", "its", "just", "of",
+    "on", "or", "our", "the", "this", "these", "that", "to", "up", "with", "you", "your", "yours", "we", "us", "my",
+    "me", "all",
+})
+
+
+def stem(word: str) -> str:
+    """A plural folded to its singular, crudely ("nails" -> "nail", "accessories" -> "accessory"):
+    enough to match a title's word with a category's."""
+    if len(word) > 4 and word.endswith("ies"):
+        return word[:-3] + "y"
+    if len(word) > 4 and word.endswith(("ches", "shes", "sses", "xes")):
+        return word[:-2]
+    if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us")):
+        return word[:-1]
+    return word
+
+
+def title_words(title: str) -> set[str]:
+    """A title's words as a shopper reads them: stemmed, function words and numbers left out."""
+    return {stem(w) for w in _words(title) if w not in STOPWORDS and not w.isdigit()}
+
+
+@lru_cache(maxsize=100_000)
+def product_words(product: Product) -> frozenset[str]:
+    """What a product is called and filed under: its title, category path and brand, stemmed."""
+    text = " ".join([product.title, *product.category_path, product.brand or ""])
+    return frozenset(title_words(text))
+
+
+def grounded_share(title: str, items: Iterable[str], products: dict[str, Product], rules: Rules) -> float | None:
+    """The share of ``items`` that the title describes: more than half of its content words are
+    among the product's (so "skin care" needs both words, and "hair care" does not match it). None
+    for generic copy (no content word besides the configured generic ones) or no known items."""
+    generic = {stem(w.casefold()) for w in rules.title_grounding.generic_words}
+    words = title_words(title) - generic
+    known = [products[i] for i in items if i in products]
+    if not words or not known:
+        return None
+    return sum(2 * len(words & product_words(p)) > len(words) for p in known) / len(known)
+
+
+def top_label(items: Iterable[str], products: dict[str, Product]) -> str | None:
+    """The leaf category most of the module's products are filed under (for a violation's hint)."""
+    counts = Counter(products[i].category for i in items if i in products)
+    return counts.most_common(1)[0][0] if counts else None
 
 
 @dataclass
@@ -234,13 +309,32 @@ def _title_form(page: PageBody, ctx: RuleContext) -> list[Violation]:
 
 @rule("duplicate_title")
 def _duplicate_title(page: PageBody, ctx: RuleContext) -> list[Violation]:
-    seen: set[str] = set()
+    """The same title twice, or one whose words are all in another's ("Trending" beside "Trending
+    in Makeup"): a shopper reads them as one heading repeated."""
+    seen: list[tuple[str, set[str]]] = []
     found = []
     for m, mod in enumerate(page.modules):
-        key = title_key(mod.title)
-        if key in seen:
-            found.append(Violation(code="duplicate_title", module=m, message=f"title {mod.title!r} is used twice"))
-        seen.add(key)
+        key, words = title_key(mod.title), title_words(mod.title)
+        if any(key == k or (words and w and (words <= w or w <= words)) for k, w in seen):
+            found.append(Violation(code="duplicate_title", module=m, message=f"title {mod.title!r} repeats "
+                                   "another module's title"))
+        seen.append((key, words))
+    return found
+
+
+@rule("ungrounded_title")
+def _ungrounded_title(page: PageBody, ctx: RuleContext) -> list[Violation]:
+    """A title the model wrote must describe its module's products: at least ``min_share`` of them
+    it describes (``grounded_share``). The merchandiser's configured title and generic copy pass."""
+    found = []
+    for m, mod in enumerate(page.modules):
+        if mod.title == mod.spec.title or mod.spec.source == "campaign" or ctx.rules.title_problem(mod.title):
+            continue  # the merchandiser's copy; or a title already refused by its own rule
+        share = grounded_share(mod.title, mod.items, ctx.products, ctx.rules)
+        if share is not None and share < ctx.rules.title_grounding.min_share:
+            found.append(Violation(code="ungrounded_title", module=m, message=(
+                f"title {mod.title!r} does not describe its products ({share:.0%} share a word with it); "
+                f"they are mostly {top_label(mod.items, ctx.products)}")))
     return found
 
 

@@ -29,6 +29,10 @@ class ModuleSpec(BaseModel):
     type: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="module type, snake_case, unique on the page")
     source: str = Field("personal", description="personal | planned | campaign | a candidate source name")
     title: str = Field(min_length=1, description="the copy used when the model's copy is unusable or absent")
+    title_template: str | None = Field(
+        None, description="copy the fix writes when the model's title is unusable, from the module's own products: "
+        "{category} is the category most of them are filed under (a leaf, else their department); the configured "
+        "title where the result breaks a title rule")
     query: str | None = Field(None, description="planned modules: the search used when there is no plan")
     items: list[str] = Field(default_factory=list, description="campaign modules: the items, in order")
     pinned: list[str] = Field(default_factory=list, description="items always shown first in this module")
@@ -55,6 +59,12 @@ class ModuleSpec(BaseModel):
             raise ValueError("a buy_again module shows items the shopper has: set show_owned: true")
         if self.source == "planned" and not self.query:
             raise ValueError("a planned module needs a fallback query")
+        if self.title_template is not None:
+            try:
+                self.title_template.format(category="X")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ValueError(f"title_template {self.title_template!r}: only {{category}} may be filled in "
+                                 f"({exc})") from None
         if len(self.pinned) + self.sponsored_slots > self.max_items:
             raise ValueError("pinned items and sponsored slots exceed max_items")
         return self

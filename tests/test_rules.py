@@ -53,7 +53,7 @@ def test_a_good_page_passes_every_rule():
     assert codes(GOOD) == []
     assert set(RULES) == {"unknown_item", "out_of_stock", "duplicate_item", "module_size", "brand_cap",
                           "few_categories", "title_length", "title_form", "duplicate_title", "product_name_title",
-                          "banned_word", "excluded", "sponsored_quota"}
+                          "banned_word", "excluded", "sponsored_quota", "ungrounded_title"}
 
 
 def test_exclusions_and_the_sponsored_quota():
@@ -87,7 +87,9 @@ def test_exclusions_and_the_sponsored_quota():
         (page(("A very long title indeed", ["a1", "b1", "c1"]), ("More", ["a2", "d1"])), ["title_length"]),
         (page(("FREE stuff", ["a1", "b1", "c1"]), ("More", ["a2", "d1"])), ["banned_word"]),
         (page(("A Miracle Cure", ["a1", "b1", "c1"]), ("More", ["a2", "d1"])), ["banned_word"]),
-        (page(("Freedom glow", ["a1", "b1", "c1"]), ("More", ["a2", "d1"])), []),  # whole words only
+        # whole words only ({freedom, skin, care}: a1 has two of the three words, 1 of 3 items >= 0.3)
+        (page(("Freedom skin care", ["a1", "b1", "c1"]), ("More", ["a2", "d1"])), []),
+        (page(("Freedom glow", ["a1", "b1", "c1"]), ("More", ["a2", "d1"])), ["ungrounded_title"]),
     ],
 )
 def test_each_rule_refuses_its_case(body, expected):
