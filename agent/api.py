@@ -32,7 +32,7 @@ from agent.service import build_composer, composer_for
 from agent.settings import Settings
 from agent.worker import ModelWorker
 from retrieval import CatalogueColumns, EventColumns
-from retrieval.erasure import erase, registered_outputs
+from retrieval.erasure import UnknownUser, erase, registered_outputs
 from retrieval.ids import ID_PATTERN
 from retrieval.ingest import delete_products, update_products
 from retrieval.loading import parse_event, parse_product
@@ -82,10 +82,11 @@ class Erased(BaseModel):
 
     subjects: list[str] = Field(description="keyed hashes of the users erased")
     removed: dict[str, int] = Field(description="place -> records or lines removed")
-    deleted_files: list[str]
-    retrain: list[str] = Field(description="trained artefacts that saw the user, with the command that retrains them")
-    scanned: list[str] = Field(description="folders whose every file was byte-scanned afterwards")
-    clean: bool = Field(description="the scan found no id, text or vector of the user")
+    retrain: list[str] = Field(description="trained models that saw the user (left in place), with the command "
+                               "that retrains them")
+    scanned: list[str] = Field(description="folders whose every file was byte- and field-scanned afterwards")
+    not_scanned: list[str] = Field(description="places the proof could not read (a vector-store server's files)")
+    clean: bool = Field(description="proven: every place scanned, and no id, text or vector of the user found")
     found: list[str]
 
 
@@ -209,12 +210,16 @@ class Service:
             retriever = self.composer.retriever
             store = retriever.catalog.path.parent
             config = replace(self.settings.retrieval_config(), store_dir=store)
-            receipt = erase(config.privacy(), store, [user_id], registered_outputs(FilePath(self.settings.store_dir)),
-                            config.chroma_host, config.chroma_port)
+            try:
+                receipt = erase(config.privacy(), store, [user_id],
+                                registered_outputs(FilePath(self.settings.store_dir)), config.chroma_host,
+                                config.chroma_port, user_fields=[self.settings.event_columns.user_id])
+            except UnknownUser as exc:
+                raise HTTPException(404, str(exc)) from None
             if any(receipt.removed.values()):
                 retriever.reopen(config)
         return Erased(subjects=receipt.subjects, removed={k: v for k, v in receipt.removed.items() if v},
-                      deleted_files=receipt.deleted_files, retrain=receipt.retrain, scanned=receipt.scanned,
+                      retrain=receipt.retrain, scanned=receipt.scanned, not_scanned=receipt.not_scanned,
                       clean=receipt.clean, found=[f"{f.what}: {f.path}" for f in receipt.found])
 
     def problems(self) -> list[str]:
@@ -328,7 +333,8 @@ def create_app(settings: Settings | None = None, composer: Composer | None = Non
             raise HTTPException(404, f"no product {item_id!r} in the catalogue")
         return Removed(removed=item_id)
 
-    @app.delete("/v1/users/{user_id}", response_model=Erased, dependencies=[Depends(writer)], responses=refused,
+    @app.delete("/v1/users/{user_id}", response_model=Erased, dependencies=[Depends(writer)],
+                responses={**refused, 404: {"model": Problem, "description": "no such user: nothing was erased"}},
                 summary="Erase the user everywhere and prove it by a byte scan (right to be forgotten)")
     def forget(user_id: Annotated[str, user_path]) -> Erased:
         return service.forget(user_id)

@@ -146,7 +146,7 @@ def _publish(settings, out: str | None, write, report) -> None:
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
-    from retrieval.erasure import AUDIT_FILE, erase, erase_expired, registered_outputs
+    from retrieval.erasure import AUDIT_FILE, UnknownUser, erase, erase_expired, registered_outputs
 
     settings = _settings(args)
     privacy = settings.retrieval_config().privacy()
@@ -158,19 +158,16 @@ def cmd_forget(args: argparse.Namespace) -> int:
             raise UserError("--expired needs the retention_days setting (homepage.toml or HOMEPAGE_RETENTION_DAYS)")
         before = time.time() - settings.retention_days * 86_400
         receipt = erase_expired(privacy, settings.store_dir, before, settings.embedding_model, outputs,
-                                settings.chroma_host, settings.chroma_port)
+                                settings.chroma_host, settings.chroma_port,
+                                user_fields=[settings.event_columns.user_id])
     else:
         if not args.users:
             raise UserError("name the users to forget (or --expired)")
-        from retrieval.ids import check_id
-
-        for user in args.users:
-            try:
-                check_id(privacy.user_id(user), "user id")
-            except ValueError as exc:
-                raise UserError(str(exc)) from None
-        receipt = erase(privacy, settings.store_dir, args.users, outputs, settings.chroma_host,
-                        settings.chroma_port)
+        try:
+            receipt = erase(privacy, settings.store_dir, args.users, outputs, settings.chroma_host,
+                            settings.chroma_port, user_fields=[settings.event_columns.user_id])
+        except UnknownUser as exc:
+            raise UserError(str(exc)) from None
     print("\n".join(receipt.lines()))
     print(f"receipt appended to {Path(settings.store_dir) / AUDIT_FILE}")
     return 0 if receipt.clean else 1
@@ -314,6 +311,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
         if len(args.paths) != 2:
             raise UserError("usage: homepage finetune merge ADAPTER OUT")
+        _writes(settings, args.paths[1])  # a merged model saw the adapter's users: erasure lists it
         merge(Path(args.paths[0]), Path(args.paths[1]), settings.model_cache_dir, args.model)
         print(f"merged model in {args.paths[1]}; serve it with HOMEPAGE_MODEL={args.paths[1]}")
         return 0

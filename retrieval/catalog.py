@@ -11,13 +11,33 @@ in any process see the bump on their next ``refresh()`` and reload the products.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from retrieval.records import Event, Product
+
+EVENTS_LOCK_FILE = ".events.lock"  # beside the catalogue file
+
+
+@contextlib.contextmanager
+def events_lock(store: Path, exclusive: bool) -> Iterator[None]:
+    """Shared while events are added (any process, any thread: each call opens its own lock),
+    exclusive while an erasure runs, so no event of its subject lands between its delete and its
+    proof."""
+    path = Path(store) / EVENTS_LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS products (
@@ -139,7 +159,7 @@ class Catalog:
     def add_events(self, events: Iterable[Event]) -> int:
         """Insert events, ignoring exact duplicates; returns how many were new."""
         db = self._db
-        with db:
+        with events_lock(self.path.parent, exclusive=False), db:
             before = db.total_changes
             db.executemany(
                 "INSERT OR IGNORE INTO events VALUES (?,?,?,?,?)",

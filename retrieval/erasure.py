@@ -1,39 +1,98 @@
-"""Erasure that is proven: a user (or every event past the retention age) taken out of each place
-the project writes, then a byte scan of all of it for what was stored about them.
+"""Erasure that touches only its subject and is proven: a known user (or every event past the
+retention age) taken out of each place the project writes, then a scan of all of it for what was
+stored about them.
+
+What is removed is found by structure, never by matching bytes: event rows whose user is the
+subject, records of the per-user vector collection, JSON/JSONL/CSV records whose user field names
+the subject and JSON entries keyed by them. No file is deleted because its bytes match; trained
+models that saw the user (SASRec, LoRA adapters, merged models) are listed for retraining and left
+in place. An id that names no user in the event store (a product id, a typo) is refused before
+anything is touched.
 
 Deleting is not erasing. SQLite keeps deleted rows in free pages and its write-ahead log until a
 VACUUM and a checkpoint; chromadb (1.5) keeps a deleted record's vector in its HNSW files and its
 text in its own SQLite file. So the event store is rewritten (``secure_delete``, VACUUM, WAL
-truncated) and every vector collection is rebuilt into a fresh folder from the records that stay,
-which then replaces the old one (with the HNSW files' unused capacity zeroed: chromadb writes it
-from uninitialised memory). The scan looks for the ids, the behaviour texts and the
-vectors (as float32, raw and normalised, within rounding) in every file of the store and of every
-output folder; it is part of the receipt.
+checkpointed until empty) and every vector collection is rebuilt into a fresh folder from the
+records that stay, which then replaces the old one (with the HNSW files' unused capacity zeroed:
+chromadb writes it from uninitialised memory). A swap cut short by a crash is finished (or undone)
+the next time the store is opened (``retrieval.vectors.recover_swap``).
+
+The proof scans the bytes of every file of the store and of every output folder for every form
+the project writes an id in (raw, JSON-escaped, percent-encoded, the pseudonym), the erased
+behaviour texts and vectors; an id too short for a byte scan to mean anything is proven by field
+instead (every row, record and JSON entry read again), and the receipt says so.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
 import shutil
 import sqlite3
 import time
+import warnings
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote, quote_plus
 
 import numpy as np
 
+from retrieval.catalog import EVENTS_LOCK_FILE, events_lock
 from retrieval.privacy import Privacy
 from retrieval.retriever import CATALOG_FILE, CHROMA_DIR
 
 AUDIT_FILE = "privacy/audit.jsonl"
 OUTPUTS_FILE = "privacy/outputs.txt"
+USER_FIELDS = ("user_id", "user")  # field names that hold a user id in what the project writes
+MIN_SCAN_CHARS = 6  # a shorter id occurs by chance in numbers and binary files: proven by field instead
 _ID_CHARS = rb"A-Za-z0-9_.@:+\-"
+_LINE_FILES = (".jsonl", ".ndjson")
+_CHECKPOINT_TRIES = 50
 
 
-# -- what was stored about a user ---------------------------------------------------------------------
+class UnknownUser(ValueError):
+    """An id that names no user in the event store: nothing is erased."""
+
+
+class ErasureFailed(RuntimeError):
+    """The erasure could not be completed (it says where); run it again."""
+
+
+def _read_only(path: Path) -> sqlite3.Connection:
+    """A connection that writes nothing: without a write-ahead log (every change is in the file)
+    SQLite is told the file is immutable, else it would create the log and its index to read."""
+    wal = path.with_name(path.name + "-wal").exists()
+    return sqlite3.connect(f"file:{path}?mode=ro" + ("" if wal else "&immutable=1"), uri=True)
+
+
+# -- who is erased ---------------------------------------------------------------------------------
+def resolve_users(privacy: Privacy, store: Path, given: Iterable[str]) -> dict[str, str]:
+    """Each id as a caller knows it -> the id as stored, for users the event store knows. Reads
+    only (the store stays byte-identical); raises ``UnknownUser`` naming every id it cannot find."""
+    given = list(dict.fromkeys(given))
+    path = Path(store) / CATALOG_FILE
+    stored = {g: privacy.stored_id(g) for g in given}
+    known: set[str] = set()
+    if path.exists():
+        db = _read_only(path)
+        try:
+            for user in {s for s in stored.values() if s is not None}:
+                if db.execute("SELECT 1 FROM events WHERE user_id = ? LIMIT 1", (user,)).fetchone():
+                    known.add(user)
+        finally:
+            db.close()
+    unknown = [g for g in given if stored[g] not in known]
+    if unknown:
+        raise UnknownUser(f"no user {', '.join(map(repr, unknown))} in the event store {path} (a product id, "
+                          "or a user with no events): nothing was erased")
+    return {g: stored[g] for g in given}
+
+
+# -- what was stored about a user ------------------------------------------------------------------
 @dataclass
 class Traces:
     """What a scan looks for: ids, texts and vectors stored for the erased users only (a text or
@@ -47,14 +106,23 @@ class Traces:
 @dataclass(frozen=True)
 class Found:
     path: str
-    what: str  # "id", "text" or "vector"
+    what: str  # "id", "text", "vector", or "field" (an id read back by structure)
+
+
+def id_forms(user_id: str) -> set[str]:
+    """Every form the project (and the HTTP layer's logs) writes an id in."""
+    return {user_id, json.dumps(user_id)[1:-1], json.dumps(user_id, ensure_ascii=False)[1:-1],
+            quote(user_id, safe=""), quote(user_id), quote_plus(user_id)}
 
 
 def _id_pattern(ids: set[str]) -> re.Pattern | None:
-    if not ids:
+    forms = {form for i in ids if len(i) >= MIN_SCAN_CHARS for form in id_forms(i)}
+    if not forms:
         return None
-    alternatives = b"|".join(re.escape(i.encode()) for i in sorted(ids, key=len, reverse=True))
-    return re.compile(rb"(?<![" + _ID_CHARS + rb"])(?:" + alternatives + rb")(?![" + _ID_CHARS + rb"])")
+    alternatives = b"|".join(re.escape(i.encode()) for i in sorted(forms, key=len, reverse=True))
+    # a full stop may end a sentence after an id, but "id.more" is another id
+    after = rb"(?![" + _ID_CHARS.replace(rb".", b"") + rb"]|\.[A-Za-z0-9_])"
+    return re.compile(rb"(?<![" + _ID_CHARS + rb"])(?:" + alternatives + rb")" + after)
 
 
 def _has_vector(data: bytes, vector: np.ndarray, atol: float = 1e-5) -> bool:
@@ -81,26 +149,207 @@ def _at_some_offset(data: bytes, form: np.ndarray, head: int, atol: float) -> bo
     return False
 
 
+def _files(folders: Iterable[Path]) -> Iterator[Path]:
+    for folder in folders:
+        if Path(folder).exists():
+            yield from (p for p in sorted(Path(folder).rglob("*")) if p.is_file())
+
+
 def scan(folders: list[Path], traces: Traces) -> list[Found]:
-    """Every file under ``folders`` that still holds one of ``traces`` (bytes, not parsed)."""
+    """Every file under ``folders`` that still holds one of ``traces`` (bytes, not parsed). Ids
+    shorter than ``MIN_SCAN_CHARS`` are left to ``field_scan``."""
     pattern = _id_pattern(traces.ids)
     texts = [t.encode() for t in traces.texts if t]
     found = []
-    for folder in folders:
-        for path in sorted(Path(folder).rglob("*")) if Path(folder).exists() else []:
-            if not path.is_file():
-                continue
-            data = path.read_bytes()
-            if pattern is not None and pattern.search(data):
-                found.append(Found(str(path), "id"))
-            if any(t in data for t in texts):
-                found.append(Found(str(path), "text"))
-            if any(_has_vector(data, v) for v in traces.vectors):
-                found.append(Found(str(path), "vector"))
+    for path in _files(folders):
+        data = path.read_bytes()
+        if pattern is not None and pattern.search(data):
+            found.append(Found(str(path), "id"))
+        if any(t in data for t in texts):
+            found.append(Found(str(path), "text"))
+        if any(_has_vector(data, v) for v in traces.vectors):
+            found.append(Found(str(path), "vector"))
     return found
 
 
-# -- one store -------------------------------------------------------------------------------------
+# -- structure: which records are a user's ---------------------------------------------------------
+def _names_user(value, ids: set[str], fields: frozenset[str]) -> bool:
+    """Whether a parsed record holds one of the ids in a user field, at any depth."""
+    if isinstance(value, dict):
+        return any((k in fields and isinstance(v, str) and v in ids) or _names_user(v, ids, fields)
+                   for k, v in value.items())
+    if isinstance(value, list):
+        return any(_names_user(v, ids, fields) for v in value)
+    return False
+
+
+_GONE = object()  # what pruning leaves of an entry about an erased user (JSON null stays null)
+
+
+def _prune_json(value, ids: set[str], fields: frozenset[str] = frozenset(USER_FIELDS), users_list: bool = False):
+    """JSON without the entries about the ids: keys that are one of them, objects whose user field
+    is one of them, and the ids themselves in a list held under a key that names users."""
+    if isinstance(value, dict):
+        if any(k in fields and isinstance(v, str) and v in ids for k, v in value.items()):
+            return _GONE
+        return {k: p for k, v in value.items()
+                if k not in ids and (p := _prune_json(v, ids, fields, "user" in k.lower())) is not _GONE}
+    if isinstance(value, list):
+        return [p for v in value if (p := _prune_json(v, ids, fields, users_list)) is not _GONE]
+    return _GONE if users_list and isinstance(value, str) and value in ids else value
+
+
+def _json_names(value, ids: set[str], fields: frozenset[str]) -> bool:
+    return _prune_json(value, ids, fields) != value
+
+
+def _csv_user_rows(text: str, ids: set[str], fields: frozenset[str]) -> tuple[list[str], int] | None:
+    """The file's lines without the rows whose user column is one of the ids (None: no user column)."""
+    lines = text.splitlines(keepends=True)
+    if not lines:
+        return None
+    header = next(csv.reader([lines[0]]))
+    columns = [i for i, name in enumerate(header) if name in fields]
+    if not columns:
+        return None
+    kept = [lines[0]]
+    for line in lines[1:]:
+        row = next(csv.reader([line]), [])
+        if not any(i < len(row) and row[i] in ids for i in columns):
+            kept.append(line)
+    return kept, len(lines) - len(kept)
+
+
+def _remove_records(path: Path, ids: set[str], fields: frozenset[str]) -> int:
+    """Take the ids' records out of one structured file (JSONL, CSV, JSON), in place; returns
+    how many went. Any other file is left as it is (the scan reports it if it names them)."""
+    data = path.read_bytes()
+    if path.suffix in _LINE_FILES:
+        lines = data.splitlines(keepends=True)
+        kept = [line for line in lines if not _line_names(line, ids, fields)]
+        _replace(path, b"".join(kept), len(kept) != len(lines))
+        return len(lines) - len(kept)
+    if path.suffix == ".csv":
+        result = _csv_user_rows(data.decode("utf-8", "replace"), ids, fields)
+        if result is None:
+            return 0
+        kept, removed = result
+        _replace(path, "".join(kept).encode(), removed > 0)
+        return removed
+    if path.suffix == ".json":
+        try:
+            value = json.loads(data)
+        except ValueError:
+            return 0
+        pruned = _prune_json(value, ids, fields)
+        if pruned == value:
+            return 0
+        _replace(path, (json.dumps(None if pruned is _GONE else pruned, indent=2) + "\n").encode(), True)
+        return 1
+    return 0
+
+
+def _line_names(line: bytes, ids: set[str], fields: frozenset[str]) -> bool:
+    try:
+        return _names_user(json.loads(line), ids, fields)
+    except ValueError:
+        return False
+
+
+def _replace(path: Path, data: bytes, changed: bool) -> None:
+    if changed:
+        tmp = path.with_name(path.name + ".erasing")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+
+_CHROMA_USER_RECORDS = """
+SELECT 1 FROM embeddings e JOIN segments s ON e.segment_id = s.id JOIN collections c ON s.collection = c.id
+WHERE c.name = ? AND e.embedding_id IN ({marks})
+UNION ALL SELECT 1 FROM embeddings_queue q JOIN collections c ON q.topic LIKE '%' || c.id
+WHERE c.name = ? AND q.id IN ({marks}) LIMIT 1"""
+
+
+def _rows_of(path: Path, sql: str, ids) -> bool:
+    if not path.exists():
+        return False
+    db = _read_only(path)
+    try:
+        return db.execute(sql, sorted(ids) if isinstance(ids, set) else ids).fetchone() is not None
+    finally:
+        db.close()
+
+
+def field_scan(folders: list[Path], stores: list[Path], ids: set[str], fields: frozenset[str],
+               skip: set[Path]) -> list[Found]:
+    """The proof by structure: every event row, per-user vector record and structured file read
+    again for the ids (for ids too short for the byte scan, and as a second check for all)."""
+    from retrieval.vectors import BEHAVIOUR
+
+    found = []
+    marks = ",".join("?" * len(ids))
+    for store in stores:
+        if _rows_of(store / CATALOG_FILE, f"SELECT 1 FROM events WHERE user_id IN ({marks}) LIMIT 1", ids):
+            found.append(Found(str(store / CATALOG_FILE), "field"))
+        # chromadb's own SQLite, read directly: loading a collection through chromadb would rewrite
+        # its HNSW files from this process's memory
+        if _rows_of(store / CHROMA_DIR / "chroma.sqlite3", _CHROMA_USER_RECORDS.format(marks=marks),
+                    [BEHAVIOUR, *sorted(ids)] * 2):
+            found.append(Found(str(store / CHROMA_DIR), "field"))
+    for path in _files(folders):
+        if any(path.is_relative_to(s) for s in skip) or path.suffix not in (*_LINE_FILES, ".csv", ".json"):
+            continue
+        text = path.read_text("utf-8", "replace")
+        if path.suffix in _LINE_FILES:
+            hit = any(_line_names(line.encode(), ids, fields) for line in text.splitlines())
+        elif path.suffix == ".csv":
+            hit = bool((rows := _csv_user_rows(text, ids, fields)) and rows[1])
+        else:
+            try:
+                hit = _json_names(json.loads(text), ids, fields)
+            except ValueError:
+                hit = False
+        if hit:
+            found.append(Found(str(path), "field"))
+    return found
+
+
+# -- trained models: listed, never touched ---------------------------------------------------------
+def trained_models(folders: list[Path]) -> list[Path]:
+    """Folders holding a trained model: SASRec (``model.pt`` + ``items.json``), a LoRA adapter
+    (``adapter_config.json``) or a merged model (``homepage_adapter.json`` naming ``merged_from``)."""
+    found = set()
+    for path in _files(folders):
+        sasrec = path.name == "model.pt" and (path.parent / "items.json").exists()
+        merged = path.name == "homepage_adapter.json" and "merged_from" in path.read_text("utf-8", "replace")
+        if sasrec or merged or path.name == "adapter_config.json":
+            found.add(path.parent)
+    return sorted(found)
+
+
+def _retrain_line(model: Path) -> str:
+    if (model / "adapter_config.json").exists():
+        return f"{model} (LoRA adapter): `homepage finetune CONFIG`"
+    if (model / "homepage_adapter.json").exists():
+        return f"{model} (merged model): `homepage finetune merge ADAPTER {model}` after retraining its adapter"
+    return f"{model} (SASRec): `homepage train sasrec`"
+
+
+# -- one store ---------------------------------------------------------------------------------------
+def _checkpoint(db: sqlite3.Connection, path: Path) -> None:
+    """Empty the write-ahead log into the file (deleted rows' old pages live there until then);
+    retried while a reader holds it, and a failure is loud."""
+    wal = path.with_name(path.name + "-wal")
+    db.execute("PRAGMA busy_timeout=100")  # each try waits this long for readers to let go
+    for _ in range(_CHECKPOINT_TRIES):
+        busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if not busy and (not wal.exists() or wal.stat().st_size == 0):
+            return
+        time.sleep(0.1)
+    raise ErasureFailed(f"{path}: its write-ahead log could not be emptied (a reader held it for "
+                        f"{_CHECKPOINT_TRIES / 5:.0f} s); the deleted rows may still be in {wal}: run it again")
+
+
 def _sqlite_erase(path: Path, where: str, args: tuple) -> int:
     """Delete events matching ``where`` and leave no copy of them in the file or its log."""
     db = sqlite3.connect(path, timeout=30)
@@ -108,12 +357,10 @@ def _sqlite_erase(path: Path, where: str, args: tuple) -> int:
         db.execute("PRAGMA secure_delete=ON")  # freed pages are zeroed
         with db:
             removed = db.execute(f"DELETE FROM events WHERE {where}", args).rowcount
-        db.execute("VACUUM")
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        if removed:  # every reader reloads: cached histories and pages of the erased users go
-            with db:
+            if removed:  # every reader reloads: cached histories and pages of the erased users go
                 db.execute("UPDATE store_meta SET value = value + 1 WHERE key = 'catalogue_version'")
-            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        db.execute("VACUUM")
+        _checkpoint(db, path)
         return removed
     finally:
         db.close()
@@ -124,15 +371,30 @@ def _collections(client) -> dict[str, tuple[dict, dict, dict]]:
     out = {}
     for collection in client.list_collections():
         records = collection.get(include=["embeddings", "documents", "metadatas"])
-        config = {"hnsw": collection.configuration.get("hnsw")} if collection.configuration.get("hnsw") else None
+        with warnings.catch_warnings():  # chromadb calls a collection made without an embedding function "legacy"
+            warnings.simplefilter("ignore", DeprecationWarning)
+            hnsw = collection.configuration.get("hnsw")
+        config = {"hnsw": hnsw} if hnsw else None
         out[collection.name] = (collection.metadata, config, records)
     return out
 
 
-def _write_collections(client, collections: dict, drop: set[str], batch: int = 2048) -> Counter:
+def _users_records(name: str, records: dict, users: set[str]) -> set[str]:
+    """Record ids in a collection that belong to the users: the behaviour collection is keyed by
+    user; in any other, only records whose metadata names the user (products are never a user's)."""
+    from retrieval.vectors import BEHAVIOUR
+
+    if name == BEHAVIOUR:
+        return {r for r in records["ids"] if r in users}
+    metadatas = records["metadatas"] or [None] * len(records["ids"])
+    return {r for r, m in zip(records["ids"], metadatas, strict=True)
+            if m and any(m.get(f) in users for f in USER_FIELDS)}
+
+
+def _write_collections(client, collections: dict, drop: dict[str, set[str]], batch: int = 2048) -> Counter:
     removed: Counter = Counter()
     for name, (metadata, config, records) in collections.items():
-        keep = [i for i, record_id in enumerate(records["ids"]) if record_id not in drop]
+        keep = [i for i, record_id in enumerate(records["ids"]) if record_id not in drop.get(name, set())]
         removed[name] = len(records["ids"]) - len(keep)
         collection = client.create_collection(name, metadata=metadata, configuration=config, embedding_function=None)
         for start in range(0, len(keep), batch):
@@ -148,25 +410,27 @@ def _write_collections(client, collections: dict, drop: set[str], batch: int = 2
     return removed
 
 
-def rebuild_vectors(store: Path, drop: set[str], host: str | None = None, port: int = 8000,
+def rebuild_vectors(store: Path, users: set[str], host: str | None = None, port: int = 8000,
                     updates: dict[str, tuple[str, list[float], dict]] | None = None) -> tuple[Counter, Traces]:
-    """Every collection rebuilt without the records ``drop`` names, and with the behaviour texts in
-    ``updates`` (id -> text, vector, metadata) replacing the old ones. Embedded: into a fresh folder
-    that then replaces the old one, so nothing of the old files stays in the store. A server:
-    collections are dropped and recreated (its files live on its host; scan them there). Returns the
-    records removed per collection and the texts and vectors gone that no remaining record shares."""
+    """Every collection rebuilt without the users' records, and with the behaviour texts in
+    ``updates`` (user -> text, vector, metadata) replacing the old ones. Embedded: into a fresh
+    folder that then replaces the old one (``retrieval.vectors.swap_in``), so nothing of the old
+    files stays in the store. A server: collections are dropped and recreated (its files live on its
+    host). Returns the records removed per collection and the texts and vectors gone that no
+    remaining record shares."""
     import chromadb
     from chromadb.config import Settings
 
-    from retrieval.vectors import BEHAVIOUR, chroma_client, close_embedded, zero_unused_slots
+    from retrieval.vectors import BEHAVIOUR, chroma_client, close_embedded, swap_in, swap_lock, zero_unused_slots
 
     folder = Path(store) / CHROMA_DIR
     if not host and not folder.exists():
         return Counter(), Traces()
     client = chroma_client(folder, host, port)
-    if not updates and not any(c.get(ids=sorted(drop), include=[])["ids"] for c in client.list_collections()):
-        return Counter(), Traces()  # nothing of theirs in it: no rebuild
     collections = _collections(client)
+    drop = {name: _users_records(name, records, users) for name, (_, _, records) in collections.items()}
+    if not updates and not any(drop.values()):
+        return Counter(), Traces()  # nothing of theirs in it: no rebuild
     gone, kept_texts, kept_vectors = Traces(), set(), set()
     behaviour = collections.get(BEHAVIOUR, ({}, {}, {"ids": []}))[2]
     for record_id, (text, vector, metadata) in (updates or {}).items():
@@ -175,11 +439,11 @@ def rebuild_vectors(store: Path, drop: set[str], host: str | None = None, port: 
             gone.texts.add(behaviour["documents"][i])
             gone.vectors.append(np.asarray(behaviour["embeddings"][i], np.float32))
             behaviour["documents"][i], behaviour["embeddings"][i], behaviour["metadatas"][i] = text, vector, metadata
-    for _, _, records in collections.values():
+    for name, (_, _, records) in collections.items():
         documents = records["documents"] or [None] * len(records["ids"])
         for record_id, text, vector in zip(records["ids"], documents, records["embeddings"], strict=True):
             vector = np.asarray(vector, np.float32)
-            if record_id in drop:
+            if record_id in drop[name]:
                 gone.texts.add(text)
                 gone.vectors.append(vector)
             else:
@@ -192,45 +456,18 @@ def rebuild_vectors(store: Path, drop: set[str], host: str | None = None, port: 
         for name in collections:
             client.delete_collection(name)
         return _write_collections(client, collections, drop), gone
-    fresh = folder.with_name(CHROMA_DIR + ".rebuild")
-    shutil.rmtree(fresh, ignore_errors=True)
-    target = chromadb.PersistentClient(path=str(fresh), settings=Settings(anonymized_telemetry=False))
-    removed = _write_collections(target, collections, drop)
-    del client, target
-    close_embedded(fresh)  # both folders' files closed before the swap
-    close_embedded(folder)
-    for header in fresh.glob("*/header.bin"):
-        zero_unused_slots(header.parent)
-    old = folder.with_name(CHROMA_DIR + ".old")
-    folder.rename(old)
-    fresh.rename(folder)
-    shutil.rmtree(old)
+    with swap_lock(folder):
+        fresh = folder.with_name(CHROMA_DIR + ".rebuild")
+        shutil.rmtree(fresh, ignore_errors=True)
+        target = chromadb.PersistentClient(path=str(fresh), settings=Settings(anonymized_telemetry=False))
+        removed = _write_collections(target, collections, drop)
+        del client, target
+        close_embedded(fresh)  # both folders' files closed before the swap
+        close_embedded(folder)
+        for header in fresh.glob("*/header.bin"):
+            zero_unused_slots(header.parent)
+        swap_in(folder, fresh)
     return removed, gone
-
-
-def _rewrite_lines(path: Path, pattern: re.Pattern) -> int:
-    """Drop the lines of a line-based file that hold one of the ids; returns how many."""
-    lines = path.read_bytes().splitlines(keepends=True)
-    kept = [line for line in lines if not pattern.search(line)]
-    if len(kept) != len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(b"".join(kept))
-        os.replace(tmp, path)
-    return len(lines) - len(kept)
-
-
-_GONE = object()  # what pruning leaves of an entry about an erased user (JSON null stays null)
-
-
-def _prune_json(value, ids: set[str]):
-    """JSON without the entries keyed by, equal to, or (objects) holding one of the ids."""
-    if isinstance(value, dict):
-        if any(isinstance(v, str) and v in ids for v in value.values()):
-            return _GONE
-        return {k: p for k, v in value.items() if k not in ids and (p := _prune_json(v, ids)) is not _GONE}
-    if isinstance(value, list):
-        return [p for v in value if (p := _prune_json(v, ids)) is not _GONE]
-    return _GONE if isinstance(value, str) and value in ids else value
 
 
 @dataclass
@@ -240,33 +477,46 @@ class Receipt:
     action: str
     subjects: list[str]
     removed: Counter = field(default_factory=Counter)  # place -> records or lines
-    deleted_files: list[str] = field(default_factory=list)
-    retrain: list[str] = field(default_factory=list)  # trained artefacts that saw the users
+    retrain: list[str] = field(default_factory=list)  # trained models that saw the users, kept in place
     scanned: list[str] = field(default_factory=list)
     found: list[Found] = field(default_factory=list)
     vector_store: str = "embedded"
+    by_field_only: int = 0  # subjects whose id is too short for a byte scan: proven by field alone
+
+    @property
+    def not_scanned(self) -> list[str]:
+        """Places the proof could not read: a vector-store server's files live on its host."""
+        if self.vector_store == "embedded":
+            return []
+        return [f"vector store server {self.vector_store}: its collections were rebuilt, its files were not "
+                "scanned (scan its data folder on its host)"]
 
     @property
     def clean(self) -> bool:
-        return not self.found
+        """Proven: nothing found, and every place scanned."""
+        return not self.found and not self.not_scanned
 
     def record(self) -> dict:
+        scan_result = ([f"{f.what}: {f.path}" for f in self.found] if self.found
+                       else "incomplete" if self.not_scanned else "clean")
         return {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "action": self.action,
-                "subjects": self.subjects, "removed": dict(self.removed), "deleted_files": self.deleted_files,
-                "retrain": self.retrain, "scanned": self.scanned, "vector_store": self.vector_store,
-                "scan": "clean" if self.clean else [f"{f.what}: {f.path}" for f in self.found]}
+                "subjects": self.subjects, "removed": dict(self.removed), "retrain": self.retrain,
+                "scanned": self.scanned, "not_scanned": self.not_scanned, "vector_store": self.vector_store,
+                "by_field_only": self.by_field_only, "scan": scan_result}
 
     def lines(self) -> list[str]:
         out = [f"{self.action}: {len(self.subjects)} subject(s)"]
         out += [f"  removed {n} from {place}" for place, n in sorted(self.removed.items()) if n]
-        out += [f"  deleted {path}" for path in self.deleted_files]
-        out += [f"  needs retraining: {what}" for what in self.retrain]
+        out += [f"  needs retraining (left in place): {what}" for what in self.retrain]
         scope = ", ".join(self.scanned)
-        out.append(f"  byte scan of {scope}: " + ("nothing found" if self.clean else
-                                                   "FOUND " + "; ".join(f"{f.what} in {f.path}" for f in self.found)))
-        if self.vector_store != "embedded":
-            out.append(f"  the vector store is a server ({self.vector_store}): its collections were rebuilt; "
-                       "scan its data folder on its host")
+        out.append(f"  byte and field scan of {scope}: " + (
+            "nothing found" if not self.found else
+            "FOUND " + "; ".join(f"{f.what} in {f.path}" for f in self.found) +
+            " (not a record the erasure can read by structure: remove or regenerate it, then run forget again)"))
+        if self.by_field_only:
+            out.append(f"  {self.by_field_only} id(s) shorter than {MIN_SCAN_CHARS} characters: a byte scan would "
+                       "match unrelated numbers, so they were proven by field (rows, records, JSON entries) only")
+        out += [f"  NOT PROVEN: {what}" for what in self.not_scanned]
         return out
 
 
@@ -281,58 +531,74 @@ def _erase_store(store: Path, ids: set[str], receipt: Receipt, traces: Traces, h
         receipt.removed[f"{name}: vector collection {collection}"] += n
     traces.texts |= found.texts
     traces.vectors += found.vectors
-    if (store / "sasrec").exists():
-        receipt.retrain.append(f"{store / 'sasrec'} (trained on every user's events): `homepage train sasrec`")
 
 
-def _erase_files(folder: Path, ids: set[str], receipt: Receipt, skip: set[Path]) -> None:
-    """Line files lose the users' lines, JSON the users' entries; any other file that still names
-    a user is deleted (a report to run again)."""
-    pattern = _id_pattern(ids)
-    for path in sorted(folder.rglob("*")):
-        if not path.is_file() or any(path.is_relative_to(s) for s in skip):
-            continue
-        data = path.read_bytes()
-        if not pattern.search(data):
-            continue
-        if path.suffix in (".jsonl", ".csv", ".ndjson"):
-            receipt.removed[str(path)] += _rewrite_lines(path, pattern)
-            if path.name == "examples.jsonl":
-                adapters = sorted({str(p.parent) for p in path.parent.rglob("adapter_config.json")})
-                receipt.retrain += [f"{a} (fine-tuned on examples of the user): `homepage finetune`" for a in adapters]
-            continue
-        if path.suffix == ".json":
-            try:
-                pruned = _prune_json(json.loads(data), ids)
-                path.write_text(json.dumps(None if pruned is _GONE else pruned, indent=2) + "\n")
-                receipt.removed[str(path)] += 1
-                if not pattern.search(path.read_bytes()):
-                    continue
-            except ValueError:
-                pass
-        path.unlink()
-        receipt.deleted_files.append(str(path))
+def _erase_files(folders: list[Path], ids: set[str], fields: frozenset[str], receipt: Receipt,
+                 skip: set[Path]) -> None:
+    """Structured files lose the users' records; nothing else is touched."""
+    for path in _files(folders):
+        if not any(path.is_relative_to(s) for s in skip):
+            receipt.removed[str(path)] += _remove_records(path, ids, fields)
+
+
+def _models_that_saw(models: list[Path], ids: set[str], fields: frozenset[str]) -> list[str]:
+    """Read before the erasure: an adapter is listed when the examples beside it hold the users (or
+    there are none to tell); a merged model when the adapter it came from is listed or unknown;
+    SASRec always (it is trained on every user of its store or data)."""
+
+    def saw(adapter: Path) -> bool:
+        examples = [p for p in (adapter.parent / "examples.jsonl", adapter.parent.parent / "examples.jsonl")
+                    if p.exists()]
+        return not examples or any(_line_names(line, ids, fields)
+                                   for e in examples for line in e.read_bytes().splitlines())
+
+    adapters = {m.resolve(): saw(m) for m in models if (m / "adapter_config.json").exists()}
+    listed = []
+    for model in models:
+        if model.resolve() in adapters:
+            if not adapters[model.resolve()]:
+                continue
+        elif (model / "homepage_adapter.json").exists():
+            source = json.loads((model / "homepage_adapter.json").read_text()).get("merged_from", "")
+            if not adapters.get(Path(source).resolve(), True):
+                continue
+        listed.append(_retrain_line(model))
+    return listed
+
+
+def _protected(store: Path, stores: list[Path], models: list[Path]) -> set[Path]:
+    """What the file pass never rewrites: stores (erased by structure above), the audit log and
+    keys (append-only, no personal data), trained models (listed, kept)."""
+    return ({s / CATALOG_FILE for s in stores} | {s / CHROMA_DIR for s in stores}
+            | {Path(store) / "privacy", Path(store) / EVENTS_LOCK_FILE} | set(models))
 
 
 def erase(privacy: Privacy, store: Path, user_ids: list[str], outputs: list[Path] = (),
-          host: str | None = None, port: int = 8000, action: str = "forget") -> Receipt:
-    """Erase users (ids as a caller knows them: an e-mail address finds its pseudonym) from the store
-    and every output folder, append the receipt to the audit log, and scan for what is left."""
+          host: str | None = None, port: int = 8000, action: str = "forget",
+          user_fields: Iterable[str] = ()) -> Receipt:
+    """Erase known users (ids as a caller knows them: an e-mail address finds its pseudonym) from
+    the store and every output folder, append the receipt to the audit log, and prove it. An id the
+    event store does not know raises ``UnknownUser`` before anything changes."""
     store = Path(store)
-    stored = {privacy.user_id(u) for u in user_ids}
+    stored = set(resolve_users(privacy, store, user_ids).values())
     ids = stored | set(user_ids)
+    fields = frozenset((*USER_FIELDS, *user_fields))
     receipt = Receipt(action, sorted(privacy.audit_subject(u) for u in stored),
                       vector_store=f"{host}:{port}" if host else "embedded")
     traces = Traces(ids=set(ids))
     folders = [store, *[Path(o) for o in outputs if Path(o).exists()]]
-    stores = sorted({p.parent for f in folders for p in f.rglob(CATALOG_FILE)})
-    for s in stores:
-        _erase_store(s, stored, receipt, traces, host if s.resolve() == store.resolve() else None, port)
-    for folder in folders:
-        _erase_files(folder, ids, receipt, skip={s / CATALOG_FILE for s in stores} | {s / CHROMA_DIR for s in stores})
-    receipt.scanned = [str(f) for f in folders]
-    receipt.found = scan(folders, traces)
-    audit(store, receipt)
+    with events_lock(store, exclusive=True):
+        stores = sorted({p.parent for f in folders for p in f.rglob(CATALOG_FILE)})
+        models = trained_models(folders)
+        receipt.retrain = _models_that_saw(models, ids, fields)
+        for s in stores:
+            _erase_store(s, stored, receipt, traces, host if s.resolve() == store.resolve() else None, port)
+        skip = _protected(store, stores, models)
+        _erase_files(folders, ids, fields, receipt, skip)
+        receipt.scanned = [str(f) for f in folders]
+        receipt.by_field_only = sum(len(u) < MIN_SCAN_CHARS for u in ids)
+        receipt.found = scan(folders, traces) + field_scan(folders, stores, ids, fields, skip)
+        audit(store, receipt)
     return receipt
 
 
@@ -355,7 +621,8 @@ def audit(store: Path, receipt: Receipt) -> None:
 
 
 def register_output(store: Path, folder: Path) -> None:
-    """Remember a folder a command wrote (reports, fine-tuning stores) so erasure reaches it."""
+    """Remember a folder a command wrote (reports, fine-tuning stores, merged models) so erasure
+    reaches it."""
     path = Path(store) / OUTPUTS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     known = set(path.read_text().splitlines()) if path.exists() else set()
@@ -371,7 +638,7 @@ def registered_outputs(store: Path) -> list[Path]:
 
 
 def erase_expired(privacy: Privacy, store: Path, before: float, embedding_model: str, outputs: list[Path] = (),
-                  host: str | None = None, port: int = 8000) -> Receipt:
+                  host: str | None = None, port: int = 8000, user_fields: Iterable[str] = ()) -> Receipt:
     """Retention: every event older than ``before`` (unix seconds) erased the same way. A user with
     nothing left is erased everywhere; one with newer events keeps them, and their behaviour text is
     written again from what is left (the old text and vector go). Events without a timestamp (a
@@ -381,36 +648,41 @@ def erase_expired(privacy: Privacy, store: Path, before: float, embedding_model:
     from retrieval.vectors import LocalEmbeddings
 
     store = Path(store)
-    catalog = Catalog(store / CATALOG_FILE)
-    try:
-        touched = expired_users(store, before)
-        removed = _sqlite_erase(store / CATALOG_FILE, "timestamp < ?", (before,))
-        products = catalog.products
-        left = {u: [products[e.item_id] for e in catalog.user_events(u) if e.item_id in products] for u in touched}
-    finally:
-        catalog.close()
-    gone = {u for u, items in left.items() if not items}
-    docs = {u: behaviour_document(items) for u, items in left.items() if items}  # as ingest writes them
-    vectors = LocalEmbeddings(embedding_model).embed_documents([text for text, _ in docs.values()]) if docs else []
-    updates = {u: (text, vector, meta) for (u, (text, meta)), vector in zip(docs.items(), vectors, strict=True)}
-    receipt = Receipt("retention", sorted(privacy.audit_subject(u) for u in gone),
-                      vector_store=f"{host}:{port}" if host else "embedded")
-    receipt.removed[f"{store}: events older than {time.strftime('%Y-%m-%d', time.gmtime(before))}"] = removed
-    collections, traces = rebuild_vectors(store, gone, host, port, updates)
-    for collection, n in collections.items():
-        receipt.removed[f"{store}: vector collection {collection}"] += n
-    receipt.removed[f"{store}: behaviour texts rewritten"] = len(updates)
-    traces.ids = set(gone)
-    folders = [store, *[Path(o) for o in outputs if Path(o).exists()]]
-    if gone:
-        for folder in folders:
-            _erase_files(folder, gone, receipt, skip={store / CATALOG_FILE, store / CHROMA_DIR})
-    quarantine = store / "quarantine"
-    for run in sorted(quarantine.iterdir()) if quarantine.exists() else []:
-        if run.stat().st_mtime < before:  # rows kept aside are data too
-            shutil.rmtree(run)
-            receipt.deleted_files.append(str(run))
-    receipt.scanned = [str(f) for f in folders]
-    receipt.found = scan(folders, traces)
-    audit(store, receipt)
+    fields = frozenset((*USER_FIELDS, *user_fields))
+    with events_lock(store, exclusive=True):
+        catalog = Catalog(store / CATALOG_FILE)
+        try:
+            touched = expired_users(store, before)
+            removed = _sqlite_erase(store / CATALOG_FILE, "timestamp < ?", (before,))
+            products = catalog.products
+            left = {u: [products[e.item_id] for e in catalog.user_events(u) if e.item_id in products] for u in touched}
+        finally:
+            catalog.close()
+        gone = {u for u, items in left.items() if not items}
+        docs = {u: behaviour_document(items) for u, items in left.items() if items}  # as ingest writes them
+        vectors = LocalEmbeddings(embedding_model).embed_documents([text for text, _ in docs.values()]) if docs else []
+        updates = {u: (text, vector, meta) for (u, (text, meta)), vector in zip(docs.items(), vectors, strict=True)}
+        receipt = Receipt("retention", sorted(privacy.audit_subject(u) for u in gone),
+                          vector_store=f"{host}:{port}" if host else "embedded")
+        receipt.removed[f"{store}: events older than {time.strftime('%Y-%m-%d', time.gmtime(before))}"] = removed
+        collections, traces = rebuild_vectors(store, gone, host, port, updates)
+        for collection, n in collections.items():
+            receipt.removed[f"{store}: vector collection {collection}"] += n
+        receipt.removed[f"{store}: behaviour texts rewritten"] = len(updates)
+        traces.ids = set(gone)
+        folders = [store, *[Path(o) for o in outputs if Path(o).exists()]]
+        models = trained_models(folders)
+        skip = _protected(store, [store], models)
+        if gone:
+            receipt.retrain = _models_that_saw(models, gone, fields)
+            _erase_files(folders, gone, fields, receipt, skip)
+        quarantine = store / "quarantine"
+        for run in sorted(quarantine.iterdir()) if quarantine.exists() else []:
+            if run.stat().st_mtime < before:  # rows kept aside are data too: a whole run aged out
+                shutil.rmtree(run)
+                receipt.removed[f"{run}: quarantined rows (run older than the retention age)"] += 1
+        receipt.scanned = [str(f) for f in folders]
+        receipt.by_field_only = sum(len(u) < MIN_SCAN_CHARS for u in gone)
+        receipt.found = scan(folders, traces) + (field_scan(folders, [store], gone, fields, skip) if gone else [])
+        audit(store, receipt)
     return receipt

@@ -164,6 +164,13 @@ class Privacy:
             return PSEUDONYM_PREFIX + self._hash("user", value)[:32]
         return value
 
+    def stored_id(self, value: str) -> str | None:
+        """``user_id`` without making a key: None for a personal id when no key exists yet (then
+        no pseudonym was ever stored, and a lookup must not write one into the store)."""
+        if personal_id_kind(value) and self._key is None and not self.key_file.exists():
+            return None
+        return self.user_id(value)
+
     def audit_subject(self, user_id: str) -> str:
         """What the audit log records for a user: a keyed hash unrelated to the stored pseudonym."""
         return self._hash("audit", user_id)[:32]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import struct
 from collections.abc import Sequence
 from functools import lru_cache
@@ -23,6 +24,7 @@ from retrieval.packaged import resolve_model
 
 PRODUCTS = "products"
 BEHAVIOUR = "behaviour"
+SWAP_MARKER = ".swap"  # beside the vector folder: a rebuilt folder is complete and replaces it
 # learned item vectors (the sequential model's item table), stored with explicit embeddings
 ITEM_VECTORS = "item_vectors"
 
@@ -134,6 +136,80 @@ def settle_embedded(client, folder: Path) -> None:
         zero_unused_slots(header.parent)
 
 
+@contextlib.contextmanager
+def swap_lock(folder: Path, blocking: bool = True):
+    """Held while a rebuilt vector folder is made and swapped in (a lock file beside the folder,
+    which the swap replaces); yields whether it was taken."""
+    fd = os.open(Path(folder).with_name(Path(folder).name + ".swap.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def swap_in(folder: Path, fresh: Path) -> None:
+    """Replace the store's vector folder with a rebuilt one (under ``swap_lock``), in steps that a
+    crash at any point leaves recoverable: the rebuilt folder is declared complete (a marker file
+    beside it) before the old one moves; ``recover_swap`` finishes the steps that did not happen."""
+    folder, fresh = Path(folder), Path(fresh)
+    _fsync_tree(fresh)
+    folder.with_name(folder.name + SWAP_MARKER).write_text(fresh.name + "\n")
+    _fsync_dir(folder.parent)
+    _finish_swap(folder)
+
+
+def recover_swap(folder: str | Path) -> None:
+    """Finish (or undo) a swap a crash cut short, unless one is under way right now."""
+    with swap_lock(Path(folder), blocking=False) as held:
+        if held:
+            _finish_swap(Path(folder))
+
+
+def _finish_swap(folder: Path) -> None:
+    """A complete rebuild (marker present) replaces the old folder; an incomplete one is dropped (its
+    erasure did not happen and must run again); an old folder left behind after the swap is deleted
+    (it holds what was erased)."""
+    fresh, old = folder.with_name(folder.name + ".rebuild"), folder.with_name(folder.name + ".old")
+    marker = folder.with_name(folder.name + SWAP_MARKER)
+    if marker.exists():
+        if fresh.exists():
+            if folder.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                folder.rename(old)
+            fresh.rename(folder)
+            _fsync_dir(folder.parent)
+        marker.unlink()
+    elif fresh.exists():
+        shutil.rmtree(fresh)
+    if old.exists():
+        if folder.exists():
+            shutil.rmtree(old)
+        else:  # moved aside, never replaced: the store as it was
+            old.rename(folder)
+    _fsync_dir(folder.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb+") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(folder)
+
+
 def chroma_client(persist_dir: str | None = None, host: str | None = None, port: int = 8000):
     """Embedded persistent client by default (owned by this process); the HTTP client when a
     server host is configured."""
@@ -143,6 +219,8 @@ def chroma_client(persist_dir: str | None = None, host: str | None = None, port:
     settings = Settings(anonymized_telemetry=False)
     if host:
         return chromadb.HttpClient(host=host, port=port, settings=settings)
+    if str(Path(persist_dir).resolve()) not in _OWNED and Path(persist_dir).parent.exists():
+        recover_swap(persist_dir)  # a swap a crash cut short, before anything reads the folder
     _own(persist_dir)
     return chromadb.PersistentClient(path=str(persist_dir), settings=settings)
 
