@@ -86,3 +86,27 @@ def test_an_infinite_prior_gives_the_pool_order(settings, composer, full_users):
         page = pool_first.compose(user, use_cache=False)
         assert page.meta.path in ("llm", "repaired") and page.meta.llm_calls >= 1
         assert page.item_ids() == pool_first.compose(user, use_llm=False, use_cache=False).item_ids()
+
+
+def test_ranking_only_scores_match_the_decode_loops(composer, request_of, full_users):
+    """eval.llm_page.draft_scores (one forward pass over a whole draft) reads the same handle
+    scores as the decode loop did while writing that very draft."""
+    from eval.llm_page import draft_scores, page_for, score
+
+    pools, messages, schema = request_of
+    backend = composer.backend
+    written = backend.generate(messages, schema, 160, order=handle_order(pools, composer.rules, math.inf))
+    again = draft_scores(backend, backend.prompt_ids(messages), written.text, [len(m.candidates) for m in
+                                                                               pools.written()])
+    assert len(again) == len(written.handle_logprobs) == len(pools.written())
+    for mine, loops in zip(again, written.handle_logprobs, strict=True):
+        assert sorted(mine) == sorted(loops)
+        for h in mine:
+            assert mine[h] == pytest.approx(loops[h], abs=2e-3)
+    # the ranking-only page: the pool order at prior inf (the deterministic page), the scores' at 0
+    history = composer.retriever.history(full_users[0])
+    scored = score(composer, history)
+    assert page_for(composer, scored, math.inf) == composer.compose(history.user_id, use_llm=False,
+                                                                    use_cache=False).item_ids()
+    best = max(scored.scores[0], key=scored.scores[0].get)
+    assert page_for(composer, scored, 0.0)[0] == scored.pools.written()[0].candidates[best - 1].item_id
