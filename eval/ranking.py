@@ -107,6 +107,10 @@ class RankingConfig:
     # of the LLM sample, users the earlier configuration composes for too ("llm_page_before": the
     # prompts in prompts/full, the model writing each module's order token by token, no adapter)
     llm_before_users: int = 0
+    # "ranking": the model's handle scores from one forward pass per page (eval.llm_page.score), the
+    # page assembled from them as the composer does; "compose": every LLM page composed in full
+    # (titles written, ~2.5 s a page). The copy is measured by the bench and the judges, not here.
+    llm_path: str = "ranking"
     settings: Any = None  # agent.settings.Settings: templates, rules, skeleton, model (None: the defaults)
 
 
@@ -383,13 +387,31 @@ def _page_costs(metas: list) -> dict:
             "forward_passes_median": float(np.median([m.forward_passes for m in metas]))}
 
 
+def _scoring_costs(costs: list[dict], templates: dict[str, str]) -> dict:
+    return {"users": len(costs), "templates": templates, "paths": {"ranking-only": len(costs)},
+            "latency_ms_median": round(float(np.median([c["seconds"] for c in costs])) * 1000, 1),
+            "prompt_tokens_median": float(np.median([c["prompt_tokens"] for c in costs])),
+            "forward_passes_median": 1.0}
+
+
+def adapter_training(adapter: str | None) -> dict | None:
+    """What the adapter was trained on and how it went (its ``homepage_adapter.json``), for run.json."""
+    if not adapter:
+        return None
+    from agent.adapters import read_metadata
+
+    meta = read_metadata(adapter)
+    return {key: meta.get(key) for key in ("base_model", "data", "data_hash", "lora", "train", "metrics", "created",
+                                            "teacher")}
+
+
 def _prior_name(prior: float) -> str:
     return "inf" if math.isinf(prior) else f"{prior:g}"
 
 
 def tune_prior(composer, retriever: Retriever, lists: dict[str, dict[str, list[Candidate]]],
                histories: dict[str, History], users: list[str], threshold: float, split: Split,
-               progress: bool) -> tuple[float, dict[str, float]]:
+               progress: bool, path: str = "ranking") -> tuple[float, dict[str, float]]:
     """The verbalizer's ``handle_prior`` by the validation NDCG@10 of the model's page: one
     generation per user records the handle scores, every prior of the grid re-ranks them
     (``eval.llm_page``); a tie goes to the larger prior (nearer the retrieval order)."""
@@ -399,7 +421,7 @@ def tune_prior(composer, retriever: Retriever, lists: dict[str, dict[str, list[C
         if "buy_again" in found:  # as the test run's source option filters it
             found["buy_again"] = [c for c in found["buy_again"] if c.score >= threshold]
         composer.retriever = _Replay(retriever, found)
-        scored[user] = llm_page.record(composer, histories[user])
+        scored[user] = (llm_page.score if path == "ranking" else llm_page.record)(composer, histories[user])
     tried = {}
     for prior in llm_page.PRIOR_GRID:
         pages = {user: llm_page.page_for(composer, s, prior) for user, s in scored.items()}
@@ -532,7 +554,7 @@ def run(config: RankingConfig) -> dict:
                 backend = load_backend(settings)
                 prior, prior_tried = tune_prior(_composer(retriever, settings, backend), retriever, kept, histories,
                                                 _sample(tune, config.llm_tune_users, rng), threshold, valid,
-                                                config.progress)
+                                                config.progress, config.llm_path)
                 timings["llm_tuning_s"] = round(time.perf_counter() - mark, 1)
 
             # test: history + validation items in the store, the model continued on them
@@ -571,7 +593,12 @@ def run(config: RankingConfig) -> dict:
                 owned = set(history.item_ids)
                 ranked["page_discovery"][user] = [i for i in ranked["page"][user] if i not in owned]
                 direction.rank(retriever, history)
-                if user in llm_sample:
+                if user in llm_sample and config.llm_path == "ranking":
+                    llm.retriever = _Replay(retriever, found)
+                    scored = llm_page.score(llm, history)
+                    ranked["llm_page"][user] = llm_page.page_for(llm, scored, prior)
+                    llm_pages.append(scored.costs)
+                elif user in llm_sample:
                     llm.retriever = _Replay(retriever, found)
                     page = llm.compose(user, use_cache=False)
                     ranked["llm_page"][user] = page.item_ids()
@@ -593,8 +620,11 @@ def run(config: RankingConfig) -> dict:
     comparisons = compare(per, best_single, config.bootstrap, config.seed)
     llm_meta = None
     if llm_pages:
+        costs = (_scoring_costs(llm_pages, {name: t.version for name, t in llm.prompts.items()})
+                 if config.llm_path == "ranking" else _page_costs(llm_pages))
         llm_meta = {"users": len(llm_pages), "handle_prior": _prior_name(prior), "prior_tried": prior_tried,
-                    "model": backend.model_name, "adapter": backend.adapter, **_page_costs(llm_pages),
+                    "model": backend.model_name, "adapter": backend.adapter, "path": config.llm_path,
+                    "adapter_training": adapter_training(backend.adapter), **costs,
                     "before": _page_costs(before_pages) if before_pages else None}
     test_mix = {key: _ndcg10(lists, test) for key, lists in transfer.items()}
     transfer_rows = []

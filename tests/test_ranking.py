@@ -172,6 +172,9 @@ def test_ranking_run_on_the_sample_writes_the_report(tmp_path):
     assert run(config)["results"] == report["results"]
     meta = report["meta"]
     assert meta["users_evaluated"] == 40 and meta["llm"]["users"] == 3 and meta["llm"]["before"]["users"] == 2
+    # the ranking-only path: one forward pass a page, no adapter named, none trained
+    assert meta["llm"]["path"] == "ranking" and meta["llm"]["paths"] == {"ranking-only": 3}
+    assert meta["llm"]["forward_passes_median"] == 1 and meta["llm"]["adapter_training"] is None
     # the earlier configuration reads the longer prompt and writes every handle itself
     assert meta["llm"]["before"]["prompt_tokens_median"] > meta["llm"]["prompt_tokens_median"]
     assert meta["llm"]["before"]["templates"]["compose"] != meta["llm"]["templates"]["compose"]
