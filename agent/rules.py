@@ -333,7 +333,7 @@ def _ungrounded_title(page: PageBody, ctx: RuleContext) -> list[Violation]:
         share = grounded_share(mod.title, mod.items, ctx.products, ctx.rules)
         if share is not None and share < ctx.rules.title_grounding.min_share:
             found.append(Violation(code="ungrounded_title", module=m, message=(
-                f"title {mod.title!r} does not describe its products ({share:.0%} share a word with it); "
+                f"title {mod.title!r} does not describe its products (it fits {share:.0%} of them); "
                 f"they are mostly {top_label(mod.items, ctx.products)}")))
     return found
 
