@@ -7,6 +7,11 @@ module's. ``grounded_share`` is computed for each; the threshold kept is the one
 balanced accuracy (matching titles accepted, mismatched ones refused), the lowest on a tie.
 
     python -m eval.title_grounding --store STORE --out docs/results/title-grounding [--users N]
+
+``--pages N`` measures the copy instead: N pages of seeded random users composed by the serving
+composer (the model, the rules, the fix); per model-written module title of the first draft
+(before the checks) and of the returned page (after), the share the rule finds ungrounded, the
+distinct titles, and the violations left in returned pages.
 """
 
 from __future__ import annotations
@@ -62,6 +67,47 @@ def choose(rows, products: dict, rules: Rules) -> dict:
     return {"matching": len(pos), "mismatched": len(neg), "chosen": best, "grid": table}
 
 
+def copy_figures(composer, users: list[str]) -> dict:
+    """Titles before the checks (the model's first draft) and after (the returned page), through
+    the composer's own stages (no time budget, no cache: the copy is measured, not the speed)."""
+    from agent.composer import Attempt
+    from agent.rules import validate
+    from agent.schema import PageDraft
+
+    ctx, min_share = composer.ctx, composer.rules.title_grounding.min_share
+
+    def ungrounded(title: str, items: list[str]) -> bool:
+        share = grounded_share(title, items, ctx.products, ctx.rules)
+        return share is not None and share < min_share
+
+    before, after, paths, left = [], [], Counter(), 0
+    first = 1 if composer.skeleton.planned() else 0  # a plan's generation comes first
+    for user in users:
+        a = Attempt(user, composer.retriever.history(user), time.perf_counter())
+        composer._llm_path(a, None)
+        draft = PageDraft.model_validate_json(a.generations[first].text)
+        for module, pool in zip(draft.modules, a.pools.written(), strict=False):
+            items = [pool.candidates[h - 1].item_id for h in module.items if 0 < h <= len(pool.candidates)]
+            before.append((module.title, ungrounded(module.title, items)))
+        page = composer._finish(a, True)
+        paths[page.meta.path] += 1
+        left += len(validate(a.body, ctx))
+        for mod in a.body.modules:
+            if mod.title != mod.spec.title:  # the configured copy is the merchandiser's, not checked
+                after.append((mod.title, ungrounded(mod.title, mod.items)))
+
+    def figures(rows: list[tuple[str, bool]]) -> dict:
+        return {"titles": len(rows), "ungrounded": sum(u for _, u in rows),
+                "ungrounded_share": round(sum(u for _, u in rows) / max(len(rows), 1), 4),
+                "distinct": len({t.casefold() for t, _ in rows}),
+                "most_common": Counter(t for t, _ in rows).most_common(8)}
+
+    return {"pages": len(users), "paths": dict(paths), "violations_in_returned_pages": left,
+            "before": figures(before), "after": figures(after),
+            "distinct_titles_on_pages": len({t.casefold() for t, _ in after}
+                                            | {m.title.casefold() for m in composer.skeleton.modules})}
+
+
 def main() -> None:
     from agent.service import composer_for
     from agent.settings import Settings
@@ -71,6 +117,7 @@ def main() -> None:
     parser.add_argument("--store", required=True)
     parser.add_argument("--users", type=int, default=0, help="a seeded sample (0: all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pages", type=int, default=0, help="measure the copy on N pages instead")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     started = time.perf_counter()
@@ -80,6 +127,17 @@ def main() -> None:
     users = retriever.catalog.users()
     random.Random(args.seed).shuffle(users)
     users = users[: args.users] if args.users else users
+    if args.pages:
+        from agent.service import build_composer
+
+        result = copy_figures(build_composer(settings.model_copy(update={"budget_ms": None})), users[: args.pages])
+        result.update(store=args.store, seed=args.seed, commit=_commit(),
+                      wall_s=round(time.perf_counter() - started, 1),
+                      command=f"python -m eval.title_grounding --store {args.store} --pages {args.pages} "
+                              f"--out {args.out}")
+        _write(Path(args.out), "copy.json", result)
+        print(json.dumps({k: result[k] for k in ("paths", "violations_in_returned_pages", "before", "after")}))
+        return
     modules = []
     for user in users:
         page = composer.compose(user, use_llm=False, use_cache=False)
@@ -88,12 +146,18 @@ def main() -> None:
     result.update(users=len(users), modules=len(modules), store=args.store, seed=args.seed,
                   configured=composer.rules.title_grounding.model_dump(),
                   command=f"python -m eval.title_grounding --store {args.store} --users {args.users} --out {args.out}",
-                  commit=subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
-                  wall_s=round(time.perf_counter() - started, 1))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run.json").write_text(json.dumps(result, indent=2) + "\n")
+                  commit=_commit(), wall_s=round(time.perf_counter() - started, 1))
+    _write(Path(args.out), "run.json", result)
     print(json.dumps(result["chosen"]), result["matching"], result["mismatched"])
+
+
+def _commit() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
+def _write(out: Path, name: str, result: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
