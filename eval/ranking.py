@@ -36,6 +36,8 @@ import itertools
 import json
 import math
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -387,6 +389,15 @@ def _page_costs(metas: list) -> dict:
             "forward_passes_median": float(np.median([m.forward_passes for m in metas]))}
 
 
+def _commit() -> str | None:
+    """The checkout's commit, for run.json (None outside a git checkout)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def _scoring_costs(costs: list[dict], templates: dict[str, str]) -> dict:
     return {"users": len(costs), "templates": templates, "paths": {"ranking-only": len(costs)},
             "latency_ms_median": round(float(np.median([c["seconds"] for c in costs])) * 1000, 1),
@@ -637,6 +648,7 @@ def run(config: RankingConfig) -> dict:
         transfer_rows.append(row)
     timings["total_s"] = round(time.perf_counter() - started, 1)
     meta = {
+        "command": " ".join(["homepage", *sys.argv[1:]]), "commit": _commit(),
         "data": str(config.data), "users_evaluated": len(users), "seed": config.seed, "sources": names,
         "covisit": covisit, "fusion_weights": chosen.weights, "rrf_k": chosen.rrf_k, "best_single": best_single,
         "buy_again_min_probability": threshold, "page_tried": page_tried, "transfer": transfer_rows,
