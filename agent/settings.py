@@ -11,11 +11,9 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from prompts import PROMPTS_DIR
-from retrieval import CatalogueColumns, EventColumns, RetrievalConfig
+from retrieval import SAMPLE_DIR, CatalogueColumns, EventColumns, RetrievalConfig
 from retrieval.privacy import KEY_FILE
 from retrieval.retriever import DEFAULT_RRF_K, DEFAULT_SOURCE_OPTIONS, DEFAULT_SOURCES
-
-SAMPLE_DIR = Path(__file__).resolve().parent.parent / "data" / "sample"
 
 
 class Settings(BaseSettings):

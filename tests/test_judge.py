@@ -17,6 +17,7 @@ from eval.judge.judging import Judge
 from eval.judge.stats import wilson
 from eval.judge.suite import load_suite
 from eval.metrics import bootstrap_interval
+from retrieval import SAMPLE_DIR
 from retrieval.records import Product
 
 SUITES = Path(__file__).resolve().parent.parent / "eval" / "suites"
@@ -157,8 +158,7 @@ def test_shipped_suite_loads():
     (("users: 20 ", "users: -3 "), r":\d+: users: Input should be greater than or equal to 1"),
 ])
 def test_a_broken_suite_is_refused_with_file_line_and_field(tmp_path, edit, message):
-    text = (SUITES / "llm_vs_deterministic.yaml").read_text().replace("../../data/sample", str(SUITES.parent.parent /
-                                                                                             "data" / "sample"))
+    text = (SUITES / "llm_vs_deterministic.yaml").read_text().replace("../../retrieval/sample", str(SAMPLE_DIR))
     assert edit[0] in text
     path = tmp_path / "suite.yaml"
     path.write_text(text.replace(edit[0], edit[1]))
@@ -180,7 +180,7 @@ def test_a_tiny_suite_end_to_end_on_the_embedded_model(tmp_path, settings, compo
     from tests.test_ranking import _sample_slice
 
     data = _sample_slice(tmp_path / "data", products=400)
-    text = (SUITES / "llm_vs_deterministic.yaml").read_text().replace("../../data/sample", str(data))
+    text = (SUITES / "llm_vs_deterministic.yaml").read_text().replace("../../retrieval/sample", str(data))
     text = text.replace("users: 20 ", "users: 3 ").replace("calibration_users: 20 ", "calibration_users: 3 ")
     (tmp_path / "suite.yaml").write_text(text)
     suite = load_suite(tmp_path / "suite.yaml", set(load_criteria().by_name))
@@ -220,7 +220,7 @@ def test_judge_examples_teach_known_verdicts_and_never_show_the_suites_users(tmp
     from tests.test_ranking import _sample_slice
 
     data = _sample_slice(tmp_path / "data", products=400)
-    text = (SUITES / "llm_vs_deterministic.yaml").read_text().replace("../../data/sample", str(data))
+    text = (SUITES / "llm_vs_deterministic.yaml").read_text().replace("../../retrieval/sample", str(data))
     (tmp_path / "suite.yaml").write_text(text.replace("users: 20 ", "users: 5 ").replace("calibration_users: 20 ",
                                                                                           "calibration_users: 5 "))
     local = settings.model_copy(update={"store_dir": tmp_path / "main-store"})
