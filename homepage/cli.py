@@ -372,6 +372,16 @@ def cmd_eval_adapter(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_settings(args: argparse.Namespace) -> int:
+    from agent.settings_reference import markdown
+
+    if args.markdown:
+        print(markdown(), end="")
+        return 0
+    print(_settings(args).model_dump_json(indent=2, exclude={"privacy_key", "api_token", "read_token"}))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import json
 
@@ -419,6 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("--outputs", nargs="*", default=[], help="more folders to clean and scan (folders that "
                         "commands wrote are registered with the store and always included)")
     forget.set_defaults(run=cmd_forget)
+
+    settings = sub.add_parser("settings", help="the settings in force (file + HOMEPAGE_* env), secrets left out")
+    settings.add_argument("--markdown", action="store_true", help="print every setting's reference instead "
+                          "(docs/configuration.md)")
+    settings.set_defaults(run=cmd_settings)
 
     compose = sub.add_parser("compose", help="compose one user's homepage")
     compose.add_argument("user", help="user id (an unknown id gets a cold-start page)")
