@@ -72,20 +72,33 @@ def fix(page: PageBody, pools: Pools, ctx: RuleContext) -> PageBody:
         fixed.modules.append(ModuleBody(mod.spec, mod.title.strip(), picks, set(mod.sponsored)))
 
     _widen_categories(fixed, pools, ctx, used)
-    for v in validate(fixed, ctx):
-        if v.code in TITLE_CODES and v.module is not None and fixed.modules[v.module].spec.source != "campaign":
-            _retitle(fixed, v.module, ctx)
+    # a module's new title can clash with another's: until none is left (each round ends at least one
+    # module on its configured title, which clashes with no other configured one)
+    for _ in range(len(fixed.modules) + 1):
+        flagged = _title_faults(fixed, ctx)
+        if not flagged:
+            break
+        for m in dict.fromkeys(m for m, _ in flagged):
+            _retitle(fixed, m, ctx)
     return fixed
+
+
+def _title_faults(page: PageBody, ctx: RuleContext) -> set[tuple[int, str]]:
+    return {(v.module, v.code) for v in validate(page, ctx)
+            if v.code in TITLE_CODES and v.module is not None and page.modules[v.module].spec.source != "campaign"}
 
 
 def _retitle(page: PageBody, m: int, ctx: RuleContext) -> None:
     """Module ``m``'s copy, from its own products: its ``title_template`` filled with the category
     most of them are filed under (leaf first, then department), the first that breaks no title rule
-    on this page; else the configured title (checked at load: passes every title rule)."""
+    and makes no other module's title clash; else the configured title (checked at load)."""
     mod = page.modules[m]
-    for title in [*template_titles(mod, ctx), mod.spec.title]:
+    mod.title = mod.spec.title
+    others = {f for f in _title_faults(page, ctx) if f[0] != m}
+    for title in template_titles(mod, ctx):
         mod.title = title
-        if not any(v.code in TITLE_CODES and v.module == m for v in validate(page, ctx)):
+        faults = _title_faults(page, ctx)
+        if not any(f[0] == m for f in faults) and faults <= others:
             return
     mod.title = mod.spec.title
 

@@ -310,15 +310,21 @@ def _title_form(page: PageBody, ctx: RuleContext) -> list[Violation]:
 @rule("duplicate_title")
 def _duplicate_title(page: PageBody, ctx: RuleContext) -> list[Violation]:
     """The same title twice, or one whose words are all in another's ("Trending" beside "Trending
-    in Makeup"): a shopper reads them as one heading repeated."""
-    seen: list[tuple[str, set[str]]] = []
+    in Makeup"): a shopper reads them as one heading repeated. Of two clashing titles the one that is
+    not its module's configured title is flagged (configured titles differ from each other, checked
+    at load), so the fix, which falls back to configured titles, always ends the clash."""
+    seen: list[tuple[int, str, set[str], bool]] = []
     found = []
     for m, mod in enumerate(page.modules):
-        key, words = title_key(mod.title), title_words(mod.title)
-        if any(key == k or (words and w and (words <= w or w <= words)) for k, w in seen):
-            found.append(Violation(code="duplicate_title", module=m, message=f"title {mod.title!r} repeats "
-                                   "another module's title"))
-        seen.append((key, words))
+        key, words, configured = title_key(mod.title), title_words(mod.title), mod.title == mod.spec.title
+        for i, other_key, other_words, other_configured in seen:
+            similar = bool(words and other_words and (words <= other_words or other_words <= words))
+            if key == other_key or (similar and not (configured and other_configured)):
+                flagged = i if configured and not other_configured else m
+                found.append(Violation(code="duplicate_title", module=flagged, message=f"title "
+                                       f"{page.modules[flagged].title!r} repeats another module's title"))
+                break
+        seen.append((m, key, words, configured))
     return found
 
 

@@ -382,6 +382,69 @@ def tune_page(composer, retriever: Retriever, lists: dict[str, dict[str, list[Ca
     return max(scored, key=lambda t: (scored[t]["all"], -t)), scored
 
 
+def layouts(skeleton, rules) -> dict[str, Any]:
+    """Module sizes and order tried on validation (issue 20, item 5): the configured skeleton; its
+    first ``personal`` module filled to the rules' cap; that, followed by a second ``personal``
+    module (which continues the fused order where the first stops: the fused list's value at the top);
+    and, on a page with a buy-again module, each of those with a buy-again module of 3."""
+    from agent.skeleton import ModuleSpec
+
+    cap = rules.max_items_per_module
+    mods = list(skeleton.modules)
+    personal = next((m for m in mods if m.source == "personal"), None)
+    again = next((m for m in mods if m.source == "buy_again"), None)
+    found = {"configured": skeleton}
+    if personal is not None:
+        full = personal.model_copy(update={"max_items": cap})
+        more = ModuleSpec(type="more_for_you", source="personal", title="More picks for you",
+                          title_template="More {category}", min_items=min(4, cap), max_items=cap)
+        at = mods.index(personal)
+        found["personal_full"] = skeleton.model_copy(update={"modules": [*mods[:at], full, *mods[at + 1:]]})
+        if "more_for_you" not in {m.type for m in mods}:
+            found["personal_twice"] = skeleton.model_copy(update={"modules": [*mods[:at], full, more, *mods[at + 1:]]})
+    if again is not None and again.max_items > 3:
+        small = again.model_copy(update={"max_items": 3, "min_items": min(again.min_items, 3)})
+        for name, variant in list(found.items()):
+            modules = [small if m.type == again.type else m for m in variant.modules]
+            found[f"{name}, buy_again 3"] = variant.model_copy(update={"modules": modules})
+    return found
+
+
+def tune_layout(composer, retriever: Retriever, lists: dict[str, dict[str, list[Candidate]]],
+                histories: dict[str, History], split: Split, threshold: float) -> tuple[str, dict, dict]:
+    """The page's layout (``layouts``) by its validation NDCG@10 over all items, with the chosen
+    buy-again threshold; a tie keeps the earlier layout (the configured one first). Returns the
+    name, the layouts and every layout's NDCG@10 (all / explore)."""
+    found_layouts = layouts(composer.skeleton, composer.rules)
+    configured, scored = composer.skeleton, {}
+    try:
+        for name, skeleton in found_layouts.items():
+            composer.skeleton = skeleton
+            pages = {}
+            for u in histories:
+                found = {n: lists[n][u] for n in lists}
+                if "buy_again" in found:
+                    found["buy_again"] = [c for c in found["buy_again"] if c.score >= threshold]
+                pages[u] = page_orders(composer, retriever, histories[u], found)[1]
+            scored[name] = {subset: float(np.mean(list(per_user(pages, split.targets, split.history, subset,
+                                                                 (10,))["ndcg@10"].values()) or [0.0]))
+                            for subset in ("all", "explore")}
+    finally:
+        composer.skeleton = configured
+    best = max(scored, key=lambda n: (scored[n]["all"], -list(scored).index(n)))
+    return best, found_layouts, scored
+
+
+def write_skeleton(skeleton, path: Path) -> Path:
+    """The chosen layout as a skeleton file a shop serves (``HOMEPAGE_SKELETON_FILE``)."""
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("# chosen on validation users by homepage eval ranking (tune_layout)\n"
+                    + yaml.safe_dump(skeleton.model_dump(mode="json", exclude_defaults=True), sort_keys=False))
+    return path
+
+
 def _page_costs(metas: list) -> dict:
     return {"users": len(metas), "templates": metas[0].templates, "paths": dict(Counter(m.path for m in metas)),
             "latency_ms_median": float(np.median([m.latency_ms for m in metas])),
@@ -556,6 +619,11 @@ def run(config: RankingConfig) -> dict:
             composer = _composer(retriever, settings)
             histories = {u: retriever.history(u) for u in tune}
             threshold, page_tried = tune_page(composer, retriever, kept, histories, valid)
+            layout, found_layouts, layout_tried = tune_layout(composer, retriever, kept, histories, valid, threshold)
+            # every page from here on (the LLM's blend on validation, the test run) has the chosen layout
+            settings = settings.model_copy(update={"skeleton_file": write_skeleton(found_layouts[layout],
+                                                                                    work / "skeleton.yaml")})
+            composer = _composer(retriever, settings)
             timings["tuning_s"] = round(time.perf_counter() - mark, 1)
             backend, prior, prior_tried = None, None, {}
             if config.llm_users:
@@ -652,6 +720,8 @@ def run(config: RankingConfig) -> dict:
         "data": str(config.data), "users_evaluated": len(users), "seed": config.seed, "sources": names,
         "covisit": covisit, "fusion_weights": chosen.weights, "rrf_k": chosen.rrf_k, "best_single": best_single,
         "buy_again_min_probability": threshold, "page_tried": page_tried, "transfer": transfer_rows,
+        "layout": layout, "layout_tried": layout_tried,
+        "layout_skeleton": found_layouts[layout].model_dump(mode="json", exclude_defaults=True),
         "comparisons": comparisons, "covisit_tried": covisit_tried, "timings": timings, "llm": llm_meta,
         "direction": direction.report(per, test, config.bootstrap, config.seed),
         "sasrec": {k: v for k, v in models.final.facts.items() if k != "log"} if models else None,
@@ -769,8 +839,13 @@ def report_text(results: dict, meta: dict) -> str:
                  f"zero.\n\n{transfer_table(meta['transfer'])}\n")
     tried = " | ".join(f"{t}: {v['all']:.4f} / {v['explore']:.4f}" for t, v in meta["page_tried"].items())
     parts.append(f"Buy-again threshold (`min_probability`), chosen by the page's validation NDCG@10 over all "
-                 f"items: {meta['buy_again_min_probability']} (threshold: all / explore NDCG@10 — {tried}).\n\n"
-                 "R@K = retrieval recall (the ceiling for re-ranking). Pools = "
+                 f"items: {meta['buy_again_min_probability']} (threshold: all / explore NDCG@10 — {tried}).\n\n")
+    if meta.get("layout_tried"):
+        tried = " | ".join(f"{n}: {v['all']:.4f} / {v['explore']:.4f}" for n, v in meta["layout_tried"].items())
+        parts.append(f"Page layout (module sizes and order), chosen by the page's validation NDCG@10 over all "
+                     f"items: **{meta['layout']}** (layout: all / explore NDCG@10 — {tried}); serve it with "
+                     "`HOMEPAGE_SKELETON_FILE=skeleton.yaml` (this folder).\n\n")
+    parts.append("R@K = retrieval recall (the ceiling for re-ranking). Pools = "
                  "the candidates the composer offers the model, module by module in order; page = the "
                  "deterministic page built from them (what a user sees without the model, in page order); "
                  "page_discovery = the page without the shopper's own items (its discovery modules). "
@@ -792,6 +867,10 @@ def write_report(out: Path, results: dict, meta: dict, per: dict | None = None) 
     (out / "ranking.json").write_text(json.dumps(results, indent=2))
     (out / "run.json").write_text(json.dumps(meta, indent=2, default=str))
     (out / "ranking.md").write_text(report_text(results, meta))
+    if meta.get("layout_skeleton"):
+        from agent.skeleton import Skeleton
+
+        write_skeleton(Skeleton.model_validate(meta["layout_skeleton"]), out / "skeleton.yaml")
     if per is not None:  # system -> subset -> metric -> user -> value: any two systems can be paired later
         (out / "per_user.json").write_text(json.dumps(
             {system: {subset: {m: values[m] for m in ("ndcg@10", "recall@10") if m in values}

@@ -189,3 +189,13 @@ def test_ranking_run_on_the_sample_writes_the_report(tmp_path):
         ("covisit", "symmetric (forward 1)"), ("covisit", "last two in random order"),
         ("sasrec", "last two in random order")}
     assert "## The LLM page" in text and "## Direction" in text
+    # the page's layout chosen on validation, written as a skeleton a shop serves
+    assert set(meta["layout_tried"]) == {"configured", "personal_full", "personal_twice", "configured, buy_again 3",
+                                         "personal_full, buy_again 3", "personal_twice, buy_again 3"}
+    best = max(v["all"] for v in meta["layout_tried"].values())
+    assert meta["layout_tried"][meta["layout"]]["all"] == best
+    from agent.skeleton import Skeleton
+
+    served = Skeleton.load(tmp_path / "out" / "skeleton.yaml")
+    assert served.model_dump(mode="json", exclude_defaults=True) == meta["layout_skeleton"]
+    assert "Page layout" in text

@@ -111,3 +111,26 @@ def test_titles_repeating_another_are_duplicates(rules):
     distinct = PageBody([ModuleBody(spec(), "Nail art for you", ["n1", "n2"]),
                          ModuleBody(spec(), "Nail care", ["n3", "s1"])])
     assert RULES["duplicate_title"](distinct, ctx) == []
+
+
+def test_of_two_clashing_titles_the_unconfigured_one_is_flagged_and_fixed(rules):
+    from agent.pools import ModulePool, Pools
+    from agent.repair import fix
+    from agent.rules import validate
+    from retrieval import Candidate
+
+    ctx = RuleContext(rules, PRODUCTS)
+    for_you = ModuleSpec(type="for_you", source="personal", title="Picked for you",
+                         title_template="{category} for you", min_items=2, max_items=3)
+    trending = ModuleSpec(type="trending", source="popularity", title="Trending in Beauty",
+                          title_template="Trending in {category}", min_items=2, max_items=3)
+    # {beauty} is all in the configured {trending, beauty}: the model's title (module 0) is flagged,
+    # though it comes first ("Beauty" is in every product's path, so it is grounded)
+    body = PageBody([ModuleBody(for_you, "Beauty for you", ["n1", "n3"]),
+                     ModuleBody(trending, "Trending in Beauty", ["s1", "h1"])])
+    assert [(v.code, v.module) for v in validate(body, ctx)] == [("duplicate_title", 0)]
+    pools = Pools([ModulePool(m.spec, m.spec.title, [Candidate(i, 0.0) for i in m.items]) for m in body.modules], [])
+    fixed = fix(body, pools, ctx)
+    # its template with its top leaf category: {nail, art} fits n1 (both words), not n3 (one of two)
+    assert [m.title for m in fixed.modules] == ["Nail Art for you", "Trending in Beauty"]
+    assert validate(fixed, ctx) == []
