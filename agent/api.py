@@ -4,11 +4,14 @@
     uvicorn agent.api:app_from_settings --factory    # the same app under any ASGI server
 
 Every page answer is a valid page: a cache hit, the model's page (through ``agent.worker``), or
-the deterministic page, marked, when the queue is full or the budget is spent. Writes need the
-bearer token from ``Settings.api_token``. The OpenAPI schema is checked in as ``agent/openapi.json``
-(``homepage serve --openapi`` writes it) and tested against the app.
+the deterministic page, marked, when the queue is full or the budget is spent. Who may do what
+(README, "Security model"): the admin token (``Settings.api_token``) writes, reads and explains; the
+read token (``Settings.read_token``) reads pages and metrics; with neither, only the probes answer.
+Callers are checked, and bodies counted as they stream, before any route reads a body. The OpenAPI
+schema is checked in as ``agent/openapi.json`` (``homepage serve --openapi`` writes it) and tested against the app.
 """
 
+import logging
 import secrets
 import threading
 import time
@@ -18,11 +21,14 @@ from dataclasses import replace
 from pathlib import Path as FilePath
 from typing import Annotated, Any
 
+import anyio
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from agent.adapters import file_digest
 from agent.composer import Composer
@@ -40,6 +46,8 @@ from retrieval.privacy import redact
 from retrieval.vectors import PRODUCTS
 
 MAX_BATCH = 1000  # events or products in one request
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+log = logging.getLogger(__name__)
 QUEUE_FULL = "the model's queue was full, or longer than the page's time budget"
 _WAIT_GRACE_S = 0.02  # past the deadline, a caller stops waiting for the model and answers itself
 
@@ -50,10 +58,37 @@ class Rejected(BaseModel):
     reason: str
 
 
+def _unicode_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """JSON can carry a lone surrogate ("\\ud800"), which no store can hold nor any answer echo: such a
+    body is refused whole (422) before anything is stored."""
+    def walk(value: Any) -> None:
+        if isinstance(value, str):
+            value.encode()
+        elif isinstance(value, dict):
+            for key, inner in value.items():
+                walk(key)
+                walk(inner)
+        elif isinstance(value, list):
+            for inner in value:
+                walk(inner)
+
+    for i, row in enumerate(rows):
+        try:
+            walk(row)
+        except UnicodeEncodeError:
+            raise ValueError(f"row {i} holds text that is not valid Unicode (a lone surrogate)") from None
+    return rows
+
+
 class EventBatch(BaseModel):
+    """Per-row results: every row is checked before any is stored; a row that fails is listed in
+    ``rejected`` and stored nowhere, the others are stored. A body that is not valid is a 422."""
+
     model_config = ConfigDict(extra="forbid")
     events: list[dict[str, Any]] = Field(max_length=MAX_BATCH, description=(
-        "rows with user_id, item_id, timestamp (unix seconds or ISO 8601) or seq_pos, event_type (default view)"))
+        "rows with user_id, item_id, timestamp (unix seconds or ISO 8601, 1970 to a day from now) or seq_pos, "
+        "event_type (default view, at most 32 characters)"))
+    unicode_only = field_validator("events")(_unicode_rows)
 
 
 class EventsResult(BaseModel):
@@ -63,9 +98,12 @@ class EventsResult(BaseModel):
 
 
 class ProductBatch(BaseModel):
+    """Per-row results, as ``EventBatch``."""
+
     model_config = ConfigDict(extra="forbid")
     items: list[dict[str, Any]] = Field(max_length=MAX_BATCH, description=(
         "rows with item_id, title, category_path ('A > B'), brand, price_usd, description, stock"))
+    unicode_only = field_validator("items")(_unicode_rows)
 
 
 class ProductsResult(BaseModel):
@@ -169,8 +207,9 @@ class Service:
 
     def page(self, user_id: str, arrived: float) -> Homepage:
         composer = self.composer
-        budget = composer.budget_s
-        deadline = None if budget is None else arrived + budget
+        # an unset budget still may not hang a request (a model that never answers): the ceiling holds
+        budget = self.settings.page_timeout_ms / 1000 if composer.budget_s is None else composer.budget_s
+        deadline = arrived + budget
         if (page := composer.cached(user_id)) is not None:
             return page
         if composer.backend is None:
@@ -179,7 +218,7 @@ class Service:
         if future is None:
             return self._fallback(composer, user_id, QUEUE_FULL)
         try:
-            return future.result(None if deadline is None else max(deadline - time.monotonic(), 0) + _WAIT_GRACE_S)
+            return future.result(max(deadline - time.monotonic(), 0) + _WAIT_GRACE_S)
         except FutureTimeout:
             future.cancel()  # still queued: the worker skips it
             return self._fallback(composer, user_id, "the page's time budget ran out waiting for the model")
@@ -232,13 +271,84 @@ class Service:
             retriever.refresh()
             if not retriever.products:
                 found.append("the catalogue is empty")
-        except Exception as exc:
-            found.append(f"the catalogue store is unreadable: {type(exc).__name__}: {exc}")
+        except Exception:  # the cause goes to the log, not to whoever probes /readyz
+            log.exception("readiness: the catalogue store is unreadable")
+            found.append("the catalogue store is unreadable")
         try:
             retriever.index.count(PRODUCTS)
-        except Exception as exc:
-            found.append(f"the vector store is unreachable: {type(exc).__name__}: {exc}")
+        except Exception:
+            log.exception("readiness: the vector store is unreachable")
+            found.append("the vector store is unreachable")
         return found
+
+
+# -- who may do what (README, "Security model") ------------------------------------------------------
+_RANK = {"reader": 1, "admin": 2}
+
+
+def role_of(settings: Settings, authorization: str | None) -> str | None:
+    """"admin" (the api_token), "reader" (the read_token, or anyone where open_reads is set), or None."""
+    scheme, _, given = (authorization or "").partition(" ")
+    given = given.strip().encode() if scheme.lower() == "bearer" else b""
+
+    def matches(token: SecretStr | None) -> bool:
+        return bool(token and given) and secrets.compare_digest(given, token.get_secret_value().encode())
+
+    if matches(settings.api_token):
+        return "admin"
+    if matches(settings.read_token) or settings.open_reads:
+        return "reader"
+    return None
+
+
+def permits(role: str | None, needed: str | None) -> bool:
+    return needed is None or (role is not None and _RANK[role] >= _RANK[needed])
+
+
+def needed_role(method: str, path: str) -> str | None:
+    """The probes and the API's description are open; other reads need a reader; anything else the admin."""
+    if path in OPEN_PATHS:
+        return None
+    return "reader" if method in ("GET", "HEAD") else "admin"
+
+
+def _unauthorised(role: str) -> HTTPException:
+    token = "api_token" if role == "admin" else "read_token or api_token"
+    return HTTPException(401, f"this needs the bearer token from the {token} setting",
+                         headers={"WWW-Authenticate": "Bearer"})
+
+
+class Gate:
+    """ASGI middleware: the caller is checked before the route reads a byte of the body, and the body
+    is counted as it streams (a chunked body has no Content-Length to check up front)."""
+
+    def __init__(self, app, settings: Settings):
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        needed = needed_role(scope["method"], scope["path"])
+        if not permits(role_of(self.settings, headers.get("authorization")), needed):
+            exc = _unauthorised(needed)
+            return await JSONResponse({"detail": exc.detail}, 401, exc.headers)(scope, receive, send)
+        limit = self.settings.max_body_bytes
+        too_large = f"the body is over {limit} bytes"
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return await JSONResponse({"detail": too_large}, 413)(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:  # the route reading the body answers 413 (FastAPI passes HTTPException on)
+                raise HTTPException(413, too_large)
+            return message
+
+        await self.app(scope, counted, send)
 
 
 def create_app(settings: Settings | None = None, composer: Composer | None = None) -> FastAPI:
@@ -249,6 +359,10 @@ def create_app(settings: Settings | None = None, composer: Composer | None = Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if settings.api_token is None:
+            log.warning("no api_token is set: every write (events, catalogue, reload, forget) is refused")
+        if settings.read_token is None and not settings.open_reads:
+            log.warning("neither read_token nor open_reads is set: only the admin token reads pages")
         service.start()
         yield
         service.worker.stop()
@@ -256,31 +370,38 @@ def create_app(settings: Settings | None = None, composer: Composer | None = Non
     app = FastAPI(title="Homepage composer", version="1", lifespan=lifespan, description=(
         "Personalised e-commerce homepages: every page answered is valid under the merchandisers' rules."))
     app.state.service = service
-    bearer = HTTPBearer(auto_error=False, description="Settings.api_token")
+    bearer = HTTPBearer(auto_error=False, description="Settings.api_token (admin) or Settings.read_token")
 
-    def writer(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-        token = settings.api_token
-        given = credentials.credentials if credentials else ""
-        if not token or not secrets.compare_digest(given.encode(), token.encode()):
-            raise HTTPException(401, "a write needs the bearer token from the api_token setting",
-                                headers={"WWW-Authenticate": "Bearer"})
+    def need(role: str):
+        def check(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+            role_given = role_of(settings, request.headers.get("authorization"))
+            if not permits(role_given, role):
+                raise _unauthorised(role)
+            return role_given
+        return check
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-            return JSONResponse({"detail": f"the body is over {settings.max_body_bytes} bytes"}, status_code=413)
-        return await call_next(request)
+    writer, reader = need("admin"), need("reader")
+    app.add_middleware(Gate, settings=settings)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # the input is not echoed: it may be personal, or not even encodable (a lone surrogate)
+        errors = [{k: v for k, v in e.items() if k != "input"} for e in exc.errors()]
+        return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
 
     refused = {401: {"model": Problem, "description": "no or a wrong bearer token"},
                413: {"model": Problem, "description": "the body is too large"}}
+    unread = {401: {"model": Problem, "description": "no read or admin token"}}
     user_path = Path(pattern=ID_PATTERN, description="the user's id (unknown: a new visitor)")
     unusable = {422: {"description": "a malformed user id"}, 503: {"model": Problem}}
 
-    @app.get("/v1/users/{user_id}/homepage", response_model=Homepage | LeanPage, responses=unusable,
+    @app.get("/v1/users/{user_id}/homepage", response_model=Homepage | LeanPage,
+             responses={**unusable, **unread, 403: {"model": Problem, "description": "explain needs the admin token"}},
              summary="The user's homepage")
-    def homepage(user_id: Annotated[str, user_path],
-                 explain: Annotated[bool, Query(description="add meta and each item's reason")] = False):
+    def homepage(user_id: Annotated[str, user_path], role: Annotated[str, Depends(reader)],
+                 explain: Annotated[bool, Query(description="add meta and each item's reason (admin token)")] = False):
+        if explain and role != "admin":
+            raise HTTPException(403, "explain=true needs the admin token (api_token)")
         arrived = time.monotonic()
         try:
             page = service.page(user_id, arrived)
@@ -289,6 +410,8 @@ def create_app(settings: Settings | None = None, composer: Composer | None = Non
         except PageUnavailable as exc:
             return JSONResponse({"detail": str(exc)}, status_code=503)
         service.metrics.page(page, time.monotonic() - arrived)
+        # the id as given, never the stored one: an e-mail's keyed pseudonym is not told to anyone
+        page = page.model_copy(update={"user_id": user_id})
         return page if explain else LeanPage.model_validate(page.model_dump())
 
     @app.post("/v1/events", response_model=EventsResult, dependencies=[Depends(writer)], responses=refused,
@@ -348,17 +471,22 @@ def create_app(settings: Settings | None = None, composer: Composer | None = Non
         except ConfigError as exc:
             raise HTTPException(422, str(exc)) from None
 
+    # The probes run on the event loop (and readyz's store reads on threads of their own), not on the
+    # worker threads that page requests wait in: they answer while every one of those is taken.
+    probes = anyio.CapacityLimiter(2)
+
     @app.get("/healthz", summary="The process answers")
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/readyz", responses={503: {"model": Problem}}, summary="Model loaded and stores reachable")
-    def readyz():
-        if problems := service.problems():
+    async def readyz():
+        if problems := await anyio.to_thread.run_sync(service.problems, limiter=probes):
             return JSONResponse({"detail": "; ".join(problems)}, status_code=503)
         return {"status": "ready"}
 
-    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics", dependencies=[Depends(reader)],
+             responses=unread)
     def metrics() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(service.metrics.registry).decode(),
                                  media_type="text/plain; version=0.0.4")

@@ -18,15 +18,18 @@ a template may compute is bounded: ranges, repetition, powers, the loop iteratio
 from __future__ import annotations
 
 import hashlib
+import re
 import traceback
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import wraps
 from pathlib import Path
 from typing import Any
 
 from jinja2 import StrictUndefined, Template, TemplateSyntaxError, meta, nodes
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.visitor import NodeTransformer
 
 from agent.errors import ConfigError
 
@@ -52,6 +55,27 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         super().__init__(undefined=StrictUndefined, keep_trailing_newline=True, autoescape=False)
         self.globals["range"] = self._range
         self.globals[_EACH] = _each
+        self.globals[_CONCAT] = _concat
+        for name in _WIDENING:  # filters whose output can be far longer than their input
+            self.filters[name] = _guarded(name, self.filters[name])
+
+    def call(__self, __context, __obj, *args, **kwargs):  # jinja's names: no clash with a keyword argument
+        """Method calls too ("x".center(n), "{:>n}".format(x)): checked before they build a string."""
+        if isinstance(getattr(__obj, "__self__", None), str):
+            _precheck(getattr(__obj, "__name__", ""), (__obj.__self__, *args), kwargs)
+        return _bounded(super().call(__context, __obj, *args, **kwargs))
+
+    def wrap_str_format(self, value):
+        """``str.format`` and ``format_map``, which the sandbox wraps when they are looked up."""
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+
+        @wraps(wrapped)
+        def bounded(*args, **kwargs):
+            _precheck("format", (value.__self__, *args), kwargs)
+            return _bounded(wrapped(*args, **kwargs))
+        return bounded
 
     def _range(self, *args: int) -> range:
         numbers = range(*args)
@@ -107,11 +131,63 @@ def _each(iterable):
 
 
 def _count_loops(parsed: nodes.Template) -> nodes.Template:
-    """Route each loop through ``_each``, so nested loops cannot multiply into an endless render."""
+    """Route each loop through ``_each``, so nested loops cannot multiply into an endless render,
+    and each ``~`` through ``_concat``, so repeated doubling cannot build a huge string."""
     for loop in parsed.find_all(nodes.For):
         loop.iter = nodes.Call(nodes.Name(_EACH, "load", lineno=loop.lineno), [loop.iter], [], None, None,
                                lineno=loop.lineno)
-    return parsed
+    return _ToConcat().visit(parsed)
+
+
+# -- strings a template builds are bounded before they are built ----------------------------------------
+_CONCAT = "_bounded_concat"
+_WIDENING = ("center", "indent", "wordwrap", "replace", "format", "join")
+
+
+class _ToConcat(NodeTransformer):
+    def visit_Concat(self, node: nodes.Concat) -> nodes.Call:
+        return nodes.Call(nodes.Name(_CONCAT, "load", lineno=node.lineno), [self.visit(n) for n in node.nodes],
+                          [], None, None, lineno=node.lineno)
+
+
+def _bounded(value):
+    if isinstance(value, str | list | tuple) and len(value) > MAX_RENDERED_CHARS:
+        raise SecurityError(f"value too large for a template (over {MAX_RENDERED_CHARS})")
+    return value
+
+
+def _concat(*parts) -> str:
+    return _bounded("".join(_bounded(str(p)) for p in parts))
+
+
+def _precheck(name: str, args: tuple, kwargs: dict) -> None:
+    """Refuses a call whose result would be too long, before it is computed: a width or count past
+    the limit, an input already past it, a replace or a format that would write too much."""
+    for value in (*args, *kwargs.values()):
+        _bounded(value)
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_RENDERED_CHARS:
+            raise SecurityError(f"{name}: {value} is too large a width or count for a template")
+    if name == "replace" and len(args) >= 3:
+        text, old, new = map(str, args[:3])
+        count = args[3] if len(args) > 3 else kwargs.get("count")
+        times = len(text) + 1 if not old else text.count(old)
+        if isinstance(count, int) and count >= 0:
+            times = min(times, count)
+        if len(text) + times * (len(new) - len(old)) > MAX_RENDERED_CHARS:
+            raise SecurityError("replace: the result would be too long for a template")
+    widths = re.findall(r"\d+", str(args[0])) if name == "format" and args else []  # in the format string
+    if sum(map(int, widths)) > MAX_RENDERED_CHARS:
+        raise SecurityError("format: the widths in a template's format string are too large")
+
+
+def _guarded(name: str, f):
+    skip = 1 if getattr(f, "jinja_pass_arg", None) else 0  # the context jinja passes first
+
+    @wraps(f)
+    def guarded(*args, **kwargs):
+        _precheck(name, args[skip:], kwargs)
+        return _bounded(f(*args, **kwargs))
+    return guarded
 
 
 def _render(path: Path, template: Template, values: dict[str, Any]) -> str:

@@ -86,8 +86,15 @@ class Settings(BaseSettings):
                                  "(backend=openai); false: remote prompts carry the candidates only")
 
     # the HTTP service (``homepage serve``)
-    api_token: str | None = Field(None, description="bearer token that writes (events, catalogue, reload) must "
-                                  "carry; unset: every write is refused (401)")
+    api_token: SecretStr | None = Field(None, description="the admin bearer token: writes (events, catalogue, "
+                                        "reload, forget), reads, and pages with ?explain=true; unset: every write "
+                                        "is refused (401), and start-up warns")
+    read_token: SecretStr | None = Field(None, description="bearer token the storefront backend reads pages and "
+                                         "metrics with (no writes, no explain); README, \"Security model\"")
+    open_reads: bool = Field(False, description="serve pages and metrics without a token (only behind a gateway that "
+                             "authenticates); false: a read without the read or admin token is refused (401)")
+    page_timeout_ms: int = Field(30_000, ge=1, description="the longest a page request waits for the model when "
+                                 "budget_ms is unset; past it, the deterministic page answers")
     serve_batch: int = Field(4, ge=1, le=32, description="concurrent page requests that share the model's forward "
                              "passes (1: one page at a time)")
     batch_wait_ms: int = Field(5, ge=0, description="how long the model worker waits for more requests to batch")

@@ -31,6 +31,7 @@ def run_load(url: str, users: list[str], items: list[str], clients: int = 16, se
     latencies: dict[str, list[float]] = defaultdict(list)
     outcomes: Counter = Counter()
     problems: list[str] = []
+    token = token.get_secret_value() if hasattr(token, "get_secret_value") else token  # Settings.api_token
     headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     def client(index: int) -> None:

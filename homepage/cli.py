@@ -393,6 +393,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     import uvicorn
 
+    if args.workers > 1 and not settings.chroma_host:  # else every worker but one dies on the store
+        raise UserError(f"--workers {args.workers}: the embedded vector store serves one process; run chromadb as "
+                        "a server (`chroma run --path <store>/chroma`) and set chroma_host (HOMEPAGE_CHROMA_HOST), "
+                        "or serve with one worker")
     if args.workers == 1:
         uvicorn.run(create_app(settings), host=args.host, port=args.port, timeout_graceful_shutdown=30)
         return 0

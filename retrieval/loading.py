@@ -15,6 +15,7 @@ import html
 import json
 import math
 import re
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -130,6 +131,8 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 _SPACES = re.compile(r"\s+")
 _TAGS = re.compile(r"<[^>]+>")
 _MAX_WHOLE = 2**53  # whole numbers stored exactly (SQLite and JSON)
+MAX_FUTURE_S = 86_400  # an event may be stamped this far ahead of our clock (the sender's clock runs fast)
+MAX_EVENT_TYPE_CHARS = 32
 
 
 def clean_text(value: Any) -> str | None:
@@ -172,12 +175,22 @@ def parse_timestamp(value: Any) -> float | None:
         number = float(text)
     except ValueError:
         try:
-            return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-        except ValueError:
+            stamp = datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+        except (ValueError, OverflowError, OSError):
             raise ValueError(f"timestamp is neither unix seconds nor ISO 8601: {text!r}") from None
+        return _sane_time(stamp)
     if not math.isfinite(number):
         raise ValueError(f"timestamp must be a finite number of seconds, got {text!r}")
-    return number
+    return _sane_time(number)
+
+
+def _sane_time(seconds: float) -> float:
+    """Refuses times before 1970 or more than a day ahead (clock skew): such an event would sit
+    first or last in every history, and a far-future one would never age out of retention."""
+    latest = time.time() + MAX_FUTURE_S
+    if not 0 <= seconds <= latest:
+        raise ValueError(f"timestamp must lie between 1970 and one day from now, got {seconds:.0f}")
+    return seconds
 
 
 def _require_columns(path: Path, row: dict[str, Any], needed: dict[str, str]) -> None:
@@ -305,5 +318,12 @@ def parse_event(row: dict[str, Any], c: EventColumns, privacy: Privacy, counts: 
         item_id=item_id,
         timestamp=timestamp,
         seq_pos=None if seq is None else int(seq),
-        event_type=(_private_text(row.get(c.event_type), counts) or "view").lower(),
+        event_type=_event_type(row.get(c.event_type), counts),
     )
+
+
+def _event_type(value: Any, counts: Counter) -> str:
+    kind = (_private_text(value, counts) or "view").lower()
+    if len(kind) > MAX_EVENT_TYPE_CHARS:  # a word ("view", "purchase"), not a place to store text
+        raise ValueError(f"event_type must be at most {MAX_EVENT_TYPE_CHARS} characters, got {len(kind)}")
+    return kind

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from retrieval.vectors import LocalEmbeddings, VectorIndex, chroma_client, settl
 
 CATALOG_FILE = "catalog.sqlite3"
 CHROMA_DIR = "chroma"
+MAX_HISTORIES = 10_000  # known users' histories kept built
 
 
 # The one definition of the retrieval defaults (``agent.settings.Settings`` reads them from here).
@@ -61,6 +63,7 @@ class Retriever:
         names = dict.fromkeys([*sources, "popularity"])
         self.sources = {name: SOURCES[name](self._context) for name in names}
         self._histories: dict[str, tuple[tuple[int, int | None], History]] = {}
+        self._history_lock = threading.Lock()
 
     @classmethod
     def open(cls, config: RetrievalConfig) -> Retriever:
@@ -79,13 +82,20 @@ class Retriever:
         returns the catalogue version."""
         return self.catalog.refresh()
     def history(self, user_id: str) -> History:
-        """Cached per user; a new event for the user or a catalogue change rebuilds it."""
-        key = (self.catalog.event_count(user_id), self.catalog.loaded_version)
+        """Cached per known user (at most ``MAX_HISTORIES``); a new event for the user or a catalogue
+        change rebuilds it."""
+        count = self.catalog.event_count(user_id)
+        if count == 0:  # a new visitor: nothing to cache (anyone can make up ids, one request each)
+            return build_history(user_id, [], self.products)
+        key = (count, self.catalog.loaded_version)
         cached = self._histories.get(user_id)
         if cached is None or cached[0] != key:
             events = self.catalog.user_events(user_id)
             cached = (key, build_history(user_id, events, self.products))
-            self._histories[user_id] = cached
+            with self._history_lock:
+                self._histories[user_id] = cached
+                while len(self._histories) > MAX_HISTORIES:  # the oldest built goes first
+                    self._histories.pop(next(iter(self._histories)))
         return cached[1]
 
     def reopen(self, config: RetrievalConfig) -> None:

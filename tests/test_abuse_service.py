@@ -2,16 +2,31 @@
 belongs, a way to take the service down, or a way to leave it half-written; each failed before its fix.
 Real parts: the packaged model, a real chromadb in a temp folder."""
 
+import json
+import logging
 import shutil
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
-from agent.errors import BackendError
+from agent.api import create_app
+from agent.backends import LLMBackend
+from agent.cache import PageCache
+from agent.errors import BackendError, ConfigError
+from agent.prompting import load_template
+from agent.service import composer_for
+from agent.settings import Settings
+from retrieval import Retriever
+from retrieval.vectors import close_embedded
 
 
 # -- a timed-out call leaves no thread behind -----------------------------------------------------
@@ -53,3 +68,237 @@ def test_a_decode_waits_for_a_busy_model_no_longer_than_its_deadline(composer):
         thread.join(3.0)
         assert not thread.is_alive(), "the call still waits for the model past its deadline"
     assert "budget" in outcome["error"]
+
+
+# -- the HTTP service: who may read, what a body may hold ---------------------------------------------
+ADMIN, READER = "admin-token", "read-token"
+AS_ADMIN, AS_READER = {"Authorization": f"Bearer {ADMIN}"}, {"Authorization": f"Bearer {READER}"}
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def own_store(settings, ingested, tmp_path_factory) -> Path:
+    """A copy of the session's sample store (these tests write to it)."""
+    store = tmp_path_factory.mktemp("abuse") / "store"
+    shutil.copytree(settings.store_dir, store, ignore=shutil.ignore_patterns(".owner.lock"))
+    return store
+
+
+@pytest.fixture(scope="module")
+def abuse_settings(settings, own_store) -> Settings:
+    return settings.model_copy(update={"store_dir": own_store, "api_token": SecretStr(ADMIN),
+                                       "read_token": SecretStr(READER)})
+
+
+@pytest.fixture(scope="module")
+def abuse_retriever(abuse_settings) -> Retriever:
+    return Retriever.open(abuse_settings.retrieval_config())
+
+
+def app_client(settings: Settings, retriever: Retriever, backend=None, **overrides) -> TestClient:
+    """The service over the copied store: deterministic pages unless a backend is given."""
+    settings = settings.model_copy(update=overrides)
+    composer = composer_for(settings, retriever, backend, budget_s=None if settings.budget_ms is None
+                            else settings.budget_ms / 1000)
+    return TestClient(create_app(settings, composer))
+
+
+@pytest.fixture(scope="module")
+def client(abuse_settings, abuse_retriever):
+    with app_client(abuse_settings, abuse_retriever) as c:
+        yield c
+
+
+def test_reads_need_a_token_and_explain_needs_the_admin(client, abuse_retriever):
+    """Was: anyone who could reach the port read any user's page, with ``explain=true``."""
+    user = abuse_retriever.catalog.users()[0]
+    path = f"/v1/users/{user}/homepage"
+    assert client.get(path).status_code == 401
+    assert client.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/metrics").status_code == 401
+    assert client.get(path, headers=AS_READER).status_code == 200
+    assert client.get("/metrics", headers=AS_READER).status_code == 200
+    assert client.get(path, params={"explain": "true"}, headers=AS_READER).status_code == 403
+    assert client.get(path, params={"explain": "true"}, headers=AS_ADMIN).json()["meta"]
+    assert client.post("/v1/events", json={"events": []}, headers=AS_READER).status_code == 401  # no writes
+    assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
+
+
+def test_with_no_read_token_reads_are_refused_unless_opened(abuse_settings, abuse_retriever):
+    """Was: with no token configured, pages were served to anyone (on 0.0.0.0 too)."""
+    path = f"/v1/users/{abuse_retriever.catalog.users()[0]}/homepage"
+    with app_client(abuse_settings, abuse_retriever, read_token=None) as c:
+        assert c.get(path).status_code == 401
+        assert c.get(path, headers=AS_ADMIN).status_code == 200
+    with app_client(abuse_settings, abuse_retriever, read_token=None, open_reads=True) as c:
+        assert c.get(path).status_code == 200
+        assert c.get(path, params={"explain": "true"}).status_code == 403
+
+
+def test_no_answer_tells_the_pseudonym_of_an_e_mail(client):
+    """Was: GET /v1/users/<e-mail>/homepage answered ``user_id: anon-<keyed hash>``, an oracle for the key."""
+    for headers, params in ((AS_READER, {}), (AS_ADMIN, {"explain": "true"})):
+        answer = client.get("/v1/users/someone@example.com/homepage", headers=headers, params=params)
+        assert answer.status_code == 200
+        assert answer.json()["user_id"] == "someone@example.com" and "anon-" not in answer.text
+
+
+def test_a_chunked_body_over_the_limit_is_refused(client):
+    """Was: only Content-Length was checked; a chunked body of any size was read whole."""
+    def chunks():
+        for _ in range(40):
+            yield b" " * 50_000  # 2 MB in all, limit 1 MB; no Content-Length
+
+    answer = client.post("/v1/events", content=chunks(), headers={**AS_ADMIN, **JSON})
+    assert answer.status_code == 413
+
+
+def test_the_caller_is_checked_before_the_body_is_read(client):
+    """Was: a body was read and parsed (422 for bad JSON) before the token was checked."""
+    for headers in ({}, AS_READER):
+        answer = client.post("/v1/events", content=b"{not json", headers={**headers, **JSON})
+        assert answer.status_code == 401
+    huge = client.put("/v1/catalogue/items", content=(b"x" * 50_000 for _ in range(40)))
+    assert huge.status_code == 401
+
+
+def test_a_lone_surrogate_is_a_422_and_nothing_of_its_batch_is_stored(client, abuse_retriever):
+    """Was: a 500 after the rows before it were stored."""
+    item = next(iter(abuse_retriever.products))
+    rows = [{"user_id": "surrogate-1", "item_id": item, "seq_pos": 1},
+            {"user_id": "surrogate-1", "item_id": item, "seq_pos": 2, "event_type": "vi\ud800ew"}]
+    body = json.dumps({"events": rows})  # json escapes the surrogate as \ud800, as a client would send it
+    answer = client.post("/v1/events", content=body, headers={**AS_ADMIN, **JSON})
+    assert answer.status_code == 422 and "surrogate" in answer.text
+    assert abuse_retriever.catalog.event_count("surrogate-1") == 0
+    body = json.dumps({"items": [{"item_id": "SURR-1", "title": "ok"}, {"item_id": "SURR-2", "title": "a \udc00"}]})
+    answer = client.put("/v1/catalogue/items", content=body, headers={**AS_ADMIN, **JSON})
+    assert answer.status_code == 422
+    assert "SURR-1" not in abuse_retriever.catalog.products
+
+
+def test_event_types_and_timestamps_out_of_bounds_are_refused(client, abuse_retriever):
+    """Was: a 100,000-character event type, a time before 1970 and one in the year 287,000 were stored."""
+    item = next(iter(abuse_retriever.products))
+    rows = [{"user_id": "bounds-1", "item_id": item, "seq_pos": 1, "event_type": "x" * 100_000},
+            {"user_id": "bounds-1", "item_id": item, "timestamp": -5e12},
+            {"user_id": "bounds-1", "item_id": item, "timestamp": 9e12},
+            {"user_id": "bounds-1", "item_id": item, "timestamp": "9999-12-31T00:00:00Z"},
+            {"user_id": "bounds-1", "item_id": item, "timestamp": time.time(), "event_type": "purchase"}]
+    answer = client.post("/v1/events", json={"events": rows}, headers=AS_ADMIN)
+    assert answer.status_code == 200
+    result = answer.json()
+    assert result["accepted"] == 1 and [r["index"] for r in result["rejected"]] == [0, 1, 2, 3]
+    assert "event_type" in result["rejected"][0]["reason"] and "1970" in result["rejected"][1]["reason"]
+    assert [e.event_type for e in abuse_retriever.catalog.user_events("bounds-1")] == ["purchase"]
+
+
+# -- per-user state is bounded ---------------------------------------------------------------------
+def test_a_flood_of_unknown_ids_evicts_no_known_shoppers_page(abuse_settings, abuse_retriever):
+    """Was: one LRU for all: 200 made-up ids evicted every known shopper's cached page, and each
+    made-up id left a history behind in the retriever."""
+    composer = composer_for(abuse_settings, abuse_retriever, None, cache=PageCache(50))
+    known = abuse_retriever.catalog.users()[:10]
+    for user in known:
+        composer.compose(user)
+    histories = len(abuse_retriever._histories)
+    for n in range(200):
+        assert composer.compose(f"flood-{n}").meta.cold_start
+    assert all(composer.cached(user) is not None for user in known)
+    assert len(composer.cache) <= 50 and len(abuse_retriever._histories) == histories
+
+
+# -- load: the probes answer, and no request waits without end ---------------------------------------
+class Hanging(LLMBackend):
+    """A model that answers nothing for ``seconds`` and then fails."""
+
+    name = model_name = "hanging"
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def generate(self, messages, schema, max_new_tokens, deadline=None):
+        time.sleep(self.seconds)
+        raise RuntimeError("no answer")
+
+
+def test_an_unset_budget_cannot_hang_a_request(abuse_settings, abuse_retriever):
+    """Was: with budget_ms unset, a request waited for a hanging model for as long as it hung."""
+    user = abuse_retriever.catalog.users()[1]
+    with app_client(abuse_settings, abuse_retriever, Hanging(20.0), budget_ms=None, page_timeout_ms=1000) as c:
+        started = time.monotonic()
+        answer = c.get(f"/v1/users/{user}/homepage", params={"explain": "true"}, headers=AS_ADMIN)
+        took = time.monotonic() - started
+    assert answer.status_code == 200 and answer.json()["meta"]["path"] == "fallback"
+    assert took < 5
+
+
+def test_the_probes_answer_while_300_requests_wait(abuse_settings, abuse_retriever):
+    """Was: /healthz and /readyz ran on the worker threads that waiting page requests held."""
+    known = abuse_retriever.catalog.users()
+    users = [known[n % len(known)] for n in range(300)]
+    # a queue that holds them all: every worker thread of the server waits for the model
+    hanging = app_client(abuse_settings, abuse_retriever, Hanging(5.0), budget_ms=None, page_timeout_ms=3000,
+                         queue_max=300)
+    with hanging as c, ThreadPoolExecutor(300) as pool:
+        pages = [pool.submit(c.get, f"/v1/users/{u}/homepage", headers=AS_READER) for u in users]
+        time.sleep(1.0)  # the requests are in: the worker threads are taken
+        for probe in ("/healthz", "/readyz"):
+            probed = ThreadPoolExecutor(1).submit(c.get, probe)
+            started = time.monotonic()
+            try:
+                assert probed.result(timeout=10).status_code == 200
+            except FutureTimeout:
+                pytest.fail(f"{probe} did not answer")
+            assert time.monotonic() - started < 2, probe
+        assert all(p.result(timeout=180).status_code == 200 for p in pages)
+
+
+# -- what the service tells, and how it starts --------------------------------------------------------
+def test_readyz_tells_no_internal_error_text(abuse_settings, abuse_retriever, tmp_path):
+    """Was: the exception's class and text (paths, hosts) went to whoever probed /readyz."""
+    store = tmp_path / "store"
+    shutil.copytree(abuse_settings.store_dir, store, ignore=shutil.ignore_patterns(".owner.lock"))
+    settings = abuse_settings.model_copy(update={"store_dir": store})
+    with app_client(settings, Retriever.open(settings.retrieval_config())) as c:
+        close_embedded(store / "chroma")  # the vector store goes away under the service
+        answer = c.get("/readyz")
+    assert answer.status_code == 503
+    assert answer.json() == {"detail": "the vector store is unreachable"}
+
+
+def test_the_api_token_is_a_secret_and_start_up_warns_without_one(abuse_settings, abuse_retriever, caplog):
+    """Was: a plain string (printed with the settings), and a service that refused every write said nothing."""
+    assert isinstance(abuse_settings.api_token, SecretStr) and ADMIN not in repr(abuse_settings)
+    with caplog.at_level(logging.WARNING, logger="agent.api"), app_client(abuse_settings, abuse_retriever,
+                                                                          api_token=None):
+        pass
+    assert any("api_token" in r.getMessage() for r in caplog.records)
+
+
+# -- templates cannot build huge strings ------------------------------------------------------------
+@pytest.mark.parametrize("source", [
+    '{{ "x" | center(10**8) }}',
+    '{% set a = "x" * 5000 %}{{ a | replace("x", a) | replace("x", a) | length }}',
+    '{{ "%99999999s" | format("x") }}',
+    '{{ "{:>99999999}".format(1) }}',
+    '{{ "x".ljust(10**8) }}',
+    '{% set a = "x" * 9000 %}{% set a = a ~ a ~ a ~ a ~ a ~ a ~ a ~ a %}{{ (a ~ a ~ a ~ a ~ a ~ a ~ a ~ a) | length }}',
+])
+def test_a_template_cannot_build_a_huge_string(tmp_path, source):
+    """Was: the string was built whole (100 MB and more) and only the finished render was measured."""
+    path = tmp_path / "huge.jinja"
+    path.write_text(source)
+    with pytest.raises(ConfigError, match=r"too large|too long"):
+        load_template(path, {})
+
+
+def test_several_workers_on_the_embedded_store_are_refused_up_front(tmp_path):
+    """Was: N workers started, and every one but the store's owner crashed on it."""
+    try:
+        done = subprocess.run([sys.executable, "-m", "homepage", "--store", str(tmp_path / "store"), "serve",
+                               "--workers", "2", "--host", "127.0.0.1", "--port", "8767"],
+                              capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the workers were started")
+    assert done.returncode == 2 and "chroma_host" in done.stderr and "one worker" in done.stderr

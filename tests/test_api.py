@@ -51,7 +51,7 @@ def client(api_settings, api_retriever, composer):
 
 
 def page_of(client, user: str) -> Homepage:
-    response = client.get(f"/v1/users/{user}/homepage", params={"explain": "true"})
+    response = client.get(f"/v1/users/{user}/homepage", params={"explain": "true"}, headers=AUTH)
     assert response.status_code == 200, response.text
     return Homepage.model_validate(response.json())
 
@@ -60,7 +60,7 @@ def test_a_page_comes_from_the_model_through_the_worker(client, sample_users):
     page = page_of(client, sample_users[5])
     assert_valid_page(page, client.app.state.service.composer)
     assert page.meta.path in {"llm", "repaired"} and page.meta.llm_calls >= 1
-    lean = client.get(f"/v1/users/{sample_users[5]}/homepage").json()  # cached now
+    lean = client.get(f"/v1/users/{sample_users[5]}/homepage", headers=AUTH).json()  # cached now
     assert set(lean) == {"user_id", "modules"}
     assert [i["item_id"] for m in lean["modules"] for i in m["items"]] == page.item_ids()
     assert "reason" not in lean["modules"][0]["items"][0]
@@ -69,7 +69,7 @@ def test_a_page_comes_from_the_model_through_the_worker(client, sample_users):
 def test_unknown_and_malformed_users(client):
     page = page_of(client, "someone-new")
     assert page.meta.cold_start and page.modules
-    bad = client.get("/v1/users/bad%20id!/homepage")
+    bad = client.get("/v1/users/bad%20id!/homepage", headers=AUTH)
     assert bad.status_code == 422
     assert bad.json()["detail"][0]["loc"] == ["path", "user_id"]
 
@@ -88,9 +88,9 @@ def test_events_are_checked_one_by_one_stored_once_and_reflected(client, api_ret
     shown = page_of(client, user)
     item = shown.modules[0].items[0].item_id  # a discovery item: once bought, it leaves the page
     events = [
-        {"user_id": user, "item_id": item, "timestamp": "2030-01-01T00:00:00Z", "event_type": "purchase"},
-        {"user_id": user, "item_id": "no-such-item", "timestamp": 1.9e9},
-        {"user_id": "bad id", "item_id": item, "timestamp": 1.9e9},
+        {"user_id": user, "item_id": item, "timestamp": time.time(), "event_type": "purchase"},
+        {"user_id": user, "item_id": "no-such-item", "timestamp": time.time()},
+        {"user_id": "bad id", "item_id": item, "timestamp": time.time()},
         {"user_id": user, "item_id": item, "timestamp": "yesterday-ish"},
         {"user_id": user, "item_id": item},
     ]
@@ -156,7 +156,7 @@ def test_a_broken_rule_set_is_refused_and_the_old_one_keeps_serving(client, api_
         assert refused.status_code == 422
         assert "rules.yaml" in refused.json()["detail"] and "max_items_per_brand" in refused.json()["detail"]
         assert client.app.state.service.composer is before
-        assert client.get(f"/v1/users/{sample_users[2]}/homepage").status_code == 200
+        assert client.get(f"/v1/users/{sample_users[2]}/homepage", headers=AUTH).status_code == 200
     finally:
         rules.write_text(good)
     template = Path(api_settings.prompts_dir) / "compose.user.jinja"
@@ -180,7 +180,7 @@ def test_limits_health_and_metrics(client):
     huge = client.post("/v1/events", content=b"x" * 2_000_000, headers={**AUTH, "Content-Type": "application/json"})
     assert huge.status_code == 413
     assert client.post("/v1/events", content=b"{not json", headers=AUTH).status_code == 422
-    text = client.get("/metrics").text
+    text = client.get("/metrics", headers=AUTH).text
     assert 'homepage_page_seconds_count{path="llm"}' in text or 'homepage_page_seconds_count{path="repaired"}' in text
     assert "homepage_queue_depth" in text and 'homepage_events_total{outcome="accepted"}' in text
 

@@ -104,7 +104,7 @@ def test_stopped_while_events_arrive_then_restarted_loses_and_doubles_nothing(de
                 for j in range(20)] for b in range(400)]
     answered: dict[int, int] = {}
     server = serve()
-    page = valid_page(httpx.get(f"{url}/v1/users/{catalog.users()[0]}/homepage?explain=true"))
+    page = valid_page(httpx.get(f"{url}/v1/users/{catalog.users()[0]}/homepage?explain=true", headers=AUTH))
     assert page.meta.path == "fallback" and "unreachable" in page.meta.fallback_reason
 
     def post_all() -> None:
@@ -137,7 +137,8 @@ def test_stopped_while_events_arrive_then_restarted_loses_and_doubles_nothing(de
             "SELECT user_id, item_id, seq_pos, COUNT(*) FROM events WHERE user_id LIKE 'fault-%' "
             "GROUP BY user_id, item_id, seq_pos").fetchall()
         assert len(stored) == 400 * 20 and all(row[3] == 1 for row in stored)
-        valid_page(httpx.get(f"{url}/v1/users/fault-7/homepage?explain=true"))  # the events reach the page
+        # the events reach the page
+        valid_page(httpx.get(f"{url}/v1/users/fault-7/homepage?explain=true", headers=AUTH))
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
@@ -150,13 +151,13 @@ def test_the_vector_store_server_killed_and_restarted(deployment):
     user = Catalog(settings.store_dir / CATALOG_FILE).users()[3]
     try:
         chroma.kill()
-        page = valid_page(httpx.get(f"{url}/v1/users/{user}/homepage?explain=true"))
+        page = valid_page(httpx.get(f"{url}/v1/users/{user}/homepage?explain=true", headers=AUTH))
         assert any("failed" in note for note in page.meta.notes), page.meta.notes  # degraded, and says so
         ready = httpx.get(f"{url}/readyz")
         assert ready.status_code == 503 and "vector store" in ready.json()["detail"]
         chroma.start()
         wait_for(f"{url}/readyz")
-        valid_page(httpx.get(f"{url}/v1/users/{user}/homepage?explain=true"))
+        valid_page(httpx.get(f"{url}/v1/users/{user}/homepage?explain=true", headers=AUTH))
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
