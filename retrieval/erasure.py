@@ -155,6 +155,19 @@ def _files(folders: Iterable[Path]) -> Iterator[Path]:
             yield from (p for p in sorted(Path(folder).rglob("*")) if p.is_file())
 
 
+def scan_apart(folders: list[Path], traces: Traces) -> list[Found]:
+    """``scan`` in a process of its own. Reading a SQLite file with plain ``open``/``close`` drops
+    every POSIX lock this process holds on it (POSIX ties them to the process, not the descriptor):
+    the next connection to close here then believes it is the last one and deletes the write-ahead
+    log under the service's open connections ("disk I/O error" on every later query). A child
+    process holds no lock to lose, and its CPU time does not hold this process's interpreter lock."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(scan, [Path(f) for f in folders], traces).result()
+
+
 def scan(folders: list[Path], traces: Traces) -> list[Found]:
     """Every file under ``folders`` that still holds one of ``traces`` (bytes, not parsed). Ids
     shorter than ``MIN_SCAN_CHARS`` are left to ``field_scan``."""
@@ -222,7 +235,10 @@ def _csv_user_rows(text: str, ids: set[str], fields: frozenset[str]) -> tuple[li
 
 def _remove_records(path: Path, ids: set[str], fields: frozenset[str]) -> int:
     """Take the ids' records out of one structured file (JSONL, CSV, JSON), in place; returns
-    how many went. Any other file is left as it is (the scan reports it if it names them)."""
+    how many went. Any other file is left as it is (the scan reports it if it names them), and is not
+    even opened (see ``scan_apart``)."""
+    if path.suffix not in (*_LINE_FILES, ".csv", ".json"):
+        return 0
     data = path.read_bytes()
     if path.suffix in _LINE_FILES:
         lines = data.splitlines(keepends=True)
@@ -569,7 +585,8 @@ def _models_that_saw(models: list[Path], ids: set[str], fields: frozenset[str]) 
 def _protected(store: Path, stores: list[Path], models: list[Path]) -> set[Path]:
     """What the file pass never rewrites: stores (erased by structure above), the audit log and
     keys (append-only, no personal data), trained models (listed, kept)."""
-    return ({s / CATALOG_FILE for s in stores} | {s / CHROMA_DIR for s in stores}
+    return ({s / (CATALOG_FILE + end) for s in stores for end in ("", "-wal", "-shm", "-journal")}
+            | {s / CHROMA_DIR for s in stores}
             | {Path(store) / "privacy", Path(store) / EVENTS_LOCK_FILE} | set(models))
 
 
@@ -597,7 +614,7 @@ def erase(privacy: Privacy, store: Path, user_ids: list[str], outputs: list[Path
         _erase_files(folders, ids, fields, receipt, skip)
         receipt.scanned = [str(f) for f in folders]
         receipt.by_field_only = sum(len(u) < MIN_SCAN_CHARS for u in ids)
-        receipt.found = scan(folders, traces) + field_scan(folders, stores, ids, fields, skip)
+        receipt.found = scan_apart(folders, traces) + field_scan(folders, stores, ids, fields, skip)
         audit(store, receipt)
     return receipt
 
@@ -683,6 +700,6 @@ def erase_expired(privacy: Privacy, store: Path, before: float, embedding_model:
                 receipt.removed[f"{run}: quarantined rows (run older than the retention age)"] += 1
         receipt.scanned = [str(f) for f in folders]
         receipt.by_field_only = sum(len(u) < MIN_SCAN_CHARS for u in gone)
-        receipt.found = scan(folders, traces) + (field_scan(folders, [store], gone, fields, skip) if gone else [])
+        receipt.found = scan_apart(folders, traces) + (field_scan(folders, [store], gone, fields, skip) if gone else [])
         audit(store, receipt)
     return receipt

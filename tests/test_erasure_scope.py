@@ -10,6 +10,8 @@ import hashlib
 import json
 import shutil
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -290,3 +292,29 @@ def test_no_event_lands_while_an_erasure_holds_the_store(tmp_path):
         assert not done.is_set() and catalog.event_count("u1") == 0
     assert done.wait(5) and catalog.event_count("u1") == 1
     catalog.close()
+
+
+def _read_in_another_process(path: Path, sql: str) -> int:
+    code = f"import sqlite3; c = sqlite3.connect({str(path)!r}); print(c.execute({sql!r}).fetchone()[0]); c.close()"
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def test_an_erasure_in_a_serving_process_leaves_its_connections_working(tmp_path, settings, ingested):
+    """Was: after erasures in the service, its queries failed with "disk I/O error". The byte scan
+    read the SQLite files with open/close in the serving process, which drops every POSIX lock the
+    process holds on them; the next process to close a connection then found itself alone, and
+    deleted the write-ahead log under the service's open connections."""
+    store = tmp_path / "store"
+    shutil.copytree(settings.store_dir, store, ignore=shutil.ignore_patterns(".owner.lock"))
+    path = store / CATALOG_FILE
+    serving = Catalog(path)
+    users = serving.users()
+    item = serving.user_events(users[1])[0].item_id
+    serving.add_events([Event(users[1], item, 5.0, None, "view")])
+    erase(settings.retrieval_config().privacy(), store, [users[0]])
+    before = _read_in_another_process(path, "SELECT COUNT(*) FROM events")  # e.g. `homepage eval load` starting
+    assert (store / (CATALOG_FILE + "-wal")).exists()  # the log the serving connection writes is still the file's
+    serving.add_events([Event(users[1], item, 6.0, None, "view")])
+    assert _read_in_another_process(path, "SELECT COUNT(*) FROM events") == before + 1
+    assert serving.event_count(users[0]) == 0
+    serving.close()
