@@ -64,6 +64,7 @@ class Retriever:
         self.sources = {name: SOURCES[name](self._context) for name in names}
         self._histories: dict[str, tuple[tuple[int, int | None], History]] = {}
         self._history_lock = threading.Lock()
+        self._events_lock = threading.Lock()  # an event is observed by the sources a reopen builds, or counted in them
 
     @classmethod
     def open(cls, config: RetrievalConfig) -> Retriever:
@@ -106,20 +107,22 @@ class Retriever:
         if not config.chroma_host:
             settle_embedded(client, folder)
         self.index = VectorIndex(client, self.index.embeddings)
-        self._context = SourceContext(self.catalog, self.index, self.catalog.path.parent, self._context.options)
-        self.sources = {name: SOURCES[name](self._context) for name in self.sources}
-        self._histories.clear()
+        with self._events_lock:
+            self._context = SourceContext(self.catalog, self.index, self.catalog.path.parent, self._context.options)
+            self.sources = {name: SOURCES[name](self._context) for name in self.sources}
+            self._histories.clear()
 
     def record_events(self, events: list[Event]) -> list[bool]:
         """Store events (each durable once this returns; one already stored is not stored again)
         and tell the built sources of the new ones. Returns, per event, whether it was new."""
         added = []
         for event in events:
-            earlier = self.catalog.user_events(event.user_id)
-            new = self.catalog.add_events([event]) == 1
-            if new:
-                for source in list(self.sources.values()):
-                    source.observe(event, earlier)
+            with self._events_lock:
+                earlier = self.catalog.user_events(event.user_id)
+                new = self.catalog.add_events([event]) == 1
+                if new:
+                    for source in list(self.sources.values()):
+                        source.observe(event, earlier)
             added.append(new)
         return added
 

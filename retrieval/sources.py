@@ -176,7 +176,8 @@ class CoVisit(CandidateSource):
         with self._lock:
             self._counts[b] += 1
             alpha = self.params["pop_alpha"]
-            norm = (lambda item: self._counts[item] ** alpha) if alpha else (lambda item: 1.0)
+            # an item in a history counts at least once (it may have come after this source was built)
+            norm = (lambda item: max(self._counts[item], 1) ** alpha) if alpha else (lambda item: 1.0)
             for d, e in enumerate(reversed(earlier[-window:]), start=1):
                 a = e.item_id
                 if a == b:

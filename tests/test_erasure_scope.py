@@ -318,3 +318,14 @@ def test_an_erasure_in_a_serving_process_leaves_its_connections_working(tmp_path
     assert _read_in_another_process(path, "SELECT COUNT(*) FROM events") == before + 1
     assert serving.event_count(users[0]) == 0
     serving.close()
+
+
+def test_an_event_racing_a_reopen_is_observed_not_a_500(retriever):
+    """Was: POST /v1/events answered 500 (ZeroDivisionError) when the sources a reopen built after an
+    erasure had not counted an item of the shopper's history (its event landed during the rebuild)."""
+    covisit = type(retriever.source("covisit"))(retriever._context)  # its own copy: the session's stays as it is
+    assert covisit.params["pop_alpha"] > 0
+    item = next(iter(retriever.products))
+    before = covisit.links.get(item, {}).get("not-counted-yet", 0.0)
+    covisit.observe(Event("racer", item, 9.0, None, "view"), [Event("racer", "not-counted-yet", 8.0, None, "view")])
+    assert covisit.links[item]["not-counted-yet"] > before
