@@ -11,7 +11,11 @@ Callers are checked, and bodies counted as they stream, before any route reads a
 schema is checked in as ``agent/openapi.json`` (``homepage serve --openapi`` writes it) and tested against the app.
 """
 
+import contextlib
+import fcntl
+import json
 import logging
+import os
 import secrets
 import threading
 import time
@@ -40,12 +44,13 @@ from agent.worker import ModelWorker
 from retrieval import CatalogueColumns, EventColumns
 from retrieval.erasure import UnknownUser, erase, registered_outputs
 from retrieval.ids import ID_PATTERN
-from retrieval.ingest import delete_products, update_products
+from retrieval.ingest import delete_products, repair_products, update_products
 from retrieval.loading import parse_event, parse_product
 from retrieval.privacy import redact
 from retrieval.vectors import PRODUCTS
 
 MAX_BATCH = 1000  # events or products in one request
+EPOCH_FILE = "service-epochs.json"  # in the store: reloads and erasures counted, for every worker to follow
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 log = logging.getLogger(__name__)
 QUEUE_FULL = "the model's queue was full, or longer than the page's time budget"
@@ -199,13 +204,69 @@ class Service:
         self.metrics = Metrics(self.worker)
         self._reload_lock = threading.Lock()
         self._fallbacks = threading.Lock()
+        self._catching_up = threading.Lock()
+        self._seen: tuple[int, dict[str, int]] = (0, {})  # the epoch file's mtime and counts, as last acted on
 
     def start(self) -> None:
         if self.composer is None:  # merchandiser files are checked before the model loads
             self.composer = build_composer(self.settings)
+        retriever = self.composer.retriever
+        try:  # a catalogue write cut short (a crash between SQLite and the vector store) is finished
+            repaired = repair_products(retriever.catalog, retriever.index)
+            if any(repaired):
+                log.warning("the vector store followed the catalogue again: %d embedded, %d deleted", *repaired)
+        except Exception:  # the vector store is down: /readyz says so; the next start repairs
+            log.exception("the products collection could not be checked against the catalogue")
+        self._seen = self._epochs()  # what other workers did before this one started is in its state already
         self.worker.start()
 
+    # Several workers (processes) serve one store in server mode; a reload or an erasure reaches the
+    # one that answered it. It counts itself in the store's epoch file, and every worker, on its next
+    # request (one stat), does what the others did.
+    def _epoch_file(self) -> FilePath:
+        return self.composer.retriever.catalog.path.parent / EPOCH_FILE
+
+    def _epochs(self) -> tuple[int, dict[str, int]]:
+        try:
+            path = self._epoch_file()
+            return path.stat().st_mtime_ns, json.loads(path.read_text())
+        except (FileNotFoundError, ValueError):
+            return 0, {}
+
+    def _announce(self, what: str) -> None:
+        path = self._epoch_file()
+        with open(path.with_name(EPOCH_FILE + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # two workers announcing at once both count
+            counts = self._epochs()[1]
+            counts[what] = counts.get(what, 0) + 1
+            partial = path.with_name(f".{EPOCH_FILE}.{os.getpid()}")
+            partial.write_text(json.dumps(counts))
+            partial.replace(path)
+            self._seen = self._epochs()
+
+    def catch_up(self) -> None:
+        """Reload or reopen the stores where another worker did since this one last looked."""
+        try:
+            stamp = self._epoch_file().stat().st_mtime_ns
+        except FileNotFoundError:
+            return
+        if stamp != self._seen[0]:
+            with self._catching_up:
+                stamp, counts = self._epochs()
+                if stamp == self._seen[0]:
+                    return
+                if counts.get("reload") != self._seen[1].get("reload"):
+                    with contextlib.suppress(ConfigError):  # the announcing worker reported it; keep serving
+                        self.reload(announce=False)
+                if counts.get("reopen") != self._seen[1].get("reopen"):
+                    with self._reload_lock:
+                        retriever = self.composer.retriever
+                        retriever.reopen(replace(self.settings.retrieval_config(),
+                                                 store_dir=retriever.catalog.path.parent))
+                self._seen = (stamp, counts)
+
     def page(self, user_id: str, arrived: float) -> Homepage:
+        self.catch_up()
         composer = self.composer
         # an unset budget still may not hang a request (a model that never answers): the ceiling holds
         budget = self.settings.page_timeout_ms / 1000 if composer.budget_s is None else composer.budget_s
@@ -229,7 +290,7 @@ class Service:
         with self._fallbacks:
             return composer.fallback(user_id, reason)
 
-    def reload(self) -> ReloadResult:
+    def reload(self, announce: bool = True) -> ReloadResult:
         """Templates, rules and skeleton loaded and checked as one set, then swapped in at once;
         a set that fails leaves the serving one untouched (``ConfigError`` names file and line)."""
         with self._reload_lock:
@@ -237,6 +298,8 @@ class Service:
             new = composer_for(self.settings, old.retriever, old.backend, cache=old.cache,
                                budget_s=old.budget_s, llm_retry=old.llm_retry, handle_prior=old.handle_prior)
             self.composer = new
+        if announce:
+            self._announce("reload")
         return ReloadResult(templates={n: p.version for n, p in new.prompts.items()},
                             rules_hash=file_digest(self.settings.rules_file),
                             skeleton_hash=file_digest(self.settings.skeleton_file))
@@ -257,6 +320,8 @@ class Service:
                 raise HTTPException(404, str(exc)) from None
             if any(receipt.removed.values()):
                 retriever.reopen(config)
+        if any(receipt.removed.values()):
+            self._announce("reopen")
         return Erased(subjects=receipt.subjects, removed={k: v for k, v in receipt.removed.items() if v},
                       retrain=receipt.retrain, scanned=receipt.scanned, not_scanned=receipt.not_scanned,
                       clean=receipt.clean, found=[f"{f.what}: {f.path}" for f in receipt.found])

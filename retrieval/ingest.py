@@ -99,11 +99,15 @@ def remove_products(config: RetrievalConfig, item_ids: list[str]) -> list[str]:
         catalog.close()
 
 
+# A catalogue write touches two stores, SQLite first. A process that stops between the two leaves the
+# vector store behind; it follows the catalogue again on the write's retry (each write brings every
+# product it names up to date, changed or not) and at the next start (``repair_products``).
 def delete_products(catalog: Catalog, index: VectorIndex, item_ids: list[str]) -> list[str]:
     """``remove_products`` on stores already open (a running service's)."""
     removed = catalog.remove_products(item_ids)
-    if removed:
-        index.stores[PRODUCTS].delete(ids=removed)
+    gone = [i for i in item_ids if i not in catalog.products]
+    if gone:  # also those the catalogue had already lost
+        index.stores[PRODUCTS].delete(ids=gone)
     return removed
 
 
@@ -111,9 +115,22 @@ def update_products(catalog: Catalog, index: VectorIndex, products: list[Product
     """Insert or update products in the catalogue and the vector store (a changed text is embedded
     again; a changed price or stock only retags); returns how many were new or changed."""
     changed = catalog.upsert_products(products)
-    if changed:
+    if products:
         _upsert_changed(index, PRODUCTS, {p.item_id: (p.text(), _product_metadata(p)) for p in products}, False)
     return changed
+
+
+def repair_products(catalog: Catalog, index: VectorIndex) -> tuple[int, int]:
+    """The products collection made to match the catalogue (at a service's start): products missing
+    or stale there are embedded, ones the catalogue no longer has deleted. Returns (embedded, deleted)."""
+    catalog.refresh()
+    products = catalog.products
+    embedded = _upsert_changed(index, PRODUCTS, {i: (p.text(), _product_metadata(p)) for i, p in products.items()},
+                               False)
+    orphans = [i for i in index.stores[PRODUCTS].get(include=[])["ids"] if i not in products]
+    if orphans:
+        index.stores[PRODUCTS].delete(ids=orphans)
+    return embedded, len(orphans)
 
 
 def ingest(

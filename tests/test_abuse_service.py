@@ -25,7 +25,8 @@ from agent.errors import BackendError, ConfigError
 from agent.prompting import load_template
 from agent.service import composer_for
 from agent.settings import Settings
-from retrieval import Retriever
+from retrieval import CatalogueColumns, Retriever
+from retrieval.loading import parse_product
 from retrieval.vectors import close_embedded
 
 
@@ -302,3 +303,51 @@ def test_several_workers_on_the_embedded_store_are_refused_up_front(tmp_path):
     except subprocess.TimeoutExpired:
         pytest.fail("the workers were started")
     assert done.returncode == 2 and "chroma_host" in done.stderr and "one worker" in done.stderr
+
+
+# -- catalogue writes: SQLite and the vector store agree ---------------------------------------------
+def test_a_catalogue_write_cut_short_is_repaired_by_its_retry_and_by_the_next_start(abuse_settings, abuse_retriever):
+    """Was: a process stopped between the catalogue (SQLite) and the vector store left the product
+    out of the vector store for good: the retry changed nothing in SQLite, so it wrote nothing."""
+    row = {"item_id": "CUT-1", "title": "Rosehip facial oil", "category_path": "Beauty > Skin Care", "price_usd": 9}
+    products = abuse_retriever.index.stores["products"]
+    abuse_retriever.catalog.upsert_products([parse_product(row, CatalogueColumns())])  # then the process died
+    assert products.get(ids=["CUT-1"])["ids"] == []
+    with app_client(abuse_settings, abuse_retriever) as c:  # the retry
+        assert c.put("/v1/catalogue/items", json={"items": [row]}, headers=AS_ADMIN).json()["changed"] == 0
+    assert products.get(ids=["CUT-1"])["ids"] == ["CUT-1"]
+    # the same cut, repaired by the next start; and a removal cut short the other way
+    abuse_retriever.catalog.upsert_products([parse_product({**row, "item_id": "CUT-2"}, CatalogueColumns())])
+    abuse_retriever.catalog.remove_products(["CUT-1"])
+    with app_client(abuse_settings, abuse_retriever):
+        pass
+    assert products.get(ids=["CUT-1", "CUT-2"])["ids"] == ["CUT-2"]
+
+
+# -- several workers on one store: a reload and an erasure reach every one -----------------------------
+def test_a_reload_and_an_erasure_reach_every_worker(abuse_settings, tmp_path):
+    """Was: the worker that answered POST /v1/admin/reload or DELETE /v1/users/{id} reloaded or reopened
+    its stores; the others kept the old templates and their handles on the replaced vector store."""
+    prompts = tmp_path / "prompts"
+    shutil.copytree(abuse_settings.prompts_dir, prompts, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
+    store = tmp_path / "store"
+    shutil.copytree(abuse_settings.store_dir, store, ignore=shutil.ignore_patterns(".owner.lock"))
+    settings = abuse_settings.model_copy(update={"store_dir": store, "prompts_dir": prompts,
+                                                 "rules_file": prompts / "rules.yaml",
+                                                 "skeleton_file": prompts / "skeleton.yaml"})
+    retriever = Retriever.open(settings.retrieval_config())
+    user, other = retriever.catalog.users()[:2]
+    # two workers (one process here: both hold the same embedded store)
+    with app_client(settings, retriever) as a, app_client(settings, Retriever.open(settings.retrieval_config())) as b:
+        b_service = b.app.state.service
+        before = b_service.composer.prompts["compose"].version
+        template = prompts / "compose.user.jinja"
+        template.write_text(template.read_text() + "\n")
+        assert a.post("/v1/admin/reload", headers=AS_ADMIN).status_code == 200
+        assert b.get(f"/v1/users/{other}/homepage", headers=AS_READER).status_code == 200
+        assert b_service.composer.prompts["compose"].version != before
+        index = b_service.composer.retriever.index
+        assert a.delete(f"/v1/users/{user}", headers=AS_ADMIN).status_code == 200
+        page = b.get(f"/v1/users/{other}/homepage", params={"explain": "true"}, headers=AS_ADMIN).json()
+        assert b_service.composer.retriever.index is not index  # b reopened the rewritten store
+        assert not any("failed" in note for note in page["meta"]["notes"]), page["meta"]["notes"]
