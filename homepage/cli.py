@@ -211,6 +211,17 @@ def cmd_eval_load(args: argparse.Namespace) -> int:
     users, items = _users_and_items(settings)
     if not users or not items:
         raise UserError(f"{settings.store_dir}: no users or products to load the service with")
+    if args.forget:
+        from eval import erasure_load
+
+        if not settings.api_token:
+            raise UserError("--forget erases through DELETE /v1/users/{id}: set the api_token (HOMEPAGE_API_TOKEN)")
+        report = erasure_load.run_erasure_load(args.url, settings.store_dir, users, items,
+                                               settings.api_token.get_secret_value(), args.forget, args.clients,
+                                               args.seconds, args.seed, args.think)
+        print(erasure_load.format_report(report))
+        _publish(settings, args.out, erasure_load.write_report, report)
+        return 0
     report = run_load(args.url, users, items, args.clients, args.seconds, args.event_share,
                       token=settings.api_token, seed=args.seed, think_s=args.think)
     print(format_report(report))
@@ -497,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--event-share", type=float, default=0.2, help="share of requests that post an event")
     load.add_argument("--think", type=float, default=0.0, help="mean pause between a client's requests, seconds")
     load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--forget", type=int, default=0, help="erase this many of the store's users during the run "
+                      "(DELETE /v1/users/{id}) while other users' events are posted; then check the store")
     load.add_argument("--out", help="write load.json and load.md here")
     load.set_defaults(run=cmd_eval_load)
     adapter = eval_sub.add_parser(
