@@ -28,6 +28,7 @@ GENERIC_WORDS = (
     "top", "best", "new", "now", "more", "loved", "love", "must", "have", "today", "week", "find", "finds",
     "selection", "collection", "curated", "handpicked", "recommended", "discover", "explore", "treat", "shop",
     "again", "buy", "it", "something", "everyone", "people", "customers", "others", "essentials", "staples",
+    "hot", "right", "go", "goes", "well", "match", "matches", "matching",
 )
 
 

@@ -37,9 +37,10 @@ def test_every_kind_of_slot(composer, retriever, sample_users):
     user = sample_users[0]
     history = retriever.history(user)
     skeleton = skeleton_with_every_slot(retriever, history)
-    plan = json.dumps({"themes": [{"title": "Fresh face", "query": "gentle face cleanser"}]})
+    # "Cleansers": a title that describes the theme's products (a face cleanser search)
+    plan = json.dumps({"themes": [{"title": "Cleansers", "query": "gentle face cleanser"}]})
     draft = json.dumps({"modules": [{"title": "Just for you", "items": [1, 2, 3, 4]},
-                                    {"title": "Fresh face", "items": [1, 2, 3]},
+                                    {"title": "Cleansers", "items": [1, 2, 3]},
                                     {"title": "Hot now", "items": [1, 2, 3]}]})
     c = scripted(composer, plan, draft, skeleton=skeleton)
     page = c.compose(user)
@@ -50,14 +51,14 @@ def test_every_kind_of_slot(composer, retriever, sample_users):
     assert for_you.items[0].item_id == skeleton.modules[1].pinned[0] and for_you.items[0].source == "pinned"
     assert for_you.items[1].sponsored and for_you.items[1].reason == "Sponsored"
     assert not any(i.sponsored for i in trending.items)  # the page quota (1) is spent above
-    assert page.meta.plan["theme"].query == "gentle face cleanser" and theme.title == "Fresh face"
+    assert page.meta.plan["theme"].query == "gentle face cleanser" and theme.title == "Cleansers"
     assert {i.source for i in theme.items} <= {"theme", "popularity"}
     excluded_brand = skeleton.exclude.brands[0].lower()
     for item in (i for m in page.modules for i in m.items):
         assert "Fragrance" not in item.category and (item.brand or "").lower() != excluded_brand
     # the model saw the planned title as fixed, and the campaign module not at all
     compose_prompt = c.backend.seen[1][-1]["content"]
-    assert "Summer campaign" not in compose_prompt and '("Fresh face")' in compose_prompt
+    assert "Summer campaign" not in compose_prompt and '("Cleansers")' in compose_prompt
 
 
 def test_real_model_plans_a_theme(composer, retriever, sample_users):
@@ -68,7 +69,13 @@ def test_real_model_plans_a_theme(composer, retriever, sample_users):
     assert_valid_page(page, c)
     theme = page.meta.plan["theme"]
     assert 3 <= len(theme.query) <= 30 and theme.query == theme.query.lower()
-    assert page.modules[2].title == theme.title
+    # the plan's title, unless it breaks a title rule on its module (the small model's theme titles
+    # often describe nothing: "Shopper"); then the configured one, and the violation is recorded
+    from agent.repair import TITLE_CODES
+
+    if page.modules[2].title != theme.title:
+        assert page.modules[2].title == "Our pick"
+        assert any(v.code in TITLE_CODES for v in page.meta.violations_fixed)
 
 
 def test_broken_skeletons_are_refused():

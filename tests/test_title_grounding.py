@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.repair import _retitle, template_titles
-from agent.rules import RULES, ModuleBody, PageBody, RuleContext, Rules, grounded_share, stem
+from agent.rules import GENERIC_WORDS, RULES, ModuleBody, PageBody, RuleContext, Rules, grounded_share, stem
 from agent.skeleton import ModuleSpec
 from retrieval import Product
 
@@ -41,6 +41,7 @@ def check(title: str, items: list[str], rules: Rules) -> list:
 def test_the_shipped_threshold_is_the_one_chosen_on_data(rules):
     assert rules.title_grounding.min_share == 0.3  # docs/results/title-grounding/run.json: best balanced accuracy
     assert not rules.title_grounding.retry
+    assert tuple(rules.title_grounding.generic_words) == GENERIC_WORDS  # the file and the default in step
 
 
 @pytest.mark.parametrize(("title", "items", "share"), [
