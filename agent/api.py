@@ -42,12 +42,13 @@ from agent.service import build_composer, composer_for
 from agent.settings import Settings
 from agent.worker import ModelWorker
 from retrieval import CatalogueColumns, EventColumns
-from retrieval.erasure import UnknownUser, erase, registered_outputs
+from retrieval.erasure import UnknownUser, erase_apart, registered_outputs, resolve_users
 from retrieval.ids import ID_PATTERN
 from retrieval.ingest import delete_products, repair_products, update_products
 from retrieval.loading import parse_event, parse_product
 from retrieval.privacy import redact
-from retrieval.vectors import PRODUCTS
+from retrieval.retriever import CHROMA_DIR
+from retrieval.vectors import PRODUCTS, close_embedded
 
 MAX_BATCH = 1000  # events or products in one request
 EPOCH_FILE = "service-epochs.json"  # in the store: reloads and erasures counted, for every worker to follow
@@ -313,12 +314,16 @@ class Service:
             store = retriever.catalog.path.parent
             config = replace(self.settings.retrieval_config(), store_dir=store)
             try:
-                receipt = erase(config.privacy(), store, [user_id],
-                                registered_outputs(FilePath(self.settings.store_dir)), config.chroma_host,
-                                config.chroma_port, user_fields=[self.settings.event_columns.user_id])
+                resolve_users(config.privacy(), store, [user_id])  # a 404 before the stores are let go
             except UnknownUser as exc:
                 raise HTTPException(404, str(exc)) from None
-            if any(receipt.removed.values()):
+            if not config.chroma_host:  # the erasing process owns the embedded store while it runs
+                close_embedded(store / CHROMA_DIR)
+            try:
+                receipt = erase_apart(config.privacy(), store, [user_id],
+                                      registered_outputs(FilePath(self.settings.store_dir)), config.chroma_host,
+                                      config.chroma_port, user_fields=[self.settings.event_columns.user_id])
+            finally:
                 retriever.reopen(config)
         if any(receipt.removed.values()):
             self._announce("reopen")

@@ -155,17 +155,23 @@ def _files(folders: Iterable[Path]) -> Iterator[Path]:
             yield from (p for p in sorted(Path(folder).rglob("*")) if p.is_file())
 
 
+def _apart(function, *args, **kwargs):
+    """``function(*args, **kwargs)`` in a fresh process of its own (spawned: nothing of this
+    process's memory or locks is inherited), its result or exception handed back."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args, **kwargs).result()
+
+
 def scan_apart(folders: list[Path], traces: Traces) -> list[Found]:
     """``scan`` in a process of its own. Reading a SQLite file with plain ``open``/``close`` drops
     every POSIX lock this process holds on it (POSIX ties them to the process, not the descriptor):
     the next connection to close here then believes it is the last one and deletes the write-ahead
     log under the service's open connections ("disk I/O error" on every later query). A child
     process holds no lock to lose, and its CPU time does not hold this process's interpreter lock."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(scan, [Path(f) for f in folders], traces).result()
+    return _apart(scan, [Path(f) for f in folders], traces)
 
 
 def scan(folders: list[Path], traces: Traces) -> list[Found]:
@@ -617,6 +623,17 @@ def erase(privacy: Privacy, store: Path, user_ids: list[str], outputs: list[Path
         receipt.found = scan_apart(folders, traces) + field_scan(folders, stores, ids, fields, skip)
         audit(store, receipt)
     return receipt
+
+
+def erase_apart(privacy: Privacy, store: Path, user_ids: list[str], outputs: list[Path] = (),
+                host: str | None = None, port: int = 8000, user_fields: Iterable[str] = ()) -> Receipt:
+    """``erase`` in a process of its own, for a process that serves while it runs: chromadb's calls
+    hold the interpreter lock for their whole length (a rebuild stalled the service's event loop for
+    over a second), and what the erasure reads never enters the server's memory. The caller gives
+    up the embedded vector store first (``retrieval.vectors.close_embedded``) and opens it again
+    after; the events lock and the swap lock are file locks, held across processes."""
+    return _apart(erase, privacy, Path(store), list(user_ids), [Path(o) for o in outputs], host, port,
+                  user_fields=list(user_fields))
 
 
 def expired_users(store: Path, before: float) -> list[str]:

@@ -141,9 +141,10 @@ def test_a_user_is_forgotten_through_the_api_and_the_service_keeps_serving(clien
     assert page_of(client, user).meta.cold_start  # now a new visitor, not the cached page
     assert not page_of(client, other).meta.cold_start  # the rebuilt stores serve everyone else
     assert api_retriever.index.count("behaviour") > 0
-    # nobody to erase: answered clean, nothing rebuilt
-    again = client.delete(f"/v1/users/{user}", headers=AUTH).json()
-    assert again["clean"] and again["removed"] == {}
+    # no such user any more (nor ever a product): refused, nothing touched
+    for gone in (user, next(iter(api_retriever.products))):
+        again = client.delete(f"/v1/users/{gone}", headers=AUTH)
+        assert again.status_code == 404 and "nothing was erased" in again.json()["detail"]
 
 
 def test_a_broken_rule_set_is_refused_and_the_old_one_keeps_serving(client, api_settings, sample_users):
