@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 
 from agent.adapters import check_adapter_inputs, file_digest
@@ -15,6 +16,7 @@ from agent.settings import Settings
 from agent.skeleton import Skeleton
 from retrieval import Retriever
 
+log = logging.getLogger(__name__)
 _composers: dict[str, Composer] = {}
 _lock = threading.Lock()
 
@@ -54,7 +56,10 @@ def build_composer(settings: Settings | None = None) -> Composer:
                 check_adapter_inputs(settings.adapter, adapter_inputs(settings, composer), settings.adapter_mismatch)
             composer.backend = load_backend(settings)
             if settings.warm_up:
-                composer.warm_up()
+                try:
+                    composer.warm_up()
+                except Exception:  # an optimisation only: a model server down at start must not stop it
+                    log.warning("warm-up failed; the first pages may fall back", exc_info=True)
             _composers[key] = composer
         return _composers[key]
 
