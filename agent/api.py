@@ -5,7 +5,7 @@
 
 Every page answer is a valid page: a cache hit, the model's page (through ``agent.worker``), or
 the deterministic page, marked, when the queue is full or the budget is spent. Who may do what
-(README, "Security model"): the admin token (``Settings.api_token``) writes, reads and explains; the
+(docs/api.md, "Security model"): the admin token (``Settings.api_token``) writes, reads and explains; the
 read token (``Settings.read_token``) reads pages and metrics; with neither, only the probes answer.
 Callers are checked, and bodies counted as they stream, before any route reads a body. The OpenAPI
 schema is checked in as ``agent/openapi.json`` (``homepage serve --openapi`` writes it) and tested against the app.
@@ -352,7 +352,7 @@ class Service:
         return found
 
 
-# -- who may do what (README, "Security model") ------------------------------------------------------
+# -- who may do what (docs/api.md, "Security model") ------------------------------------------------------
 _RANK = {"reader": 1, "admin": 2}
 
 

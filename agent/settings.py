@@ -79,7 +79,7 @@ class Settings(BaseSettings):
                                       "(the output is the same either way)")
     seed: int = Field(0, description="seed of every random choice (sampling, shuffles)")
 
-    # privacy (README, "Privacy")
+    # privacy (docs/privacy.md)
     privacy_key: SecretStr | None = Field(None, description="key of the user-id pseudonyms and the audit log's hashes; "
                                           "unset: a random key kept in <store_dir>/privacy/key (mode 0600)")
     retention_days: float | None = Field(None, gt=0, description="events older than this are erased by "
@@ -92,7 +92,7 @@ class Settings(BaseSettings):
                                         "reload, forget), reads, and pages with ?explain=true; unset: every write "
                                         "is refused (401), and start-up warns")
     read_token: SecretStr | None = Field(None, description="bearer token the storefront backend reads pages and "
-                                         "metrics with (no writes, no explain); README, \"Security model\"")
+                                         "metrics with (no writes, no explain); docs/api.md, \"Security model\"")
     open_reads: bool = Field(False, description="serve pages and metrics without a token (only behind a gateway that "
                              "authenticates); false: a read without the read or admin token is refused (401)")
     page_timeout_ms: int = Field(30_000, ge=1, description="the longest a page request waits for the model when "

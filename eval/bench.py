@@ -131,7 +131,7 @@ def run_bench(composer, users: int = 40, batch_size: int = 8, validity_users: in
 
 def validity(composer, users: list[str], progress: bool) -> dict:
     """Pages through the single-page LLM path without a time budget (on this CPU it is faster than
-    batch precompute, see README), every one checked."""
+    batch precompute, see docs/results.md), every one checked."""
     counts = {"pages": 0, "exceptions": 0, "schema_valid": 0, "violating_before_repair": 0,
               "violating_after_llm_retry": 0, "violations_in_returned_pages": 0, "errors": []}
     started = time.perf_counter()

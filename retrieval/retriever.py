@@ -20,7 +20,7 @@ MAX_HISTORIES = 10_000  # known users' histories kept built
 
 
 # The one definition of the retrieval defaults (``agent.settings.Settings`` reads them from here).
-# Chosen on Amazon Beauty validation users by ``homepage eval ranking`` (README, "Ranking
+# Chosen on Amazon Beauty validation users by ``homepage eval ranking`` (docs/results.md, "Ranking
 # quality"); add ``sasrec: 0.5`` after ``homepage train sasrec``.
 DEFAULT_SOURCES: dict[str, float] = {"covisit": 0.5, "semantic": 0.25}
 DEFAULT_SOURCE_OPTIONS: dict[str, dict] = {"covisit": {"window": 8, "forward": 2.5, "pop_alpha": 0.25, "half_life": 1}}

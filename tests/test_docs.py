@@ -18,3 +18,13 @@ def test_every_setting_is_described_in_the_reference():
     for name, field in Settings.model_fields.items():
         assert field.description, f"Settings.{name} has no description"
         assert f"| `{name}` | `HOMEPAGE_{name.upper()}` |" in text
+
+
+def test_the_readme_is_short_starts_with_the_quickstart_and_its_links_resolve():
+    import re
+
+    readme = (DOCS.parent / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    assert re.findall(r"(?m)^## (.+)$", readme)[0] == "Quickstart"
+    for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", readme):
+        assert (DOCS.parent / target).exists(), target
