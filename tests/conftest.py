@@ -3,6 +3,7 @@ composer on the real packaged model. No test writes outside pytest's temp folder
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,22 @@ from retrieval import Retriever, ingest
 @pytest.fixture(scope="session")
 def session_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("session")
+
+
+@pytest.fixture(scope="session")
+def copy_store():
+    """Copy a store folder in a child process (``cp -a``), without its chromadb owner lock. Reading a
+    SQLite file with open/close in this process would drop the POSIX locks its open connections
+    hold, and the next process to close a connection on it would delete the write-ahead log under
+    them ("disk I/O error"; see ``retrieval.erasure.scan_apart``)."""
+
+    def copy(source: Path, target: Path) -> Path:
+        subprocess.run(["cp", "-a", str(source), str(target)], check=True)
+        for lock in Path(target).rglob(".owner.lock"):
+            lock.unlink()
+        return Path(target)
+
+    return copy
 
 
 @pytest.fixture(scope="session")

@@ -32,11 +32,12 @@ from retrieval.vectors import close_embedded
 
 # -- a timed-out call leaves no thread behind -----------------------------------------------------
 @pytest.mark.parametrize("budget_ms", [1, 300])  # out before the first step / during a step
-def test_a_script_whose_page_runs_out_of_budget_exits_cleanly(settings, composer, sample_users, tmp_path, budget_ms):
+def test_a_script_whose_page_runs_out_of_budget_exits_cleanly(settings, composer, sample_users, tmp_path, budget_ms,
+                                                                copy_store):
     """Was: a fallback page, then "terminate called without an active exception", exit code 134 (the
     decode thread was still inside torch when the interpreter finalised)."""
     store = tmp_path / "store"  # embedded chromadb serves one process: the script gets its own copy
-    shutil.copytree(settings.store_dir, store, ignore=shutil.ignore_patterns(".owner.lock"))
+    copy_store(settings.store_dir, store)
     script = textwrap.dedent(f"""
         from agent.service import compose_homepage
         from agent.settings import Settings
@@ -78,10 +79,10 @@ JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
-def own_store(settings, ingested, tmp_path_factory) -> Path:
+def own_store(settings, ingested, tmp_path_factory, copy_store) -> Path:
     """A copy of the session's sample store (these tests write to it)."""
     store = tmp_path_factory.mktemp("abuse") / "store"
-    shutil.copytree(settings.store_dir, store, ignore=shutil.ignore_patterns(".owner.lock"))
+    copy_store(settings.store_dir, store)
     return store
 
 
@@ -256,10 +257,10 @@ def test_the_probes_answer_while_300_requests_wait(abuse_settings, abuse_retriev
 
 
 # -- what the service tells, and how it starts --------------------------------------------------------
-def test_readyz_tells_no_internal_error_text(abuse_settings, abuse_retriever, tmp_path):
+def test_readyz_tells_no_internal_error_text(abuse_settings, abuse_retriever, tmp_path, copy_store):
     """Was: the exception's class and text (paths, hosts) went to whoever probed /readyz."""
     store = tmp_path / "store"
-    shutil.copytree(abuse_settings.store_dir, store, ignore=shutil.ignore_patterns(".owner.lock"))
+    copy_store(abuse_settings.store_dir, store)
     settings = abuse_settings.model_copy(update={"store_dir": store})
     with app_client(settings, Retriever.open(settings.retrieval_config())) as c:
         close_embedded(store / "chroma")  # the vector store goes away under the service
@@ -325,13 +326,13 @@ def test_a_catalogue_write_cut_short_is_repaired_by_its_retry_and_by_the_next_st
 
 
 # -- several workers on one store: a reload and an erasure reach every one -----------------------------
-def test_a_reload_and_an_erasure_reach_every_worker(abuse_settings, tmp_path):
+def test_a_reload_and_an_erasure_reach_every_worker(abuse_settings, tmp_path, copy_store):
     """Was: the worker that answered POST /v1/admin/reload or DELETE /v1/users/{id} reloaded or reopened
     its stores; the others kept the old templates and their handles on the replaced vector store."""
     prompts = tmp_path / "prompts"
     shutil.copytree(abuse_settings.prompts_dir, prompts, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
     store = tmp_path / "store"
-    shutil.copytree(abuse_settings.store_dir, store, ignore=shutil.ignore_patterns(".owner.lock"))
+    copy_store(abuse_settings.store_dir, store)
     settings = abuse_settings.model_copy(update={"store_dir": store, "prompts_dir": prompts,
                                                  "rules_file": prompts / "rules.yaml",
                                                  "skeleton_file": prompts / "skeleton.yaml"})

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import ctypes
 import json
-import shutil
 import sqlite3
 from pathlib import Path
 
@@ -138,14 +137,14 @@ def _unused_slots_zero(store: Path) -> bool:
     return True
 
 
-def test_deleting_is_not_erasing(world, tmp_path):
+def test_deleting_is_not_erasing(world, tmp_path, copy_store):
     """The reason for the rebuild: after chromadb's delete and SQLite's DELETE the user's behaviour
     text and vector are still in the files, and the scan finds them."""
     store = Path(world["settings"].store_dir)
     user = world["pages"][0].user_id
     text, vector = _behaviour_record(store, user)
     copy = tmp_path / "copy"
-    shutil.copytree(store, copy, ignore=shutil.ignore_patterns(".owner.lock"))
+    copy_store(store, copy)
     collection = chroma_client(copy / CHROMA_DIR).get_collection(BEHAVIOUR)
     collection.delete(ids=[user])
     assert collection.get(ids=[user])["ids"] == []

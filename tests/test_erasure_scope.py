@@ -169,7 +169,7 @@ def test_forget_removes_only_the_users_records_and_keeps_every_model(shop, capsy
     catalog.close()
 
 
-def test_records_are_found_by_their_user_field_not_by_bytes(tmp_path, settings, ingested):
+def test_records_are_found_by_their_user_field_not_by_bytes(tmp_path, settings, ingested, copy_store):
     """In a registered output folder: JSONL lines, CSV rows and JSON entries are the user's by their
     user field (or key); the same id in another field, or in a file of no known structure, is not
     touched (the scan reports it)."""
@@ -188,7 +188,7 @@ def test_records_are_found_by_their_user_field_not_by_bytes(tmp_path, settings, 
 
     lines = (out / "rows.jsonl").read_text().splitlines()
     copy = tmp_path / "store"
-    shutil.copytree(settings.store_dir, copy, ignore=shutil.ignore_patterns(".owner.lock"))
+    copy_store(settings.store_dir, copy)
     receipt = erase(settings.retrieval_config().privacy(), copy, [user], [out], user_fields=["customer"])
 
     assert (out / "rows.jsonl").read_text().splitlines() == [lines[1]]  # its "note" names the user: not a record
@@ -219,10 +219,10 @@ def test_a_server_store_is_not_called_proven():
     assert Receipt("forget", ["h"]).clean
 
 
-def _swap_state(tmp_path, settings, stage: str) -> Path:
+def _swap_state(tmp_path, settings, stage: str, copy_store) -> Path:
     """A copy of the store whose vector folder swap was cut short at ``stage``."""
     store = tmp_path / stage
-    shutil.copytree(settings.store_dir, store, ignore=shutil.ignore_patterns(".owner.lock"))
+    copy_store(settings.store_dir, store)
     folder = store / CHROMA_DIR
     if stage == "building":  # killed while the rebuild was written: it is incomplete
         shutil.copytree(folder, store / "chroma.rebuild")
@@ -243,8 +243,8 @@ def _swap_state(tmp_path, settings, stage: str) -> Path:
 
 
 @pytest.mark.parametrize("stage", ["building", "declared", "moved", "swapped"])
-def test_a_swap_cut_short_is_repaired_when_the_store_opens(tmp_path, settings, ingested, stage):
-    store = _swap_state(tmp_path, settings, stage)
+def test_a_swap_cut_short_is_repaired_when_the_store_opens(tmp_path, settings, ingested, stage, copy_store):
+    store = _swap_state(tmp_path, settings, stage, copy_store)
     client = chroma_client(store / CHROMA_DIR)
     assert client.get_collection(PRODUCTS).count() > 0 and client.get_collection(BEHAVIOUR).count() > 0
     close_embedded(store / CHROMA_DIR)
@@ -299,13 +299,13 @@ def _read_in_another_process(path: Path, sql: str) -> int:
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
-def test_an_erasure_in_a_serving_process_leaves_its_connections_working(tmp_path, settings, ingested):
+def test_an_erasure_in_a_serving_process_leaves_its_connections_working(tmp_path, settings, ingested, copy_store):
     """Was: after erasures in the service, its queries failed with "disk I/O error". The byte scan
     read the SQLite files with open/close in the serving process, which drops every POSIX lock the
     process holds on them; the next process to close a connection then found itself alone, and
     deleted the write-ahead log under the service's open connections."""
     store = tmp_path / "store"
-    shutil.copytree(settings.store_dir, store, ignore=shutil.ignore_patterns(".owner.lock"))
+    copy_store(settings.store_dir, store)
     path = store / CATALOG_FILE
     serving = Catalog(path)
     users = serving.users()
