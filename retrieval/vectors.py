@@ -138,8 +138,8 @@ def settle_embedded(client, folder: Path) -> None:
 
 @contextlib.contextmanager
 def swap_lock(folder: Path, blocking: bool = True):
-    """Held while a rebuilt vector folder is made and swapped in (a lock file beside the folder,
-    which the swap replaces); yields whether it was taken."""
+    """Held while a rebuilt vector folder is made and swapped in; the lock file lies beside the
+    folder, so the swap does not replace it. Yields whether it was taken."""
     fd = os.open(Path(folder).with_name(Path(folder).name + ".swap.lock"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
