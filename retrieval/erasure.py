@@ -41,7 +41,7 @@ from urllib.parse import quote, quote_plus
 
 import numpy as np
 
-from retrieval.catalog import EVENTS_LOCK_FILE, events_lock
+from retrieval.catalog import events_lock
 from retrieval.privacy import Privacy
 from retrieval.retriever import CATALOG_FILE, CHROMA_DIR
 
@@ -218,10 +218,6 @@ def _prune_json(value, ids: set[str], fields: frozenset[str] = frozenset(USER_FI
     return _GONE if users_list and isinstance(value, str) and value in ids else value
 
 
-def _json_names(value, ids: set[str], fields: frozenset[str]) -> bool:
-    return _prune_json(value, ids, fields) != value
-
-
 def _csv_user_rows(text: str, ids: set[str], fields: frozenset[str]) -> tuple[list[str], int] | None:
     """The file's lines without the rows whose user column is one of the ids (None: no user column)."""
     lines = text.splitlines(keepends=True)
@@ -239,36 +235,38 @@ def _csv_user_rows(text: str, ids: set[str], fields: frozenset[str]) -> tuple[li
     return kept, len(lines) - len(kept)
 
 
-def _remove_records(path: Path, ids: set[str], fields: frozenset[str]) -> int:
-    """Take the ids' records out of one structured file (JSONL, CSV, JSON), in place; returns
-    how many went. Any other file is left as it is (the scan reports it if it names them), and is not
-    even opened (see ``scan_apart``)."""
+def _without_records(path: Path, ids: set[str], fields: frozenset[str]) -> tuple[bytes, int]:
+    """A structured file's bytes without the ids' records (JSONL lines, CSV rows, JSON entries) and
+    how many records that drops (a JSON file counts as one). Any other file is not even opened
+    (see ``scan_apart``): (b"", 0)."""
     if path.suffix not in (*_LINE_FILES, ".csv", ".json"):
-        return 0
+        return b"", 0
     data = path.read_bytes()
     if path.suffix in _LINE_FILES:
         lines = data.splitlines(keepends=True)
         kept = [line for line in lines if not _line_names(line, ids, fields)]
-        _replace(path, b"".join(kept), len(kept) != len(lines))
-        return len(lines) - len(kept)
+        return b"".join(kept), len(lines) - len(kept)
     if path.suffix == ".csv":
         result = _csv_user_rows(data.decode("utf-8", "replace"), ids, fields)
-        if result is None:
-            return 0
-        kept, removed = result
-        _replace(path, "".join(kept).encode(), removed > 0)
-        return removed
-    if path.suffix == ".json":
-        try:
-            value = json.loads(data)
-        except ValueError:
-            return 0
-        pruned = _prune_json(value, ids, fields)
-        if pruned == value:
-            return 0
-        _replace(path, (json.dumps(None if pruned is _GONE else pruned, indent=2) + "\n").encode(), True)
-        return 1
-    return 0
+        return (data, 0) if result is None else ("".join(result[0]).encode(), result[1])
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return data, 0
+    pruned = _prune_json(value, ids, fields)
+    if pruned == value:
+        return data, 0
+    return (json.dumps(None if pruned is _GONE else pruned, indent=2) + "\n").encode(), 1
+
+
+def _remove_records(path: Path, ids: set[str], fields: frozenset[str]) -> int:
+    """Take the ids' records out of one structured file, in place; returns how many went."""
+    data, removed = _without_records(path, ids, fields)
+    if removed:
+        tmp = path.with_name(path.name + ".erasing")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return removed
 
 
 def _line_names(line: bytes, ids: set[str], fields: frozenset[str]) -> bool:
@@ -278,13 +276,6 @@ def _line_names(line: bytes, ids: set[str], fields: frozenset[str]) -> bool:
         return False
 
 
-def _replace(path: Path, data: bytes, changed: bool) -> None:
-    if changed:
-        tmp = path.with_name(path.name + ".erasing")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-
-
 _CHROMA_USER_RECORDS = """
 SELECT 1 FROM embeddings e JOIN segments s ON e.segment_id = s.id JOIN collections c ON s.collection = c.id
 WHERE c.name = ? AND e.embedding_id IN ({marks})
@@ -292,12 +283,12 @@ UNION ALL SELECT 1 FROM embeddings_queue q JOIN collections c ON q.topic LIKE '%
 WHERE c.name = ? AND q.id IN ({marks}) LIMIT 1"""
 
 
-def _rows_of(path: Path, sql: str, ids) -> bool:
+def _rows_of(path: Path, sql: str, parameters: list[str]) -> bool:
     if not path.exists():
         return False
     db = _read_only(path)
     try:
-        return db.execute(sql, sorted(ids) if isinstance(ids, set) else ids).fetchone() is not None
+        return db.execute(sql, parameters).fetchone() is not None
     finally:
         db.close()
 
@@ -311,28 +302,15 @@ def field_scan(folders: list[Path], stores: list[Path], ids: set[str], fields: f
     found = []
     marks = ",".join("?" * len(ids))
     for store in stores:
-        if _rows_of(store / CATALOG_FILE, f"SELECT 1 FROM events WHERE user_id IN ({marks}) LIMIT 1", ids):
+        if _rows_of(store / CATALOG_FILE, f"SELECT 1 FROM events WHERE user_id IN ({marks}) LIMIT 1", sorted(ids)):
             found.append(Found(str(store / CATALOG_FILE), "field"))
         # chromadb's own SQLite, read directly: loading a collection through chromadb would rewrite
         # its HNSW files from this process's memory
         if _rows_of(store / CHROMA_DIR / "chroma.sqlite3", _CHROMA_USER_RECORDS.format(marks=marks),
                     [BEHAVIOUR, *sorted(ids)] * 2):
             found.append(Found(str(store / CHROMA_DIR), "field"))
-    for path in _files(folders):
-        if any(path.is_relative_to(s) for s in skip) or path.suffix not in (*_LINE_FILES, ".csv", ".json"):
-            continue
-        text = path.read_text("utf-8", "replace")
-        if path.suffix in _LINE_FILES:
-            hit = any(_line_names(line.encode(), ids, fields) for line in text.splitlines())
-        elif path.suffix == ".csv":
-            hit = bool((rows := _csv_user_rows(text, ids, fields)) and rows[1])
-        else:
-            try:
-                hit = _json_names(json.loads(text), ids, fields)
-            except ValueError:
-                hit = False
-        if hit:
-            found.append(Found(str(path), "field"))
+    found += [Found(str(path), "field") for path in _files(folders)
+              if not any(path.is_relative_to(s) for s in skip) and _without_records(path, ids, fields)[1]]
     return found
 
 
@@ -589,11 +567,10 @@ def _models_that_saw(models: list[Path], ids: set[str], fields: frozenset[str]) 
 
 
 def _protected(store: Path, stores: list[Path], models: list[Path]) -> set[Path]:
-    """What the file pass never rewrites: stores (erased by structure above), the audit log and
-    keys (append-only, no personal data), trained models (listed, kept)."""
-    return ({s / (CATALOG_FILE + end) for s in stores for end in ("", "-wal", "-shm", "-journal")}
-            | {s / CHROMA_DIR for s in stores}
-            | {Path(store) / "privacy", Path(store) / EVENTS_LOCK_FILE} | set(models))
+    """Folders the file pass never rewrites: the stores' vector folders (rebuilt above), the audit
+    log and keys (append-only, no personal data), trained models (listed, kept). SQLite files are
+    never opened by it (not a structured suffix)."""
+    return {s / CHROMA_DIR for s in stores} | {Path(store) / "privacy"} | set(models)
 
 
 def erase(privacy: Privacy, store: Path, user_ids: list[str], outputs: list[Path] = (),
