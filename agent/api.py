@@ -297,7 +297,7 @@ class Service:
         with self._reload_lock:
             old = self.composer
             new = composer_for(self.settings, old.retriever, old.backend, cache=old.cache,
-                               budget_s=old.budget_s, llm_retry=old.llm_retry, handle_prior=old.handle_prior)
+                               budget_s=old.budget_s, llm_retry=old.deps.llm_retry, handle_prior=old.deps.handle_prior)
             self.composer = new
         if announce:
             self._announce("reload")

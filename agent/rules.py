@@ -2,7 +2,7 @@
 
 Each rule is a small function registered under its violation code; ``validate`` runs them all.
 The page they check is a ``PageBody``: module types, titles and item ids, before expansion. The
-deterministic fix (``agent.repair``) and the stages that build pools use the same helpers
+deterministic fix (``agent.stages.fix``) and the stages that build pools use the same helpers
 (``BrandQuota``, ``Rules.title_problem``, ``module_bounds``), never their own copy of a rule.
 """
 
@@ -18,9 +18,11 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agent.configfile import load_yaml_model
+from agent.errors import ConfigError
 from agent.schema import Violation
-from agent.skeleton import ModuleSpec, Skeleton
+from agent.skeleton import MODULE_KINDS, ModuleSpec, Skeleton
 from retrieval import Product
+from retrieval.sources import SOURCES
 
 # copy words that describe no product (prompts/rules.yaml repeats them for merchandisers to edit)
 GENERIC_WORDS = (
@@ -287,12 +289,26 @@ def _brand_cap(page: PageBody, ctx: RuleContext) -> list[Violation]:
     return found
 
 
+def catalogue_categories(products: dict[str, Product], enough: int) -> int:
+    """Distinct leaf categories of the in-stock catalogue, counted up to ``enough`` (a catalogue
+    without categories files everything under one, "Other")."""
+    seen: set[str] = set()
+    for product in products.values():
+        if product.in_stock:
+            seen.add(product.category)
+            if len(seen) >= enough:
+                break
+    return len(seen)
+
+
 @rule("few_categories")
 def _categories(page: PageBody, ctx: RuleContext) -> list[Violation]:
     categories = {ctx.products[i].category for mod in page.modules for i in mod.items if i in ctx.products}
-    if len(categories) < ctx.rules.min_categories:
-        return [Violation(code="few_categories",
-                          message=f"{len(categories)} categories on the page, needs {ctx.rules.min_categories}")]
+    wanted = ctx.rules.min_categories
+    if len(categories) < wanted:
+        wanted = min(wanted, catalogue_categories(ctx.products, wanted))  # the rule asks what the catalogue has
+    if len(categories) < wanted:
+        return [Violation(code="few_categories", message=f"{len(categories)} categories on the page, needs {wanted}")]
     return []
 
 
@@ -335,7 +351,7 @@ def _ungrounded_title(page: PageBody, ctx: RuleContext) -> list[Violation]:
     it describes (``grounded_share``). The merchandiser's configured title and generic copy pass."""
     found = []
     for m, mod in enumerate(page.modules):
-        if mod.title == mod.spec.title or mod.spec.source == "campaign" or ctx.rules.title_problem(mod.title):
+        if mod.title == mod.spec.title or mod.spec.is_campaign or ctx.rules.title_problem(mod.title):
             continue  # the merchandiser's copy; or a title already refused by its own rule
         share = grounded_share(mod.title, mod.items, ctx.products, ctx.rules)
         if share is not None and share < ctx.rules.title_grounding.min_share:
@@ -391,3 +407,32 @@ def _sponsored(page: PageBody, ctx: RuleContext) -> list[Violation]:
 
 def validate(page: PageBody, ctx: RuleContext) -> list[Violation]:
     return [v for check in RULES.values() for v in check(page, ctx)]
+
+
+def check_skeleton(rules: Rules, skeleton: Skeleton, products: dict) -> None:
+    """What a skeleton can get wrong against the rules and the catalogue, refused before any
+    page: unknown item ids, configured titles that break a title rule, configured items over the
+    brand quota of their module. An empty catalogue (nothing ingested yet) skips the id check."""
+    problems = []
+    if products:
+        unknown = {i: where for i, where in skeleton.configured_items().items() if i not in products}
+        problems += [f"{where}: item {i!r} is not in the catalogue" for i, where in unknown.items()]
+    titles: set[str] = set()
+    for m in skeleton.modules:
+        if m.source not in {*MODULE_KINDS, *SOURCES}:
+            problems.append(f"modules.{m.type}.source: unknown source {m.source!r}; known: {', '.join(MODULE_KINDS)}, "
+                            f"{', '.join(sorted(SOURCES))}")
+        if problem := rules.title_problem(m.title):
+            problems.append(f"modules.{m.type}.title: {problem}")
+        if title_key(m.title) in titles:
+            problems.append(f"modules.{m.type}.title: {m.title!r} is another module's title too")
+        titles.add(title_key(m.title))
+        quota = BrandQuota(rules.max_items_per_brand, products)
+        for i in [*m.items, *m.pinned]:
+            if not quota.admits(i):
+                problems.append(f"modules.{m.type}: configured item {i!r} exceeds the brand quota "
+                                f"({rules.max_items_per_brand} per module)")
+            quota.add(i)
+    if problems:
+        where = f"{skeleton.path}: " if skeleton.path else ""
+        raise ConfigError(where + "; ".join(problems))

@@ -54,7 +54,7 @@ def build_composer(settings: Settings | None = None) -> Composer:
             composer = composer_for(settings, Retriever.open(settings.retrieval_config()))
             if settings.adapter:
                 check_adapter_inputs(settings.adapter, adapter_inputs(settings, composer), settings.adapter_mismatch)
-            composer.backend = load_backend(settings)
+            composer = composer.using(backend=load_backend(settings), cache=composer.cache)
             if settings.warm_up:
                 try:
                     composer.warm_up()

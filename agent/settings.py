@@ -7,13 +7,14 @@ import copy
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from prompts import PROMPTS_DIR
 from retrieval import SAMPLE_DIR, CatalogueColumns, EventColumns, RetrievalConfig
 from retrieval.privacy import KEY_FILE
 from retrieval.retriever import DEFAULT_RRF_K, DEFAULT_SOURCE_OPTIONS, DEFAULT_SOURCES
+from retrieval.sources import SOURCES
 
 
 class Settings(BaseSettings):
@@ -41,6 +42,21 @@ class Settings(BaseSettings):
     )
     rrf_k: int = Field(DEFAULT_RRF_K, ge=1,
                        description="reciprocal-rank fusion constant (smaller: each source's top counts more)")
+
+    @field_validator("sources", "source_options")
+    @classmethod
+    def _known_sources(cls, value: dict) -> dict:
+        unknown = sorted(set(value) - set(SOURCES))
+        if unknown:
+            raise ValueError(f"unknown candidate source(s) {unknown}; known: {sorted(SOURCES)}")
+        return value
+
+    @field_validator("source_options")
+    @classmethod
+    def _typed_options(cls, value: dict[str, dict]) -> dict[str, dict]:
+        for name, given in value.items():  # each source's own options class refuses a wrong one now
+            SOURCES[name].Options.parse(name, given)
+        return value
 
     # merchandiser-edited files
     prompts_dir: Path = Field(PROMPTS_DIR, description="folder of the .jinja templates")

@@ -22,6 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from agent.configfile import load_yaml_model
 from retrieval.records import brand_key
 
+# what fills a module besides a registered candidate source (``retrieval.sources.SOURCES``)
+PERSONAL, PLANNED, CAMPAIGN = "personal", "planned", "campaign"
+MODULE_KINDS = (PERSONAL, PLANNED, CAMPAIGN)
+
 
 class ModuleSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -51,13 +55,13 @@ class ModuleSpec(BaseModel):
     def _consistent(self) -> ModuleSpec:
         if self.min_items > self.max_items:
             raise ValueError(f"min_items ({self.min_items}) must be <= max_items ({self.max_items})")
-        if self.source == "campaign" and not self.items:
+        if self.is_campaign and not self.items:
             raise ValueError("a campaign module needs its items")
-        if self.source != "campaign" and self.items:
+        if not self.is_campaign and self.items:
             raise ValueError("items are only for campaign modules (use pinned to fix items in a module)")
         if self.source == "buy_again" and not self.show_owned:
             raise ValueError("a buy_again module shows items the shopper has: set show_owned: true")
-        if self.source == "planned" and not self.query:
+        if self.source == PLANNED and not self.query:
             raise ValueError("a planned module needs a fallback query")
         if self.title_template is not None:
             try:
@@ -68,6 +72,15 @@ class ModuleSpec(BaseModel):
         if len(self.pinned) + self.sponsored_slots > self.max_items:
             raise ValueError("pinned items and sponsored slots exceed max_items")
         return self
+
+    @property
+    def is_campaign(self) -> bool:
+        return self.source == CAMPAIGN
+
+    @property
+    def candidate_source(self) -> str | None:
+        """The registered candidate source that fills the module (None: personal, planned, campaign)."""
+        return None if self.source in MODULE_KINDS else self.source
 
     @property
     def pool_size(self) -> int:
@@ -114,7 +127,7 @@ class Skeleton(BaseModel):
         return self._path
 
     def planned(self) -> list[ModuleSpec]:
-        return [m for m in self.modules if m.source == "planned"]
+        return [m for m in self.modules if m.source == PLANNED]
 
     def configured_items(self) -> dict[str, str]:
         """Every item id configuration names -> where (for the load-time catalogue check)."""

@@ -22,16 +22,16 @@ from collections import Counter
 from pathlib import Path
 
 from agent.adapters import read_metadata, write_metadata
-from agent.assembly import assemble
 from agent.backends.hf import TransformersBackend
 from agent.cache import PageCache
 from agent.composer import Composer
-from agent.drafting import parse_draft
-from agent.pools import Pools
 from agent.rules import validate
 from agent.schema import PageDraft
 from agent.service import composer_for
 from agent.settings import Settings
+from agent.stages.assemble import assemble
+from agent.stages.draft import parse_draft
+from agent.stages.pools import Pools
 from eval.metrics import basket_ndcg, basket_recall
 from finetune.config import FinetuneConfig
 from finetune.store import build_store, read_logs, validation_part

@@ -1,4 +1,4 @@
-"""Erasure under load: ``homepage eval load --forget N`` runs the load test (``eval.load``) while
+"""Erasure under load: ``homepage eval load --forget N`` runs the load test (``eval.service_load``) while
 N users are erased one after another through ``DELETE /v1/users/{id}``, event writers post events
 for other users, and a prober times ``/healthz``. Afterwards the store is read back: every event a
 writer was told was accepted is there exactly once, and nothing of the erased users is left.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.load import run_load
+from eval.service_load import run_load
 
 WRITERS = 2  # event-posting clients beside the load test's own
 
@@ -124,7 +124,7 @@ def _pct(values: list[float], q: int) -> float | None:
 
 
 def format_report(report: dict) -> str:
-    from eval.load import format_report as load_table
+    from eval.service_load import format_report as load_table
 
     h = report["healthz"]
     return "\n".join([

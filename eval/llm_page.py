@@ -1,7 +1,7 @@
 """The LLM's page in the ranking suite: the verbalizer's blend chosen on validation users.
 
 The composer orders each module by ``log p(handle) - prior * ln(position in the pool)``
-(``agent.drafting.handle_order``). On validation users the model scores every module's handles
+(``agent.stages.draft.handle_order``). On validation users the model scores every module's handles
 once (``record``: one generation each, the pool order written so every module reads the same
 context); each ``prior`` of the grid then re-ranks those scores into a page (``page_for``: the
 composer's own assembly and fix), so the whole grid costs one generation per user. ``inf`` is the
@@ -14,12 +14,12 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from agent.assembly import assemble
-from agent.drafting import handle_order
-from agent.pools import Pools
-from agent.repair import fix
 from agent.rules import validate
 from agent.schema import DraftModule, PageDraft
+from agent.stages.assemble import assemble
+from agent.stages.draft import handle_order
+from agent.stages.fix import fix
+from agent.stages.pools import Pools
 
 PRIOR_GRID = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, math.inf)
 

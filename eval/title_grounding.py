@@ -70,9 +70,10 @@ def choose(rows, products: dict, rules: Rules) -> dict:
 def copy_figures(composer, users: list[str]) -> dict:
     """Titles before the checks (the model's first draft) and after (the returned page), through
     the composer's own stages (no time budget, no cache: the copy is measured, not the speed)."""
-    from agent.composer import Attempt
     from agent.rules import validate
     from agent.schema import PageDraft
+    from agent.stages.sequence import ask_model, finish
+    from agent.stages.state import PageState
 
     ctx, min_share = composer.ctx, composer.rules.title_grounding.min_share
 
@@ -83,13 +84,13 @@ def copy_figures(composer, users: list[str]) -> dict:
     before, after, paths, left = [], [], Counter(), 0
     first = 1 if composer.skeleton.planned() else 0  # a plan's generation comes first
     for user in users:
-        a = Attempt(user, composer.retriever.history(user), time.perf_counter())
-        composer._llm_path(a, None)
+        a = PageState(user, composer.retriever.history(user), time.perf_counter())
+        ask_model(composer.deps, [a], None)
         draft = PageDraft.model_validate_json(a.generations[first].text)
         for module, pool in zip(draft.modules, a.pools.written(), strict=False):
             items = [pool.candidates[h - 1].item_id for h in module.items if 0 < h <= len(pool.candidates)]
             before.append((module.title, ungrounded(module.title, items)))
-        page = composer._finish(a, True)
+        page = finish(composer.deps, a, True)
         paths[page.meta.path] += 1
         left += len(validate(a.body, ctx))
         for mod in a.body.modules:

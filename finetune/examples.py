@@ -17,15 +17,15 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from agent.assembly import assemble
 from agent.backends import LLMBackend
 from agent.composer import Composer
-from agent.drafting import parse_draft
-from agent.pools import Pools
 from agent.rules import BrandQuota, validate
 from agent.schema import DraftModule, PageDraft, title_pattern
 from agent.service import adapter_inputs, composer_for
 from agent.settings import Settings
+from agent.stages.assemble import assemble
+from agent.stages.draft import parse_draft
+from agent.stages.pools import Pools
 from finetune.config import FinetuneConfig, TeacherConfig
 from finetune.store import build_store, read_logs, training_part
 from retrieval.history import History
@@ -112,7 +112,7 @@ def build_examples(config: FinetuneConfig, settings: Settings, teacher_backend: 
     store_events, targets = training_part(logs.events)
     retriever = build_store(out / "store-train", settings, logs.catalogue, store_events, progress)
     composer = composer_for(settings, retriever)
-    if any(m.source == "planned" for m in composer.skeleton.modules):
+    if composer.skeleton.planned():
         # a planned module's pool depends on the model's plan; examples would fix it to the configured query
         print("note: planned modules use their configured query in the examples (the plan step is not trained)")
 

@@ -205,7 +205,7 @@ def cmd_eval_ranking(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_load(args: argparse.Namespace) -> int:
-    from eval.load import format_report, run_load, write_report
+    from eval.service_load import format_report, run_load, write_report
 
     settings = _settings(args)
     users, items = _users_and_items(settings)
@@ -425,6 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--store", help="store folder (default: HOMEPAGE_STORE_DIR or .homepage/store)")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    for add in (_data_commands, _page_commands, _model_commands, _eval_commands, _serve_commands):
+        add(sub)
+    return parser
+
+
+def _data_commands(sub) -> None:
+    """ingest, remove, forget, settings: what the store holds and how it is set."""
     ingest = sub.add_parser("ingest", help="load catalogue and events into the stores (idempotent)")
     ingest.add_argument("--catalogue", help="catalogue file (.csv, .jsonl, .parquet)")
     ingest.add_argument("--events", help="events file (.csv, .jsonl, .parquet)")
@@ -450,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(docs/configuration.md)")
     settings.set_defaults(run=cmd_settings)
 
+
+def _page_commands(sub) -> None:
+    """compose, demo: pages."""
     compose = sub.add_parser("compose", help="compose one user's homepage")
     compose.add_argument("user", help="user id (an unknown id gets a cold-start page)")
     compose.add_argument("--json", action="store_true", help="print the Homepage JSON")
@@ -461,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--events", help=argparse.SUPPRESS)
     demo.set_defaults(run=cmd_demo)
 
+
+def _model_commands(sub) -> None:
+    """train, finetune: the learned retriever and the page model."""
     train = sub.add_parser("train", help="train a learned retriever on the store's events")
     train_sub = train.add_subparsers(dest="model", required=True)
     sasrec = train_sub.add_parser("sasrec", help="the SASRec sequential model (item vectors into the store)",
@@ -470,6 +483,22 @@ def build_parser() -> argparse.ArgumentParser:
     sasrec.add_argument("--seed", type=int, default=0)
     sasrec.set_defaults(run=cmd_train_sasrec)
 
+
+    finetune = sub.add_parser(
+        "finetune", help="LoRA fine-tuning: SFT examples from the logs, training, merging",
+        description="homepage finetune CONFIG [--restart] | homepage finetune merge ADAPTER OUT | "
+                    "homepage finetune fields\nExample: homepage finetune finetune/configs/smoke.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    finetune.add_argument("target", help="a config file (YAML); 'merge'; or 'fields' (every config field, with help)")
+    finetune.add_argument("paths", nargs="*", help="for merge: ADAPTER OUT")
+    finetune.add_argument("--restart", action="store_true", help="ignore checkpoints; train from the start")
+    finetune.add_argument("--examples-only", action="store_true", help="write the examples and manifest, no training")
+    finetune.add_argument("--model", help="for merge: the base model (default: from the adapter's metadata)")
+    finetune.set_defaults(run=cmd_finetune)
+
+
+def _eval_commands(sub) -> None:
+    """eval ranking, load, adapter, judge, injection: the offline suites."""
     evaluate = sub.add_parser("eval", help="offline evaluation suites")
     eval_sub = evaluate.add_subparsers(dest="suite", required=True)
     ranking = eval_sub.add_parser(
@@ -539,18 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     injection.add_argument("--out", help="write injection.json and injection.md here")
     injection.set_defaults(run=cmd_eval_injection)
 
-    finetune = sub.add_parser(
-        "finetune", help="LoRA fine-tuning: SFT examples from the logs, training, merging",
-        description="homepage finetune CONFIG [--restart] | homepage finetune merge ADAPTER OUT | "
-                    "homepage finetune fields\nExample: homepage finetune finetune/configs/smoke.yaml",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    finetune.add_argument("target", help="a config file (YAML); 'merge'; or 'fields' (every config field, with help)")
-    finetune.add_argument("paths", nargs="*", help="for merge: ADAPTER OUT")
-    finetune.add_argument("--restart", action="store_true", help="ignore checkpoints; train from the start")
-    finetune.add_argument("--examples-only", action="store_true", help="write the examples and manifest, no training")
-    finetune.add_argument("--model", help="for merge: the base model (default: from the adapter's metadata)")
-    finetune.set_defaults(run=cmd_finetune)
 
+def _serve_commands(sub) -> None:
+    """bench, serve: speed and the HTTP service."""
     bench = sub.add_parser("bench", help="latency, tokens and validity of the LLM, deterministic and cache paths",
                            description="Example: homepage bench --users 40 --validity-users 1000 --out out/bench")
     bench.add_argument("--users", type=int, default=40, help="users timed per path (10%% of them new)")
@@ -563,6 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="write bench.json and bench.md here")
     bench.set_defaults(run=cmd_bench)
 
+
     serve = sub.add_parser(
         "serve", help="the HTTP service (FastAPI on uvicorn): pages, events, catalogue updates, reloads, metrics",
         description="Example: HOMEPAGE_API_TOKEN=secret homepage serve --port 8080. More than one worker needs "
@@ -572,7 +593,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1, help="processes, each with its own model")
     serve.add_argument("--openapi", action="store_true", help="print the OpenAPI schema and exit")
     serve.set_defaults(run=cmd_serve)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from retrieval.catalog import Catalog
 from retrieval.history import History
@@ -47,17 +48,36 @@ def register_source(name: str) -> Callable[[type[CandidateSource]], type[Candida
     return add
 
 
+class SourceOptions(BaseModel):
+    """A source's options (``source_options.<name>`` in the settings); each source declares its own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def parse(cls, source: str, given: dict) -> SourceOptions:
+        """The options from settings, or ``ValueError`` naming the source and every problem."""
+        unknown = set(given) - set(cls.model_fields)
+        if unknown:
+            raise ValueError(f"{source}: unknown option(s) {sorted(unknown)}; known: {sorted(cls.model_fields)}")
+        try:
+            return cls.model_validate(given)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"{source}: {problems}") from None
+
+
 class CandidateSource:
     name = "base"
-    defaults: ClassVar[dict[str, float]] = {}  # the source's options and their defaults
+    Options: ClassVar[type[SourceOptions]] = SourceOptions
 
     def __init__(self, context: SourceContext):
         self.context = context
-        given = context.settings(self.name)
-        unknown = set(given) - set(self.defaults)
-        if unknown:
-            raise ValueError(f"{self.name}: unknown option(s) {sorted(unknown)}; known: {sorted(self.defaults)}")
-        self.params = {**self.defaults, **given}
+        self.options = self.Options.parse(self.name, context.settings(self.name))
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """The options' defaults, as a plain mapping (what ``source_options`` would spell out)."""
+        return cls.Options().model_dump()
 
     def candidates(self, history: History, k: int) -> list[Candidate]:
         raise NotImplementedError
@@ -127,6 +147,15 @@ class Popularity(CandidateSource):
                 for rank, i in enumerate(top)]
 
 
+class CoVisitOptions(SourceOptions):
+    window: int = Field(3, ge=1, description="how many steps apart two items of a sequence still count as a pair")
+    decay: float = Field(1.0, ge=0, description="a pair d steps apart counts 1 / d**decay")
+    forward: float = Field(1.0, gt=0, description="weight of a pair in the order it happened (b after a)")
+    pop_alpha: float = Field(0.0, ge=0, description="a candidate's strength is divided by its count ** pop_alpha")
+    recent: int = Field(10, ge=1, description="how many of the shopper's latest items are followed")
+    half_life: float = Field(3.0, gt=0, description="recency: an item this many steps older counts half")
+
+
 @register_source("covisit")
 class CoVisit(CandidateSource):
     """Item-to-item co-occurrence within users' sequences. A pair ``d`` steps apart counts
@@ -137,13 +166,11 @@ class CoVisit(CandidateSource):
     half_life 1) and they are set per store with ``RetrievalConfig.source_options``.
     Evidence: the history item that contributes most."""
 
-    defaults: ClassVar[dict[str, float]] = {
-        "window": 3, "decay": 1.0, "forward": 1.0, "pop_alpha": 0.0, "recent": 10, "half_life": 3.0,
-    }
+    Options = CoVisitOptions
 
     def __init__(self, context: SourceContext):
         super().__init__(context)
-        window, decay, forward = int(self.params["window"]), self.params["decay"], self.params["forward"]
+        window, decay, forward = self.options.window, self.options.decay, self.options.forward
         by_user: dict[str, list[str]] = defaultdict(list)
         for e in context.catalog.all_events():
             by_user[e.user_id].append(e.item_id)
@@ -159,7 +186,7 @@ class CoVisit(CandidateSource):
                         strength = 1.0 / d**decay
                         links[a][b] += forward * strength  # b followed a
                         links[b][a] += strength
-        alpha = self.params["pop_alpha"]
+        alpha = self.options.pop_alpha
         if alpha:
             for neighbours in links.values():
                 for item in neighbours:
@@ -171,11 +198,11 @@ class CoVisit(CandidateSource):
         """The new item follows the user's last ``window`` items. Its pairs are divided by the
         popularity each item has now; links counted before keep the popularity they were built
         with until the next build (the popularity correction drifts by one event per event)."""
-        window, decay, forward = int(self.params["window"]), self.params["decay"], self.params["forward"]
+        window, decay, forward = self.options.window, self.options.decay, self.options.forward
         b = event.item_id
         with self._lock:
             self._counts[b] += 1
-            alpha = self.params["pop_alpha"]
+            alpha = self.options.pop_alpha
             # an item in a history counts at least once (it may have come after this source was built)
             norm = (lambda item: max(self._counts[item], 1) ** alpha) if alpha else (lambda item: 1.0)
             for d, e in enumerate(reversed(earlier[-window:]), start=1):
@@ -190,10 +217,10 @@ class CoVisit(CandidateSource):
                 self.links[a], self.links[b] = ahead, back
 
     def candidates(self, history: History, k: int) -> list[Candidate]:
-        recent = history.recent(int(self.params["recent"]))
+        recent = history.recent(self.options.recent)
         scores: dict[str, float] = defaultdict(float)
         best: dict[str, tuple[float, str]] = {}
-        weights = _recency_weights(len(recent), self.params["half_life"])
+        weights = _recency_weights(len(recent), self.options.half_life)
         for weight, product in zip(weights, recent, strict=True):
             for item, strength in self.links.get(product.item_id, {}).items():
                 contribution = weight * strength
@@ -201,6 +228,12 @@ class CoVisit(CandidateSource):
                 if contribution > best.get(item, (0.0, ""))[0]:
                     best[item] = (contribution, product.item_id)
         return self._ranked(scores, {i: b[1] for i, b in best.items()}, k, history)
+
+
+class BuyAgainOptions(SourceOptions):
+    min_count: int = Field(1, ge=1, description="baskets an item must have been in")
+    min_probability: float = Field(0.0, ge=0, le=1, description="least probability that the next basket holds it")
+    min_cycle_days: float = Field(2.0, ge=0, description="a purchase cycle shorter than this (days) is no cycle")
 
 
 @register_source("buy_again")
@@ -213,7 +246,7 @@ class BuyAgain(CandidateSource):
     and live traffic are scored alike. Evidence: the cycle in days ("every 28 days"), or how many
     times ("3 times", "once")."""
 
-    defaults: ClassVar[dict[str, float]] = {"min_count": 1, "min_probability": 0.0, "min_cycle_days": 2.0}
+    Options = BuyAgainOptions
 
     def __init__(self, context: SourceContext):
         super().__init__(context)
@@ -221,7 +254,7 @@ class BuyAgain(CandidateSource):
         by_user: dict[str, list] = defaultdict(list)
         for e in context.catalog.all_events():
             by_user[e.user_id].append(e)
-        self.model = RepeatModel(self.params["min_cycle_days"]).fit(by_user)
+        self.model = RepeatModel(self.options.min_cycle_days).fit(by_user)
 
     def candidates(self, history: History, k: int) -> list[Candidate]:
         baskets = purchase_baskets(history.events)
@@ -230,12 +263,12 @@ class BuyAgain(CandidateSource):
         products = self.context.catalog.products
         scores, because = {}, {}
         for item, (probability, owned) in self.model.probabilities(baskets, now).items():
-            if (owned.baskets < self.params["min_count"] or probability < self.params["min_probability"]
+            if (owned.baskets < self.options.min_count or probability < self.options.min_probability
                     or item not in products or not products[item].in_stock):
                 continue
             scores[item] = probability
             cycle = cycle_days(owned)
-            because[item] = (f"every {round(cycle)} days" if cycle and cycle >= self.params["min_cycle_days"]
+            because[item] = (f"every {round(cycle)} days" if cycle and cycle >= self.options.min_cycle_days
                              else "once" if owned.baskets == 1 else f"{owned.baskets} times")
         ranked = sorted(scores, key=lambda i: (-scores[i], i))[:k]
         return [Candidate(i, scores[i], [Provenance(self.name, scores[i], rank, because[i])])

@@ -1,5 +1,6 @@
-"""Shared fixtures: the shipped sample ingested once into a session store in a temp folder, and one
-composer on the real packaged model. No test writes outside pytest's temp folders."""
+"""Shared fixtures and helpers: the shipped sample ingested once into a session store in a temp
+folder, one composer on the real packaged model, a scripted backend and the page checks every test
+uses (imported as ``from conftest import ...``). No test writes outside pytest's temp folders."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.backends import Generation, LLMBackend
+from agent.composer import Composer
+from agent.rules import ModuleBody, PageBody, RuleContext, validate
+from agent.schema import Homepage
 from agent.settings import SAMPLE_DIR, Settings
 from retrieval import Retriever, ingest
 
@@ -77,3 +82,58 @@ def full_users(composer, sample_users) -> list[str]:
     types = [m.type for m in sample_modules(composer)]
     return [u for u in sample_users
             if [m.spec.type for m in composer.pools(composer.retriever.history(u)).modules] == types]
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def assert_valid_page(page: Homepage, composer: Composer) -> None:
+    Homepage.model_validate_json(page.model_dump_json())  # round-trips through the public schema
+    ids = page.item_ids()
+    assert len(ids) == len(set(ids)), "an item appears twice"
+    assert all(i in composer.retriever.products for i in ids)
+    specs = {m.type: m for m in composer.skeleton.modules}
+    types = [m.type for m in page.modules]
+    assert types == [t for t in specs if t in types], "modules out of the skeleton's order"
+    body = PageBody([ModuleBody(specs[m.type], m.title, [i.item_id for i in m.items],
+                                {i.item_id for i in m.items if i.sponsored}) for m in page.modules])
+    assert validate(body, RuleContext(composer.rules, composer.retriever.products, composer.skeleton)) == []
+    assert all(item.reason for m in page.modules for item in m.items)
+
+
+class ScriptedBackend(LLMBackend):
+    """Plays back fixed drafts, to drive the repair path exactly; the real model is tested below."""
+
+    name = "scripted"
+    model_name = "scripted"
+
+    def __init__(self, *texts: str):
+        self.texts = list(texts)
+        self.seen: list[list[dict]] = []
+
+    def generate(self, messages, schema, max_new_tokens, deadline=None):
+        self.seen.append(messages)
+        text = self.texts.pop(0)
+        return Generation(text, len(text), len(text), 0.0)
+
+
+def scripted(composer: Composer, *texts: str, skeleton=None, budget_s=None) -> Composer:
+    return Composer(composer.retriever, ScriptedBackend(*texts), composer.prompts, composer.rules,
+                    skeleton or composer.skeleton, budget_s=budget_s)
+
+
+GOOD = {"modules": [{"title": "Your edit", "items": [1, 2, 3, 4]},
+                    {"title": "Goes with it", "items": [1, 2]},
+                    {"title": "Hot right now", "items": [1, 2, 3]}]}
+BAD = {"modules": [{"title": "Free stuff", "items": [1, 1, 1, 1]},
+                   {"title": "Goes with it", "items": [1]},
+                   {"title": "Hot right now", "items": [1, 2, 3]}]}
+
+
+def sample_slice(folder, products: int = 400):
+    """The sample's first products and their events, as data files: a short MiniLM embedding."""
+    folder.mkdir()
+    head, *rows = (SAMPLE_DIR / "items.csv").read_text().splitlines(keepends=True)
+    (folder / "items.csv").write_text(head + "".join(rows[:products]))
+    known = {r.split(",")[0] for r in rows[:products]}
+    head, *rows = (SAMPLE_DIR / "interactions.csv").read_text().splitlines(keepends=True)
+    (folder / "interactions.csv").write_text(head + "".join(r for r in rows if r.split(",")[1] in known))
+    return folder

@@ -4,8 +4,7 @@ and batch precompute."""
 import json
 
 import pytest
-from conftest import sample_modules
-from test_composer import GOOD, ScriptedBackend, assert_valid_page, scripted
+from conftest import GOOD, ScriptedBackend, assert_valid_page, sample_modules, scripted
 
 from agent.composer import Composer
 from agent.errors import BackendError
@@ -71,7 +70,7 @@ def test_real_model_plans_a_theme(composer, retriever, sample_users):
     assert 3 <= len(theme.query) <= 30 and theme.query == theme.query.lower()
     # the plan's title, unless it breaks a title rule on its module (the small model's theme titles
     # often describe nothing: "Shopper"); then the configured one, and the violation is recorded
-    from agent.repair import TITLE_CODES
+    from agent.stages.fix import TITLE_CODES
 
     if page.modules[2].title != theme.title:
         assert page.modules[2].title == "Our pick"
@@ -109,7 +108,7 @@ def test_the_real_model_past_its_budget_falls_back(composer, sample_users):
     assert_valid_page(page, c)
     assert page.meta.path == "fallback" and "time budget" in page.meta.fallback_reason
     # the shared system-prompt cache was restored: the next unbudgeted page is normal
-    c.budget_s = None
+    c = c.using(budget_s=None)
     assert c.compose(sample_users[7]).meta.path in {"llm", "repaired"}
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import hypothesis
 import pytest
 import schemathesis
+from conftest import GOOD, assert_valid_page
 from fastapi.testclient import TestClient
-from test_composer import GOOD, assert_valid_page
 
 from agent.api import QUEUE_FULL, create_app
 from agent.backends import Generation, LLMBackend

@@ -4,58 +4,10 @@ import json
 from collections import Counter
 
 import pytest
-from conftest import sample_modules
+from conftest import BAD, GOOD, assert_valid_page, sample_modules, scripted
 
-from agent.backends import Generation, LLMBackend
-from agent.composer import Composer
 from agent.errors import InputError
-from agent.rules import RuleContext, validate
-from agent.schema import Homepage, PageDraft
-
-
-def assert_valid_page(page: Homepage, composer: Composer) -> None:
-    Homepage.model_validate_json(page.model_dump_json())  # round-trips through the public schema
-    ids = page.item_ids()
-    assert len(ids) == len(set(ids)), "an item appears twice"
-    assert all(i in composer.retriever.products for i in ids)
-    specs = {m.type: m for m in composer.skeleton.modules}
-    types = [m.type for m in page.modules]
-    assert types == [t for t in specs if t in types], "modules out of the skeleton's order"
-    from agent.rules import ModuleBody, PageBody
-
-    body = PageBody([ModuleBody(specs[m.type], m.title, [i.item_id for i in m.items],
-                                {i.item_id for i in m.items if i.sponsored}) for m in page.modules])
-    assert validate(body, RuleContext(composer.rules, composer.retriever.products, composer.skeleton)) == []
-    assert all(item.reason for m in page.modules for item in m.items)
-
-
-class ScriptedBackend(LLMBackend):
-    """Plays back fixed drafts, to drive the repair path exactly; the real model is tested below."""
-
-    name = "scripted"
-    model_name = "scripted"
-
-    def __init__(self, *texts: str):
-        self.texts = list(texts)
-        self.seen: list[list[dict]] = []
-
-    def generate(self, messages, schema, max_new_tokens, deadline=None):
-        self.seen.append(messages)
-        text = self.texts.pop(0)
-        return Generation(text, len(text), len(text), 0.0)
-
-
-def scripted(composer: Composer, *texts: str, skeleton=None, budget_s=None) -> Composer:
-    return Composer(composer.retriever, ScriptedBackend(*texts), composer.prompts, composer.rules,
-                    skeleton or composer.skeleton, budget_s=budget_s)
-
-
-GOOD = {"modules": [{"title": "Your edit", "items": [1, 2, 3, 4]},
-                    {"title": "Goes with it", "items": [1, 2]},
-                    {"title": "Hot right now", "items": [1, 2, 3]}]}
-BAD = {"modules": [{"title": "Free stuff", "items": [1, 1, 1, 1]},
-                   {"title": "Goes with it", "items": [1]},
-                   {"title": "Hot right now", "items": [1, 2, 3]}]}
+from agent.schema import PageDraft
 
 
 def test_real_model_page_for_a_known_user(composer, sample_users):
@@ -108,8 +60,8 @@ def test_deterministic_fix_when_the_retry_fails_too(composer, full_users):
     assert_valid_page(page, c)
     assert page.meta.path == "repaired"
     # the banned title replaced: by the module's grounded template copy, else its configured title
-    from agent.repair import template_titles
     from agent.rules import ModuleBody
+    from agent.stages.fix import template_titles
 
     spec = sample_modules(composer)[0]
     body = ModuleBody(spec, "", [i.item_id for i in page.modules[0].items])
@@ -159,6 +111,6 @@ def test_many_users_always_get_valid_pages(composer, sample_users):
     # every page from the model; the base model's item picks need no repair, only its copy may
     # (its titles echo the prompt's example, which rarely describes the module's products)
     assert set(sources) <= {"llm", "repaired"}
-    from agent.repair import TITLE_CODES
+    from agent.stages.fix import TITLE_CODES
 
     assert all(v.code in TITLE_CODES for p in pages for v in p.meta.violations_fixed)

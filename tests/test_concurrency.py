@@ -8,7 +8,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from test_composer import GOOD, assert_valid_page
+from conftest import GOOD, assert_valid_page
 
 from agent.backends import Generation, LLMBackend
 from agent.backends.hf import TransformersBackend

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import sample_slice
 
 from agent.service import composer_for
 from agent.settings import Settings
@@ -21,7 +22,6 @@ from retrieval.catalog import Catalog
 from retrieval.erasure import AUDIT_FILE, Traces, erase, erase_expired, register_output, scan
 from retrieval.retriever import CATALOG_FILE, CHROMA_DIR
 from retrieval.vectors import _HNSW_HEADER, BEHAVIOUR, chroma_client
-from tests.test_ranking import _sample_slice
 
 M_PERTURB = -6  # glibc's mallopt parameter
 EMAIL_USER, PHONE_USER = "planted.user@example.net", "+44 20 7946 0999"
@@ -84,7 +84,7 @@ def world(tmp_path_factory, composer):
     from finetune.examples import build_examples
 
     root = tmp_path_factory.mktemp("privacy")
-    data = _sample_slice(root / "data", products=300)
+    data = sample_slice(root / "data", products=300)
     _plant(data)
     settings = Settings(store_dir=root / "store", model_cache_dir=root / "models", budget_ms=None)
     report = ingest(settings.retrieval_config(), data / "items.csv", data / "interactions.csv", progress=False)
@@ -199,7 +199,7 @@ def test_forget_erases_a_user_everywhere_and_the_scan_proves_it(world):
 
 
 def test_retention_erases_old_events_and_the_texts_made_from_them(tmp_path):
-    data = _sample_slice(tmp_path / "data", products=60)
+    data = sample_slice(tmp_path / "data", products=60)
     _, *rows = (data / "interactions.csv").read_text().splitlines()
     users = sorted({r.split(",")[0] for r in rows})
     old, mixed = users[0], next(u for u in users[1:] if sum(r.startswith(u + ",") for r in rows) >= 2)

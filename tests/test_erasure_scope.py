@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import sample_slice
 
 from agent.settings import Settings
 from homepage.cli import main
@@ -36,7 +37,6 @@ from retrieval.erasure import (
 from retrieval.records import Event
 from retrieval.retriever import CATALOG_FILE, CHROMA_DIR
 from retrieval.vectors import BEHAVIOUR, PRODUCTS, chroma_client, close_embedded
-from tests.test_ranking import _sample_slice
 
 SHORT_USER = "3"  # a real user whose id is a bare digit: a byte scan for it would match everywhere
 
@@ -70,7 +70,7 @@ def _adapter_and_merged(settings: Settings, out: Path) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def shop(tmp_path_factory, monkeypatch_module):
     root = tmp_path_factory.mktemp("shop")
-    data = _sample_slice(root / "data", products=150)
+    data = sample_slice(root / "data", products=150)
     head, *rows = (data / "interactions.csv").read_text().splitlines(keepends=True)
     first = rows[0].split(",")[0]
     (data / "interactions.csv").write_text(head + "".join(
@@ -324,7 +324,7 @@ def test_an_event_racing_a_reopen_is_observed_not_a_500(retriever):
     """Was: POST /v1/events answered 500 (ZeroDivisionError) when the sources a reopen built after an
     erasure had not counted an item of the shopper's history (its event landed during the rebuild)."""
     covisit = type(retriever.source("covisit"))(retriever._context)  # its own copy: the session's stays as it is
-    assert covisit.params["pop_alpha"] > 0
+    assert covisit.options.pop_alpha > 0
     item = next(iter(retriever.products))
     before = covisit.links.get(item, {}).get("not-counted-yet", 0.0)
     covisit.observe(Event("racer", item, 9.0, None, "view"), [Event("racer", "not-counted-yet", 8.0, None, "view")])

@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+from conftest import sample_slice
 
 from agent.adapters import check_adapter, write_metadata
 from agent.errors import ConfigError
@@ -136,12 +137,12 @@ def test_an_adapter_made_for_another_model_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, settings):
     """Examples for 12 users of a sample slice, then two optimiser steps (a checkpoint each)."""
+
     from finetune.examples import build_examples, read_examples
     from finetune.train import train
-    from tests.test_ranking import _sample_slice
 
     root = tmp_path_factory.mktemp("finetune")
-    config = FinetuneConfig(data=_sample_slice(root / "data", products=500), out=root / "out", users=12,
+    config = FinetuneConfig(data=sample_slice(root / "data", products=500), out=root / "out", users=12,
                             eval_fraction=0.25)
     config.train.max_steps, config.train.save_steps, config.train.grad_accum = 2, 1, 1
     config.train.learning_rate = 1e-3

@@ -6,16 +6,16 @@ import json
 import time
 
 import pytest
-from test_composer import GOOD, ScriptedBackend, assert_valid_page
+from conftest import GOOD, ScriptedBackend, assert_valid_page
 
 from agent.backends import Generation
 from agent.composer import Composer
 from agent.errors import BackendError, ConfigError, PageUnavailable
-from agent.pools import ModulePool, Pools
 from agent.prompting import load_prompts
-from agent.repair import fix
 from agent.rules import BrandQuota, ModuleBody, PageBody, RuleContext, Rules, validate
 from agent.skeleton import Skeleton
+from agent.stages.fix import fix
+from agent.stages.pools import ModulePool, Pools
 from prompts import PROMPTS_DIR
 from retrieval import Candidate, Product
 
@@ -152,7 +152,7 @@ def test_batch_precompute_falls_back_when_the_backend_fails(composer, sample_use
         def generate_batch(self, requests, max_new_tokens):
             raise BackendError("engine crashed")
 
-    pages = with_backend(composer, BatchFails()).compose_batch(sample_users[:3], batch_size=2)
+    pages = with_backend(composer, BatchFails()).compose_batch(sample_users[:4], batch_size=2)
     for page in pages:
         assert_valid_page(page, composer)
         assert page.meta.path == "fallback" and "engine crashed" in page.meta.fallback_reason
@@ -163,7 +163,7 @@ def test_fallback_pages_are_not_cached(composer, full_users):
     c = with_backend(composer, Raising(BackendError("down")))
     first = c.compose(full_users[6])
     assert first.meta.path == "fallback"
-    c.backend = ScriptedBackend(json.dumps(GOOD))
+    c = c.using(backend=ScriptedBackend(json.dumps(GOOD)), cache=c.cache)
     second = c.compose(full_users[6])
     assert not second.meta.cached and second.meta.path == "llm"  # the model is asked again
     assert c.compose(full_users[6]).meta.cached
@@ -174,9 +174,11 @@ def test_the_cache_key_covers_what_a_page_depends_on(composer, full_users, retri
     c = with_backend(composer, ScriptedBackend(*[json.dumps(GOOD)] * 8))
     c.compose(user)
     assert c.compose(user).meta.cached
-    c.rules = c.rules.model_copy(update={"banned_words": [*c.rules.banned_words, "zzz"]})  # an edited rule
+    # one cache shared by every variant: its key, not a fresh cache, must tell them apart
+    c = c.using(rules=c.rules.model_copy(update={"banned_words": [*c.rules.banned_words, "zzz"]}),  # an edited rule
+                cache=c.cache)
     assert not c.compose(user).meta.cached
-    c.skeleton = c.skeleton.model_copy(update={"max_sponsored": 2})  # an edited skeleton
+    c = c.using(skeleton=c.skeleton.model_copy(update={"max_sponsored": 2}), cache=c.cache)  # an edited skeleton
     assert not c.compose(user).meta.cached
     c.backend.adapter = "another-adapter"  # another adapter
     assert not c.compose(user).meta.cached

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import sample_slice
 
 from agent.backends import Generation, LLMBackend
 from agent.errors import ConfigError
@@ -175,11 +176,11 @@ def test_a_tiny_suite_end_to_end_on_the_embedded_model(tmp_path, settings, compo
     """Three compared and three calibration users of a sample slice, every criterion, the LLM page
     against the deterministic page, judged by the packaged model; the report's numbers recomputed
     from its own verdicts."""
+
     from eval.judge.report import write_report
     from eval.judge.run import run
-    from tests.test_ranking import _sample_slice
 
-    data = _sample_slice(tmp_path / "data", products=400)
+    data = sample_slice(tmp_path / "data", products=400)
     text = (SUITES / "llm_vs_deterministic.yaml").read_text().replace("../../retrieval/sample", str(data))
     text = text.replace("users: 20 ", "users: 3 ").replace("calibration_users: 20 ", "calibration_users: 3 ")
     (tmp_path / "suite.yaml").write_text(text)
@@ -213,13 +214,13 @@ def test_a_tiny_suite_end_to_end_on_the_embedded_model(tmp_path, settings, compo
 
 
 def test_judge_examples_teach_known_verdicts_and_never_show_the_suites_users(tmp_path, settings):
+
     from eval.judge.training import build_judge_examples
     from finetune.config import FinetuneConfig
     from finetune.examples import read_examples
     from finetune.store import read_logs, validation_part
-    from tests.test_ranking import _sample_slice
 
-    data = _sample_slice(tmp_path / "data", products=400)
+    data = sample_slice(tmp_path / "data", products=400)
     text = (SUITES / "llm_vs_deterministic.yaml").read_text().replace("../../retrieval/sample", str(data))
     (tmp_path / "suite.yaml").write_text(text.replace("users: 20 ", "users: 5 ").replace("calibration_users: 20 ",
                                                                                           "calibration_users: 5 "))

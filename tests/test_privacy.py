@@ -8,6 +8,7 @@ import stat
 from collections import Counter
 
 import pytest
+from conftest import GOOD, ScriptedBackend
 
 from retrieval.columns import EventColumns
 from retrieval.loading import load_events
@@ -131,8 +132,8 @@ def test_injected_titles_never_break_a_page_and_ingest_clears_them(settings, com
 
 # -- what a remote model server receives ----------------------------------------------------------------
 def test_remote_prompts_carry_no_user_id_and_no_history_when_told_not_to(composer, sample_users):
+
     from agent.composer import WITHHELD_SUMMARY, Composer
-    from tests.test_composer import GOOD, ScriptedBackend
 
     class Remote(ScriptedBackend):
         remote = True

@@ -166,7 +166,7 @@ def test_the_vector_store_server_killed_and_restarted(deployment):
 def test_a_short_load_run_against_the_deployed_service(deployment):
     """The load tool end to end (2 clients, 3 s): the model server is down here, so every page is
     a fallback page, valid and quick; event posts are counted apart from pages."""
-    from eval.load import run_load
+    from eval.service_load import run_load
 
     settings, _, serve, url = deployment
     server = serve()

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.repair import _retitle, template_titles
 from agent.rules import GENERIC_WORDS, RULES, ModuleBody, PageBody, RuleContext, Rules, grounded_share, stem
 from agent.skeleton import ModuleSpec
+from agent.stages.fix import _retitle, template_titles
 from retrieval import Product
 
 PRODUCTS = {p.item_id: p for p in [
@@ -115,9 +115,9 @@ def test_titles_repeating_another_are_duplicates(rules):
 
 
 def test_of_two_clashing_titles_the_unconfigured_one_is_flagged_and_fixed(rules):
-    from agent.pools import ModulePool, Pools
-    from agent.repair import fix
     from agent.rules import validate
+    from agent.stages.fix import fix
+    from agent.stages.pools import ModulePool, Pools
     from retrieval import Candidate
 
     ctx = RuleContext(rules, PRODUCTS)

@@ -5,10 +5,10 @@ import math
 
 import pytest
 
-from agent.drafting import handle_order, parse_draft
-from agent.pools import ModulePool, Pools
 from agent.rules import Rules
 from agent.skeleton import ModuleSpec
+from agent.stages.draft import handle_order, parse_draft
+from agent.stages.pools import ModulePool, Pools
 from retrieval import Candidate
 
 

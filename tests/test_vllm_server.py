@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_composer import assert_valid_page
+from conftest import assert_valid_page
 
 from agent.backends import load_backend
 from agent.backends.hf import _converted_dir

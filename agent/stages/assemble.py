@@ -1,12 +1,12 @@
-"""Stages 5-6 of a page: the body from the model's (or the deterministic) choices plus what
-configuration fixes, then the ``Homepage`` a caller gets, with catalogue facts and reasons."""
+"""The assemble stage: the body (what check reads) from the model's or the deterministic choices
+plus what configuration fixes, then the ``Homepage`` a caller gets, with catalogue facts and reasons."""
 
 from __future__ import annotations
 
-from agent.pools import Pools
-from agent.reasons import reason
 from agent.rules import ModuleBody, PageBody, Rules
 from agent.schema import Homepage, PageItem, PageMeta, PageModule
+from agent.stages.pools import Pools
+from agent.stages.reasons import reason
 from retrieval import Product
 
 
@@ -43,9 +43,9 @@ def expand(user_id: str, body: PageBody, pools: Pools, meta: PageMeta, products:
             p, c = products[item_id], known.get(item_id)
             if item_id in mod.sponsored:
                 why, source = "Sponsored", "sponsored"
-            elif mod.spec.source == "campaign" or item_id in mod.spec.pinned:
+            elif mod.spec.is_campaign or item_id in mod.spec.pinned:
                 why = f"Featured: {mod.spec.title}"
-                source = "campaign" if mod.spec.source == "campaign" else "pinned"
+                source = "campaign" if mod.spec.is_campaign else "pinned"
             else:
                 why, source = reason(c, products), c.source if c else "popularity"
                 if rules.banned_in(why):  # a cited title may carry a banned word: cite nothing

@@ -1,4 +1,4 @@
-"""Stage 2 of a page: the candidates each module offers the model (its pool), and what
+"""The pools stage: the candidates each module offers the model (its pool), and what
 configuration fixes in it (pinned items, sponsored slots, campaign items).
 
 Every pick of distinct handles from a pool keeps the item rules, under any engine: a candidate is
@@ -18,12 +18,12 @@ import numpy as np
 
 from agent.rules import BrandQuota, Rules
 from agent.schema import PlannedTheme
-from agent.skeleton import ModuleSpec, Skeleton
+from agent.skeleton import PERSONAL, PLANNED, ModuleSpec, Skeleton
 from retrieval import Candidate, History, Provenance, Retriever
 from retrieval.vectors import PRODUCTS
 
 POOL_DEPTH = 60  # candidates retrieved per source
-TOPPED_UP = frozenset({"personal", "popularity"})  # module sources for which popular items are honest
+TOPPED_UP = frozenset({PERSONAL, "popularity"})  # module sources for which popular items are honest
 
 
 @dataclass
@@ -37,7 +37,7 @@ class ModulePool:
     @property
     def written(self) -> bool:
         """Whether the model writes this module (campaigns are configuration alone)."""
-        return self.spec.source != "campaign"
+        return not self.spec.is_campaign
 
     def count(self, rules: Rules) -> int:
         """How many candidates the model picks: the module's fill minus what configuration fixes."""
@@ -89,7 +89,7 @@ def build_pools(retriever: Retriever, rules: Rules, skeleton: Skeleton, history:
     themes = themes or {}
     notes: list[str] = []
     faults: list[str] = []
-    wanted = {m.source for m in skeleton.modules} - {"personal", "planned", "campaign"}
+    wanted = {m.candidate_source for m in skeleton.modules} - {None}
     per_source = _retrieve(retriever, history, sorted(wanted | set(retriever.weights) | {"popularity"}), faults)
     if history.is_cold:
         personal = per_source["popularity"]
@@ -104,7 +104,7 @@ def build_pools(retriever: Retriever, rules: Rules, skeleton: Skeleton, history:
     modules = []
     for spec in skeleton.modules:
         low = max(spec.min_items, rules.min_items_per_module)
-        if spec.source == "campaign":
+        if spec.is_campaign:
             items = [i for i in spec.items if _available(i, retriever, skeleton)]
             if len(items) < low:
                 notes.append(f"module {spec.type} left off: {len(items)} of its campaign items are available")
@@ -116,14 +116,14 @@ def build_pools(retriever: Retriever, rules: Rules, skeleton: Skeleton, history:
                             pinned=[i for i in spec.pinned if _available(i, retriever, skeleton)])
         slots = min(spec.sponsored_slots, quota, len(sponsored))
         module.ads, sponsored, quota = sponsored[:slots], sponsored[slots:], quota - slots
-        if spec.source == "planned":
+        if spec.source == PLANNED:
             try:
                 source = _theme_search(retriever, history, theme.query if theme else spec.query, 30)
             except Exception as exc:
                 source = []
                 faults.append(f"theme search for {spec.type} failed: {type(exc).__name__}: {exc}"[:300])
         else:
-            source = personal if spec.source == "personal" else per_source[spec.source]
+            source = personal if spec.source == PERSONAL else per_source[spec.source]
         brands = BrandQuota(rules.max_items_per_brand, retriever.products, [*module.pinned, *module.ads])
         for candidate in [*source, *(reserve if spec.source in TOPPED_UP else [])]:
             if len(module.candidates) == spec.pool_size:

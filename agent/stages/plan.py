@@ -1,4 +1,4 @@
-"""Stage 1 of a page, for skeletons with ``planned`` modules: the model picks a theme (a title and
+"""The plan stage, for skeletons with ``planned`` modules: the model picks a theme (a title and
 a search query) per planned module for this shopper. A plan that cannot be used — unparseable, or
 a title or query breaking a rule — is dropped, and the configured title and query stand in."""
 

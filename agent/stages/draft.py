@@ -1,5 +1,5 @@
-"""Stages 3-4 of a page: the prompt the model reads, the grammar it writes under, and the reading
-of what it wrote. The model decides only copy and the order of its module's handles."""
+"""The draft and retry stages' parts: the prompt the model reads, the grammar it writes under, and
+the reading of what it wrote. The model decides only copy and the order of its module's handles."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import math
 from pydantic import ValidationError
 
 from agent.backends import HandleOrder
-from agent.pools import Pools
 from agent.prompting import Prompt
 from agent.rules import Rules
 from agent.schema import PageDraft, Violation, draft_json_schema
+from agent.stages.pools import Pools
 from retrieval import History, Product
 
 

@@ -1,4 +1,4 @@
-"""Stage 5 of a page, the deterministic fix: drop what breaks a rule and back-fill honestly.
+"""The fix stage, deterministic: drop what breaks a rule and back-fill honestly.
 
 What configuration fixes is never changed here: campaign modules stay exactly as configured, and
 pinned and sponsored items keep their places (the pools stage already placed only available ones,
@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from collections import Counter
 
-from agent.pools import TOPPED_UP, Pools
 from agent.rules import BrandQuota, ModuleBody, PageBody, RuleContext, module_bounds, validate
+from agent.stages.pools import TOPPED_UP, Pools
 
 TITLE_CODES = frozenset({"title_length", "title_form", "duplicate_title", "product_name_title", "banned_word",
                          "ungrounded_title"})
 
 
 def _configured(mod: ModuleBody) -> set[str]:
-    return set(mod.items) if mod.spec.source == "campaign" else set(mod.spec.pinned) | mod.sponsored
+    return set(mod.items) if mod.spec.is_campaign else set(mod.spec.pinned) | mod.sponsored
 
 
 def _within_quota(page: PageBody, ctx: RuleContext) -> None:
@@ -49,7 +49,7 @@ def fix(page: PageBody, pools: Pools, ctx: RuleContext) -> PageBody:
         return p is not None and p.in_stock and not excluded and item not in used and quota.admits(item)
 
     for mod, pool in zip(page.modules, pools.modules, strict=True):
-        if mod.spec.source == "campaign":
+        if mod.spec.is_campaign:
             fixed.modules.append(mod)  # a copy already: configuration, never edited
             continue
         low, high = module_bounds(mod, rules)
@@ -85,7 +85,7 @@ def fix(page: PageBody, pools: Pools, ctx: RuleContext) -> PageBody:
 
 def _title_faults(page: PageBody, ctx: RuleContext) -> set[tuple[int, str]]:
     return {(v.module, v.code) for v in validate(page, ctx)
-            if v.code in TITLE_CODES and v.module is not None and page.modules[v.module].spec.source != "campaign"}
+            if v.code in TITLE_CODES and v.module is not None and not page.modules[v.module].spec.is_campaign}
 
 
 def _retitle(page: PageBody, m: int, ctx: RuleContext) -> None:
@@ -122,7 +122,7 @@ def _widen_categories(page: PageBody, pools: Pools, ctx: RuleContext, used: set[
 
     reserve = [c.item_id for c in pools.reserve]
     for mod, pool in sorted(zip(page.modules, pools.modules, strict=True), key=lambda mp: len(mp[0].items)):
-        if mod.spec.source == "campaign":
+        if mod.spec.is_campaign:
             continue
         configured = _configured(mod)
         offered = [c.item_id for c in pool.candidates] + (reserve if mod.spec.source in TOPPED_UP else [])
