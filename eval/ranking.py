@@ -175,14 +175,17 @@ class EvalStore:
         self.catalog.close()
 
 
-def sasrec_models(split: Split, item_ids: list[str], config: RankingConfig) -> Fitted:
-    """Fitted on the test split's training part (history + validation items); cached by digest."""
-    sequences = {u: split.history[u] for u in sorted(split.history)}
-    key = _digest(asdict(config.sasrec), config.refit_epochs, item_ids, sequences)
+def sasrec_models(test: Split, valid: Split, item_ids: list[str], config: RankingConfig) -> Fitted:
+    """Fitted on the test split's training part (history + validation baskets); the model the
+    validation reads (``holdout``) on the validation split's history alone, early-stopped on its
+    baskets. Cached by digest."""
+    sequences = {u: test.history[u] for u in sorted(test.history)}
+    holdout = ({u: valid.history[u] for u in sorted(valid.history)}, valid.targets)
+    key = _digest(asdict(config.sasrec), config.refit_epochs, item_ids, sequences, holdout)
     folder = config.cache / f"sasrec-{key}" if config.cache else None
     if folder and (folder / "final" / "model.pt").exists():
         return Fitted(Trained.load(folder / "holdout"), Trained.load(folder / "final"))
-    fitted = fit(sequences, item_ids, config.sasrec, config.refit_epochs, progress=config.progress)
+    fitted = fit(sequences, item_ids, config.sasrec, config.refit_epochs, progress=config.progress, holdout=holdout)
     if folder:
         fitted.holdout.save(folder / "holdout")
         fitted.final.save(folder / "final")
@@ -244,7 +247,7 @@ def page_orders(composer, retriever: Retriever, history: History,
                 lists: dict[str, list[Candidate]]) -> tuple[list[str], list[str]]:
     """(pools, page): the composer's module pools top to bottom, each in retrieval order, and its
     deterministic page as returned (``Homepage.item_ids()``)."""
-    composer.retriever = _Replay(retriever, lists)
+    composer = composer.using(retriever=_Replay(retriever, lists), cache=composer.cache)
     pools = composer.pools(history)
     page = composer.compose(history.user_id, use_llm=False, use_cache=False)
     return [c.item_id for m in pools.modules for c in m.candidates], page.item_ids()
@@ -286,7 +289,7 @@ def tune_covisit(store: EvalStore, users: list[str], split: Split,
                  progress: bool) -> tuple[dict[str, float], list[dict]]:
     """Coordinate search over ``COVISIT_GRID`` by validation NDCG@10."""
     cov = SOURCES["covisit"]
-    best = dict(cov.defaults)
+    best = cov.defaults()
     histories = {}
     tried: list[dict] = []
     cache: dict[str, float] = {}
@@ -387,16 +390,16 @@ def layouts(skeleton, rules) -> dict[str, Any]:
     first ``personal`` module filled to the rules' cap; that, followed by a second ``personal``
     module (which continues the fused order where the first stops: the fused list's value at the top);
     and, on a page with a buy-again module, each of those with a buy-again module of 3."""
-    from agent.skeleton import ModuleSpec
+    from agent.skeleton import PERSONAL, ModuleSpec
 
     cap = rules.max_items_per_module
     mods = list(skeleton.modules)
-    personal = next((m for m in mods if m.source == "personal"), None)
+    personal = next((m for m in mods if m.source == PERSONAL), None)
     again = next((m for m in mods if m.source == "buy_again"), None)
     found = {"configured": skeleton}
     if personal is not None:
         full = personal.model_copy(update={"max_items": cap})
-        more = ModuleSpec(type="more_for_you", source="personal", title="More picks for you",
+        more = ModuleSpec(type="more_for_you", source=PERSONAL, title="More picks for you",
                           title_template="More {category}", min_items=min(4, cap), max_items=cap)
         at = mods.index(personal)
         found["personal_full"] = skeleton.model_copy(update={"modules": [*mods[:at], full, *mods[at + 1:]]})
@@ -416,21 +419,18 @@ def tune_layout(composer, retriever: Retriever, lists: dict[str, dict[str, list[
     buy-again threshold; a tie keeps the earlier layout (the configured one first). Returns the
     name, the layouts and every layout's NDCG@10 (all / explore)."""
     found_layouts = layouts(composer.skeleton, composer.rules)
-    configured, scored = composer.skeleton, {}
-    try:
-        for name, skeleton in found_layouts.items():
-            composer.skeleton = skeleton
-            pages = {}
-            for u in histories:
-                found = {n: lists[n][u] for n in lists}
-                if "buy_again" in found:
-                    found["buy_again"] = [c for c in found["buy_again"] if c.score >= threshold]
-                pages[u] = page_orders(composer, retriever, histories[u], found)[1]
-            scored[name] = {subset: float(np.mean(list(per_user(pages, split.targets, split.history, subset,
-                                                                 (10,))["ndcg@10"].values()) or [0.0]))
-                            for subset in ("all", "explore")}
-    finally:
-        composer.skeleton = configured
+    scored = {}
+    for name, skeleton in found_layouts.items():
+        laid_out = composer.using(skeleton=skeleton, cache=composer.cache)
+        pages = {}
+        for u in histories:
+            found = {n: lists[n][u] for n in lists}
+            if "buy_again" in found:
+                found["buy_again"] = [c for c in found["buy_again"] if c.score >= threshold]
+            pages[u] = page_orders(laid_out, retriever, histories[u], found)[1]
+        scored[name] = {subset: float(np.mean(list(per_user(pages, split.targets, split.history, subset,
+                                                             (10,))["ndcg@10"].values()) or [0.0]))
+                        for subset in ("all", "explore")}
     best = max(scored, key=lambda n: (scored[n]["all"], -list(scored).index(n)))
     return best, found_layouts, scored
 
@@ -494,8 +494,8 @@ def tune_prior(composer, retriever: Retriever, lists: dict[str, dict[str, list[C
         found = {n: lists[n][user] for n in lists}
         if "buy_again" in found:  # as the test run's source option filters it
             found["buy_again"] = [c for c in found["buy_again"] if c.score >= threshold]
-        composer.retriever = _Replay(retriever, found)
-        scored[user] = (llm_page.score if path == "ranking" else llm_page.record)(composer, histories[user])
+        replayed = composer.using(retriever=_Replay(retriever, found), cache=composer.cache)
+        scored[user] = (llm_page.score if path == "ranking" else llm_page.record)(replayed, histories[user])
     tried = {}
     for prior in llm_page.PRIOR_GRID:
         pages = {user: llm_page.page_for(composer, s, prior) for user, s in scored.items()}
@@ -566,6 +566,37 @@ def _sample(users: list[str], n: int | None, rng: np.random.Generator) -> list[s
     return [users[i] for i in sorted(rng.choice(len(users), n, replace=False))]
 
 
+@dataclass
+class Tuned:
+    """What validation users chose, for the test run: covisit options, the fusion, the buy-again
+    threshold, the layout, and the verbalizer's blend (``prior``) with its model."""
+
+    options: dict
+    covisit_tried: list
+    mixes: list
+    chosen: Any
+    threshold: float
+    page_tried: dict
+    layout: str
+    found_layouts: dict
+    layout_tried: dict
+    settings: Any
+    backend: Any = None
+    prior: float | None = None
+    prior_tried: dict = field(default_factory=dict)
+
+
+@dataclass
+class Tested:
+    users: list[str]
+    ranked: dict[str, dict[str, list[str]]]
+    transfer: dict[str, dict[str, list[str]]]
+    direction: Direction
+    llm: Any = None
+    llm_pages: list = field(default_factory=list)
+    before_pages: list = field(default_factory=list)
+
+
 def run(config: RankingConfig) -> dict:
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -579,11 +610,12 @@ def run(config: RankingConfig) -> dict:
         privacy = config.settings.retrieval_config().privacy() if config.settings else None
         products, events = load_data(Path(config.data), work / "quarantine", config.catalogue_columns,
                                      config.event_columns, privacy)
+        check_configuration(config, products)  # before any fitting: a run never fails at its end
         test, valid = leave_last_out(events, "test"), leave_last_out(events, "valid")
         item_ids = sorted(p.item_id for p in products)
 
         mark = time.perf_counter()
-        models = sasrec_models(test, item_ids, config) if "sasrec" in names else None
+        models = sasrec_models(test, valid, item_ids, config) if "sasrec" in names else None
         if models:
             timings["sasrec_train_s"] = models.final.facts.get("train_seconds", 0.0)
         timings["sasrec_load_or_train_s"] = round(time.perf_counter() - mark, 1)
@@ -595,117 +627,155 @@ def run(config: RankingConfig) -> dict:
         timings["store_s"] = round(time.perf_counter() - mark, 1)
         try:
             # validation: history only in the store, the model that never saw a validation item
-            mark = time.perf_counter()
             store.load(valid, models.holdout if models else None)
-            gate = _sample(sorted(valid.targets), config.gate_users, rng)
-            tune = _sample(gate, config.tune_users, rng)
-            covisit, covisit_tried = (tune_covisit(store, tune, valid, config.progress) if "covisit" in names
-                                      else (dict(SOURCES["covisit"].defaults), []))
-            options = {"covisit": covisit}
-            retriever = store.retriever(dict.fromkeys(names, 1.0), options)
-            ids: dict[str, dict[str, list[str]]] = {n: {} for n in names}
-            kept: dict[str, dict[str, list[Candidate]]] = {n: {} for n in names}  # the tuning users' own
-            tuning = set(tune)
-            for user in tqdm(gate, desc="validation", unit="user", disable=not config.progress):
-                found = retriever.per_source(retriever.history(user), TUNE_DEPTH, names)
-                for name in names:
-                    ids[name][user] = _ids(found[name])
-                    if user in tuning:
-                        kept[name][user] = found[name]
-            mixes = choose_fusion(ids, gate, valid, config.bootstrap, config.seed)
-            chosen = [m for m in mixes if m.entered][-1]
-            retriever.weights, retriever.rrf_k = {n: chosen.weights.get(n, 0.0) for n in names}, chosen.rrf_k
-            settings = _settings(config)
-            composer = _composer(retriever, settings)
-            histories = {u: retriever.history(u) for u in tune}
-            threshold, page_tried = tune_page(composer, retriever, kept, histories, valid)
-            layout, found_layouts, layout_tried = tune_layout(composer, retriever, kept, histories, valid, threshold)
-            # every page from here on (the LLM's blend on validation, the test run) has the chosen layout
-            settings = settings.model_copy(update={"skeleton_file": write_skeleton(found_layouts[layout],
-                                                                                    work / "skeleton.yaml")})
-            composer = _composer(retriever, settings)
-            timings["tuning_s"] = round(time.perf_counter() - mark, 1)
-            backend, prior, prior_tried = None, None, {}
-            if config.llm_users:
-                from agent.backends import load_backend
-
-                mark = time.perf_counter()
-                backend = load_backend(settings)
-                prior, prior_tried = tune_prior(_composer(retriever, settings, backend), retriever, kept, histories,
-                                                _sample(tune, config.llm_tune_users, rng), threshold, valid,
-                                                config.progress, config.llm_path)
-                timings["llm_tuning_s"] = round(time.perf_counter() - mark, 1)
-
+            tuned = tune_on_validation(config, store, valid, work, rng, timings)
             # test: history + validation items in the store, the model continued on them
             mark = time.perf_counter()
             store.load(test, models.final if models else None)
-            retriever = store.retriever(dict.fromkeys(names, 1.0),
-                                        {**options, "buy_again": {"min_probability": threshold}})
-            retriever.weights, retriever.rrf_k = {n: chosen.weights.get(n, 0.0) for n in names}, chosen.rrf_k
-            composer = _composer(retriever, settings)
-            llm = _composer(retriever, settings, backend, prior) if backend else None
-            users = _sample(sorted(test.targets), config.users, rng)
-            llm_sample = set(_sample(users, config.llm_users, rng)) if llm else set()
-            before_sample = set(sorted(llm_sample)[: config.llm_before_users])
-            if before_sample:
-                from agent.backends import load_backend
-
-                earlier = before_settings(settings)
-                before = _composer(retriever, earlier, load_backend(earlier), earlier.handle_prior)
-            depth = max(RETRIEVAL_KS)
-            ranked: dict[str, dict[str, list[str]]] = {
-                n: {} for n in [*names, "fused", "pools", "page", "page_discovery", *(["llm_page"] if llm else []),
-                                *(["llm_page_before"] if before_sample else [])]}
-            transfer: dict[str, dict[str, list[str]]] = {f"mix {n}": {} for n in range(len(mixes))}
-            direction = Direction(store, names, covisit, config.seed)
-            llm_pages, before_pages = [], []
-            for user in tqdm(users, desc="test", unit="user", disable=not config.progress):
-                history = retriever.history(user)
-                found = retriever.per_source(history, depth, names)
-                for name in names:
-                    ranked[name][user] = _ids(found[name])
-                mine = {name: ranked[name][user] for name in names}
-                ranked["fused"][user] = _fused(mine, chosen.weights, chosen.rrf_k, depth)
-                for n, mix in enumerate(mixes):
-                    transfer[f"mix {n}"][user] = _fused(mine, mix.weights, mix.rrf_k, 10)
-                ranked["pools"][user], ranked["page"][user] = page_orders(composer, retriever, history, found)
-                owned = set(history.item_ids)
-                ranked["page_discovery"][user] = [i for i in ranked["page"][user] if i not in owned]
-                direction.rank(retriever, history)
-                if user in llm_sample and config.llm_path == "ranking":
-                    llm.retriever = _Replay(retriever, found)
-                    scored = llm_page.score(llm, history)
-                    ranked["llm_page"][user] = llm_page.page_for(llm, scored, prior)
-                    llm_pages.append(scored.costs)
-                elif user in llm_sample:
-                    llm.retriever = _Replay(retriever, found)
-                    page = llm.compose(user, use_cache=False)
-                    ranked["llm_page"][user] = page.item_ids()
-                    llm_pages.append(page.meta)
-                if user in before_sample:
-                    before.retriever = _Replay(retriever, found)
-                    page = before.compose(user, use_cache=False)
-                    ranked["llm_page_before"][user] = page.item_ids()
-                    before_pages.append(page.meta)
-            ranked.update(rank_baselines(test.train, users, depth))
+            tested = run_test(config, store, test, tuned, rng)
             timings["test_s"] = round(time.perf_counter() - mark, 1)
         finally:
             store.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    per = {system: user_metrics(lists, test) for system, lists in ranked.items()}
+    per = {system: user_metrics(lists, test) for system, lists in tested.ranked.items()}
     results = {system: means(values) for system, values in per.items()}
+    timings["total_s"] = round(time.perf_counter() - started, 1)
+    meta = report_meta(config, tuned, tested, per, results, test, models, timings)
+    if config.out:
+        write_report(Path(config.out), results, meta, per)
+    return {"results": results, "meta": meta}
+
+
+def check_configuration(config: RankingConfig, products: list[Product]) -> None:
+    """What would refuse the run's pages, found before anything is fitted: the templates, rules and
+    skeleton load (``ConfigError`` names file and line) and the skeleton fits this catalogue."""
+    from agent.prompting import load_prompts
+    from agent.rules import Rules, check_skeleton
+    from agent.skeleton import Skeleton
+
+    settings = _settings(config)
+    load_prompts(settings.prompts_dir)
+    check_skeleton(Rules.load(settings.rules_file), Skeleton.load(settings.skeleton_file),
+                   {p.item_id: p for p in products})
+
+
+def tune_on_validation(config: RankingConfig, store: EvalStore, valid: Split, work: Path,
+                       rng: np.random.Generator, timings: dict[str, float]) -> Tuned:
+    """Every choice of the run, on validation users only: covisit options, the fusion (``gate``
+    users), the buy-again threshold and the layout (``tune`` users), the verbalizer's blend."""
+    mark = time.perf_counter()
+    names = list(config.sources)
+    gate = _sample(sorted(valid.targets), config.gate_users, rng)
+    tune = _sample(gate, config.tune_users, rng)
+    covisit, covisit_tried = (tune_covisit(store, tune, valid, config.progress) if "covisit" in names
+                              else (SOURCES["covisit"].defaults(), []))
+    options = {"covisit": covisit}
+    retriever = store.retriever(dict.fromkeys(names, 1.0), options)
+    ids: dict[str, dict[str, list[str]]] = {n: {} for n in names}
+    kept: dict[str, dict[str, list[Candidate]]] = {n: {} for n in names}  # the tuning users' own
+    tuning = set(tune)
+    for user in tqdm(gate, desc="validation", unit="user", disable=not config.progress):
+        found = retriever.per_source(retriever.history(user), TUNE_DEPTH, names)
+        for name in names:
+            ids[name][user] = _ids(found[name])
+            if user in tuning:
+                kept[name][user] = found[name]
+    mixes = choose_fusion(ids, gate, valid, config.bootstrap, config.seed)
+    chosen = [m for m in mixes if m.entered][-1]
+    retriever.weights, retriever.rrf_k = {n: chosen.weights.get(n, 0.0) for n in names}, chosen.rrf_k
+    settings = _settings(config)
+    composer = _composer(retriever, settings)
+    histories = {u: retriever.history(u) for u in tune}
+    threshold, page_tried = tune_page(composer, retriever, kept, histories, valid)
+    layout, found_layouts, layout_tried = tune_layout(composer, retriever, kept, histories, valid, threshold)
+    # every page from here on (the LLM's blend on validation, the test run) has the chosen layout
+    settings = settings.model_copy(update={"skeleton_file": write_skeleton(found_layouts[layout],
+                                                                            work / "skeleton.yaml")})
+    timings["tuning_s"] = round(time.perf_counter() - mark, 1)
+    tuned = Tuned(options, covisit_tried, mixes, chosen, threshold, page_tried, layout, found_layouts,
+                  layout_tried, settings)
+    if config.llm_users:
+        from agent.backends import load_backend
+
+        mark = time.perf_counter()
+        tuned.backend = load_backend(settings)
+        tuned.prior, tuned.prior_tried = tune_prior(
+            _composer(retriever, settings, tuned.backend), retriever, kept, histories,
+            _sample(tune, config.llm_tune_users, rng), threshold, valid, config.progress, config.llm_path)
+        timings["llm_tuning_s"] = round(time.perf_counter() - mark, 1)
+    return tuned
+
+
+def run_test(config: RankingConfig, store: EvalStore, test: Split, tuned: Tuned, rng: np.random.Generator) -> Tested:
+    """Every system's list for the test users, with what validation chose; the LLM page (and the
+    earlier configuration's) for a seeded sample of them."""
+    names, chosen, settings = list(config.sources), tuned.chosen, tuned.settings
+    retriever = store.retriever(dict.fromkeys(names, 1.0),
+                                {**tuned.options, "buy_again": {"min_probability": tuned.threshold}})
+    retriever.weights, retriever.rrf_k = {n: chosen.weights.get(n, 0.0) for n in names}, chosen.rrf_k
+    composer = _composer(retriever, settings)
+    llm = _composer(retriever, settings, tuned.backend, tuned.prior) if tuned.backend else None
+    users = _sample(sorted(test.targets), config.users, rng)
+    llm_sample = set(_sample(users, config.llm_users, rng)) if llm else set()
+    before_sample = set(sorted(llm_sample)[: config.llm_before_users])
+    if before_sample:
+        from agent.backends import load_backend
+
+        earlier = before_settings(settings)
+        before = _composer(retriever, earlier, load_backend(earlier), earlier.handle_prior)
+    depth = max(RETRIEVAL_KS)
+    ranked: dict[str, dict[str, list[str]]] = {
+        n: {} for n in [*names, "fused", "pools", "page", "page_discovery", *(["llm_page"] if llm else []),
+                        *(["llm_page_before"] if before_sample else [])]}
+    tested = Tested(users, ranked, {f"mix {n}": {} for n in range(len(tuned.mixes))},
+                     Direction(store, names, tuned.options["covisit"], config.seed), llm)
+    for user in tqdm(users, desc="test", unit="user", disable=not config.progress):
+        history = retriever.history(user)
+        found = retriever.per_source(history, depth, names)
+        for name in names:
+            ranked[name][user] = _ids(found[name])
+        mine = {name: ranked[name][user] for name in names}
+        ranked["fused"][user] = _fused(mine, chosen.weights, chosen.rrf_k, depth)
+        for n, mix in enumerate(tuned.mixes):
+            tested.transfer[f"mix {n}"][user] = _fused(mine, mix.weights, mix.rrf_k, 10)
+        ranked["pools"][user], ranked["page"][user] = page_orders(composer, retriever, history, found)
+        owned = set(history.item_ids)
+        ranked["page_discovery"][user] = [i for i in ranked["page"][user] if i not in owned]
+        tested.direction.rank(retriever, history)
+        if user in llm_sample:
+            replayed = llm.using(retriever=_Replay(retriever, found), cache=llm.cache)
+            if config.llm_path == "ranking":
+                scored = llm_page.score(replayed, history)
+                ranked["llm_page"][user] = llm_page.page_for(replayed, scored, tuned.prior)
+                tested.llm_pages.append(scored.costs)
+            else:
+                page = replayed.compose(user, use_cache=False)
+                ranked["llm_page"][user] = page.item_ids()
+                tested.llm_pages.append(page.meta)
+        if user in before_sample:
+            page = before.using(retriever=_Replay(retriever, found), cache=before.cache).compose(user, use_cache=False)
+            ranked["llm_page_before"][user] = page.item_ids()
+            tested.before_pages.append(page.meta)
+    ranked.update(rank_baselines(test.train, users, depth))
+    return tested
+
+
+def report_meta(config: RankingConfig, tuned: Tuned, tested: Tested, per: dict, results: dict, test: Split,
+                models, timings: dict[str, float]) -> dict:
+    """run.json: the command, what validation chose, the comparisons and what each part cost."""
+    names, mixes = list(config.sources), tuned.mixes
     best_single = max(names, key=lambda n: (results[n]["all"]["ndcg@10"], n))
-    comparisons = compare(per, best_single, config.bootstrap, config.seed)
     llm_meta = None
-    if llm_pages:
-        costs = (_scoring_costs(llm_pages, {name: t.version for name, t in llm.prompts.items()})
-                 if config.llm_path == "ranking" else _page_costs(llm_pages))
-        llm_meta = {"users": len(llm_pages), "handle_prior": _prior_name(prior), "prior_tried": prior_tried,
-                    "model": backend.model_name, "adapter": backend.adapter, "path": config.llm_path,
-                    "adapter_training": adapter_training(backend.adapter), **costs,
-                    "before": _page_costs(before_pages) if before_pages else None}
-    test_mix = {key: _ndcg10(lists, test) for key, lists in transfer.items()}
+    if tested.llm_pages:
+        llm, backend = tested.llm, tuned.backend
+        costs = (_scoring_costs(tested.llm_pages, {name: t.version for name, t in llm.prompts.items()})
+                 if config.llm_path == "ranking" else _page_costs(tested.llm_pages))
+        llm_meta = {"users": len(tested.llm_pages), "handle_prior": _prior_name(tuned.prior),
+                    "prior_tried": tuned.prior_tried, "model": backend.model_name, "adapter": backend.adapter,
+                    "path": config.llm_path, "adapter_training": adapter_training(backend.adapter), **costs,
+                    "before": _page_costs(tested.before_pages) if tested.before_pages else None}
+    test_mix = {key: _ndcg10(lists, test) for key, lists in tested.transfer.items()}
     transfer_rows = []
     for n, mix in enumerate(mixes):
         row = {**asdict(mix), "test_ndcg10": float(np.mean(list(test_mix[f"mix {n}"].values())))}
@@ -714,21 +784,18 @@ def run(config: RankingConfig) -> dict:
             row["test_gain"] = paired_interval(test_mix[f"mix {n}"], test_mix[f"mix {before}"],
                                                config.bootstrap, config.seed)
         transfer_rows.append(row)
-    timings["total_s"] = round(time.perf_counter() - started, 1)
-    meta = {
+    return {
         "command": " ".join(["homepage", *sys.argv[1:]]), "commit": _commit(),
-        "data": str(config.data), "users_evaluated": len(users), "seed": config.seed, "sources": names,
-        "covisit": covisit, "fusion_weights": chosen.weights, "rrf_k": chosen.rrf_k, "best_single": best_single,
-        "buy_again_min_probability": threshold, "page_tried": page_tried, "transfer": transfer_rows,
-        "layout": layout, "layout_tried": layout_tried,
-        "layout_skeleton": found_layouts[layout].model_dump(mode="json", exclude_defaults=True),
-        "comparisons": comparisons, "covisit_tried": covisit_tried, "timings": timings, "llm": llm_meta,
-        "direction": direction.report(per, test, config.bootstrap, config.seed),
+        "data": str(config.data), "users_evaluated": len(tested.users), "seed": config.seed, "sources": names,
+        "covisit": tuned.options["covisit"], "fusion_weights": tuned.chosen.weights, "rrf_k": tuned.chosen.rrf_k,
+        "best_single": best_single, "buy_again_min_probability": tuned.threshold, "page_tried": tuned.page_tried,
+        "transfer": transfer_rows, "layout": tuned.layout, "layout_tried": tuned.layout_tried,
+        "layout_skeleton": tuned.found_layouts[tuned.layout].model_dump(mode="json", exclude_defaults=True),
+        "comparisons": compare(per, best_single, config.bootstrap, config.seed),
+        "covisit_tried": tuned.covisit_tried, "timings": timings, "llm": llm_meta,
+        "direction": tested.direction.report(per, test, config.bootstrap, config.seed),
         "sasrec": {k: v for k, v in models.final.facts.items() if k != "log"} if models else None,
     }
-    if config.out:
-        write_report(Path(config.out), results, meta, per)
-    return {"results": results, "meta": meta}
 
 
 def compare(per: dict, best_single: str, samples: int, seed: int) -> list[dict]:

@@ -16,8 +16,9 @@ and the source proposes nothing.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,22 +97,34 @@ class RepeatModel:
                 math.log1p(shopper_baskets), math.log(repeat_rate), math.log1p(self.buyers[item]),
                 due_now(owned, now, self.min_cycle_days)]
 
-    def fit(self, by_user: dict[str, list[Event]]) -> RepeatModel:
-        per_user = {u: purchase_baskets(events) for u, events in by_user.items()}
-        for user_baskets in per_user.values():
+    def _count(self, baskets_per_user: Iterable[list[list[Event]]]) -> None:
+        """How many shoppers bought each item, and how many of them in two baskets or more."""
+        self.buyers, self.repeaters = Counter(), Counter()
+        for user_baskets in baskets_per_user:
             for item, owned in owned_items(user_baskets).items():
                 self.buyers[item] += 1
                 self.repeaters[item] += owned.baskets >= 2
+
+    def fit(self, by_user: dict[str, list[Event]]) -> RepeatModel:
+        """Each shopper's latest basket is the label of the baskets before it. A training row sees
+        only what was known before its label: the item counts leave every label basket out (a count
+        that held it would tell the model its answer), and "now" is the store's latest time just
+        before the label basket — what serving would have used then — never the label's own time."""
+        per_user = [purchase_baskets(events) for events in by_user.values()]
+        self._count(b[:-1] if len(b) >= 2 else b for b in per_user)
+        times = sorted({e.timestamp for b in per_user for basket in b for e in basket if e.timestamp is not None})
         rows, labels = [], []
-        for user_baskets in per_user.values():
+        for user_baskets in per_user:
             if len(user_baskets) < 2:
                 continue
             *before, latest = user_baskets
             bought = {e.item_id for e in latest}
-            now = latest[0].timestamp
+            label_time = latest[0].timestamp
+            now = None if label_time is None else times[max(bisect_left(times, label_time) - 1, 0)]
             for item, owned in owned_items(before).items():
                 rows.append(self.features(owned, item, len(before), now))
                 labels.append(item in bought)
+        self._count(per_user)  # serving: every basket the store holds is before the next one
         self.examples, self.positives = len(labels), int(sum(labels))
         if self.positives == 0 or self.positives == self.examples:
             return self  # nothing to learn from: nobody bought an item again (or everybody did)

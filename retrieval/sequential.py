@@ -273,16 +273,26 @@ class Fitted:
 def fit(
     sequences: dict[str, list[str]], item_ids: Sequence[str], config: SASRecConfig | None = None,
     refit_epochs: int = 1, max_validation_users: int = 2000, progress: bool = True,
+    holdout: tuple[dict[str, list[str]], dict[str, list[str]]] | None = None,
 ) -> Fitted:
-    """Early-stop on each user's last item (NDCG@10, a seeded sample of users), then continue the
-    best model on the full sequences so the newest transitions are learned too."""
+    """Early-stop on held-out items (NDCG@10, a seeded sample of users), then continue the best
+    model on the full sequences so the newest transitions are learned too.
+
+    ``holdout``: (what the early-stopping model may see per user, each validation user's held-out
+    items) — on basket data the validation split's history and baskets (``leave_last_out(...,
+    "valid")``), so no item of a validation basket reaches the model the validation reads. Default:
+    each user's last item held out (sequences of one item per step), users under 3 items kept whole."""
     config = config or SASRecConfig()
-    users = [u for u, s in sequences.items() if len(s) >= 3]
+    if holdout is None:
+        shortened = {u: (s[:-1] if len(s) >= 3 else s) for u, s in sequences.items()}
+        targets = {u: [s[-1]] for u, s in sequences.items() if len(s) >= 3}
+    else:
+        shortened, targets = holdout
+    users = sorted(u for u in targets if targets[u] and shortened.get(u))
     rng = np.random.default_rng(config.seed)
     sample = sorted(rng.choice(len(users), min(max_validation_users, len(users)), replace=False))
-    val_histories = [sequences[users[i]][:-1] for i in sample]
-    val_targets = [sequences[users[i]][-1] for i in sample]
-    shortened = {u: (s[:-1] if len(s) >= 3 else s) for u, s in sequences.items()}
+    val_histories = [shortened[users[i]] for i in sample]
+    val_targets = [targets[users[i]][0] for i in sample]  # a basket's first item: the stopping signal
     holdout = train_sasrec(shortened, item_ids, config,
                            validate=lambda t: holdout_ndcg(t, val_histories, val_targets), progress=progress)
     started = time.perf_counter()

@@ -101,3 +101,32 @@ def test_the_shipped_skeleton_opens_with_buy_again(grocery):
     first = page.modules[0]
     assert first.type == "buy_again" and first.items[0].item_id == "milk"
     assert first.items[0].reason == "You buy this about every 4 weeks"
+
+
+def test_the_repeat_model_learns_from_what_was_known_before_each_label():
+    """Was: the item counts behind the repeat-rate feature held the label baskets, and "now" was the
+    label basket's own time. Hand-computed: the store's baskets (day: items) are
+    u1 1:A 5:A,B 9:A | u2 1:A 3:A,C | u3 2:B 4:B; each shopper's last basket is the label."""
+    from retrieval.records import Event
+    from retrieval.repeat import RepeatModel
+
+    log = {"u1": [(1, "A"), (5, "A"), (5, "B"), (9, "A")], "u2": [(1, "A"), (3, "A"), (3, "C")],
+           "u3": [(2, "B"), (4, "B")]}
+    by_user = {u: [Event(u, item, day * DAY, n, "purchase") for n, (day, item) in enumerate(rows)]
+               for u, rows in log.items()}
+    seen = []
+
+    class Recording(RepeatModel):
+        def features(self, owned, item, shopper_baskets, now):
+            seen.append((item, self.buyers[item], self.repeaters[item], now / DAY))
+            return super().features(owned, item, shopper_baskets, now)
+
+    model = Recording().fit(by_user)
+    # rows (item, buyers, repeaters, now): before the labels A was bought by u1 (twice) and u2 (once),
+    # B by u1 and u3 (once each); now is the store's latest time before each label: u1 day 5
+    # (label day 9), u2 day 2 (label day 3, u3's basket), u3 day 3 (label day 4, u2's basket)
+    assert sorted(seen) == sorted([("A", 2, 1, 5.0), ("B", 2, 0, 5.0), ("A", 2, 1, 2.0), ("B", 2, 0, 3.0)])
+    # serving counts every basket: A bought by 2 shoppers, both again; B by 2, u3 again; C by 1
+    assert (model.buyers["A"], model.repeaters["A"]) == (2, 2)
+    assert (model.buyers["B"], model.repeaters["B"]) == (2, 1)
+    assert (model.buyers["C"], model.repeaters["C"]) == (1, 0)

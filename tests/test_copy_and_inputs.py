@@ -6,14 +6,15 @@ import warnings
 from pathlib import Path
 
 import pytest
+from conftest import assert_valid_page, sample_slice
 
 from agent.adapters import METADATA_FILE, AdapterMismatch, check_adapter, check_adapter_inputs
 from agent.errors import ConfigError
-from agent.planning import parse_plan
 from agent.prompting import TemplateRenderError, load_prompt, load_prompts
 from agent.rules import ModuleBody, PageBody, RuleContext, Rules, title_form_problem, validate
 from agent.schema import title_pattern
 from agent.skeleton import Skeleton
+from agent.stages.plan import parse_plan
 from prompts import PROMPTS_DIR
 from retrieval import RetrievalConfig, Retriever, ingest, remove_products
 from retrieval.vectors import PRODUCTS
@@ -186,9 +187,9 @@ def test_an_adapter_trained_on_other_files_is_refused_or_warned(tmp_path):
 
 
 def test_a_reason_citing_a_banned_word_is_replaced():
-    from agent.assembly import expand
-    from agent.pools import ModulePool, Pools
     from agent.schema import PageMeta
+    from agent.stages.assemble import expand
+    from agent.stages.pools import ModulePool, Pools
     from retrieval import Candidate, Product, Provenance
 
     products = {"a": Product("a", "Free gift set", ("Beauty", "Sets"), "Acme"),
@@ -202,3 +203,34 @@ def test_a_reason_citing_a_banned_word_is_replaced():
     page = expand("u", PageBody([ModuleBody(spec, "Picked for you", ["b"])]), pools, PageMeta(path="llm", model=""),
                   products, Rules(banned_words=[]))
     assert page.modules[0].items[0].reason == "Often bought with Free gift set, which you bought"
+
+
+@pytest.mark.slow
+def test_a_catalogue_without_categories_gets_valid_pages(tmp_path):
+    """Was: with the shipped rules every page of such a shop was unavailable ("1 categories on the
+    page, needs 3"). The sample's first 200 products with their category column emptied."""
+    import csv
+
+    from agent.service import composer_for
+    from agent.settings import Settings
+
+    folder = sample_slice(tmp_path / "data", products=200)
+    with (folder / "items.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    with (folder / "items.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({**r, "category_path": ""} for r in rows)
+    settings = Settings(store_dir=tmp_path / "store", budget_ms=None)
+    ingest(settings.retrieval_config(), folder / "items.csv", folder / "interactions.csv", progress=False)
+    retriever = Retriever.open(settings.retrieval_config())
+    try:
+        assert {p.category for p in retriever.products.values()} == {"Other"}
+        composer = composer_for(settings, retriever)
+        users = retriever.catalog.users()[:20]
+        for user in [*users, "someone-new"]:
+            page = composer.compose(user)
+            assert_valid_page(page, composer)
+            assert page.meta.path == "deterministic" and page.item_ids()
+    finally:
+        retriever.close()

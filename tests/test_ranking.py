@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import sample_slice
 
 from agent.settings import SAMPLE_DIR
 from eval.metrics import basket_ndcg, basket_recall, mean_metrics
@@ -138,22 +139,42 @@ def test_the_evaluation_store_holds_no_target(tmp_path):
         store.close()
 
 
-def _sample_slice(folder, products: int = 400):
-    """The sample's first products and their events, as data files: a short MiniLM embedding."""
-    folder.mkdir()
-    head, *rows = (SAMPLE_DIR / "items.csv").read_text().splitlines(keepends=True)
-    (folder / "items.csv").write_text(head + "".join(rows[:products]))
-    known = {r.split(",")[0] for r in rows[:products]}
-    head, *rows = (SAMPLE_DIR / "interactions.csv").read_text().splitlines(keepends=True)
-    (folder / "interactions.csv").write_text(head + "".join(r for r in rows if r.split(",")[1] in known))
-    return folder
+def test_sasrec_the_validation_reads_never_saw_a_validation_basket(tmp_path, monkeypatch):
+    """Was: on basket data the early-stopping model dropped each user's last item, not the last
+    basket, so the rest of the validation basket trained the model the fusion gate reads. Through the
+    real path (``eval.ranking.sasrec_models`` -> ``fit``), what each training call saw is recorded."""
+    import retrieval.sequential as sequential
+    from eval.ranking import RankingConfig, sasrec_models
+
+    events = []  # per user four baskets of two items (one time each): history, history, validation, test
+    for u in range(40):
+        for b in range(4):
+            for j in range(2):
+                events.append(Event(f"u{u}", ITEMS[(u + 2 * b + j) % len(ITEMS)], float(b), 2 * b + j, "purchase"))
+    test, valid = leave_last_out(events, "test"), leave_last_out(events, "valid")
+    seen = []
+    real = sequential.train_sasrec
+
+    def recording(sequences, *args, **kwargs):
+        seen.append({u: list(s) for u, s in sequences.items()})
+        return real(sequences, *args, **kwargs)
+
+    monkeypatch.setattr(sequential, "train_sasrec", recording)
+    config = RankingConfig(data=tmp_path, sasrec=SASRecConfig(hidden=8, blocks=1, heads=1, max_len=8, epochs=1,
+                                                              threads=1), cache=None, progress=False)
+    sasrec_models(test, valid, sorted(ITEMS), config)
+    holdout = seen[0]  # the first training call is the model validation reads
+    for u, basket in valid.targets.items():
+        assert len(basket) == 2
+        assert holdout[u] == valid.history[u] and len(holdout[u]) == 4  # two history baskets, nothing more
+        assert test.history[u][-2:] == basket  # the validation basket is what the final model adds
 
 
 @pytest.mark.slow
 def test_ranking_run_on_the_sample_writes_the_report(tmp_path):
     from eval.ranking import RankingConfig, run
 
-    config = RankingConfig(data=_sample_slice(tmp_path / "data"), users=40, tune_users=40, out=tmp_path / "out",
+    config = RankingConfig(data=sample_slice(tmp_path / "data"), users=40, tune_users=40, out=tmp_path / "out",
                            cache=tmp_path / "cache",
                            sasrec=SASRecConfig(hidden=32, epochs=2, eval_every=1, threads=1), progress=False,
                            llm_users=3, llm_tune_users=3, llm_before_users=2)

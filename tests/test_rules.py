@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 
 from agent.errors import ConfigError
-from agent.pools import ModulePool, Pools
-from agent.repair import fix
 from agent.rules import RULES, ModuleBody, PageBody, RuleContext, Rules, validate
 from agent.settings import PROMPTS_DIR
 from agent.skeleton import ModuleSpec, Skeleton
+from agent.stages.fix import fix
+from agent.stages.pools import ModulePool, Pools
 from retrieval import Candidate, Product
 
 PRODUCTS = {
@@ -166,3 +166,20 @@ def test_broken_rule_files_are_refused_with_file_line_and_field(tmp_path, text, 
 def test_broken_skeleton_files_are_refused(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         Skeleton.load(write(tmp_path, "skeleton.yaml", text))
+
+
+def test_the_category_rule_asks_only_what_the_catalogue_has():
+    """Was: a catalogue without categories (everything filed under "Other") made every page
+    unavailable ("1 categories on the page, needs 3")."""
+    flat = {i: Product(i, p.title, (), p.brand, p.price, stock=p.stock) for i, p in PRODUCTS.items()}
+    two = {i: Product(i, p.title, ("Beauty", "Lips" if i.startswith("b") else "Other"), p.brand, p.price)
+           for i, p in PRODUCTS.items()}
+    body = page(("For you", ["a1", "b1", "c1"]), ("More", ["a2", "d1"]))
+    assert validate(body, RuleContext(RULES_, flat)) == []  # one category in the catalogue: one suffices
+    assert validate(page(("For you", ["a1", "b1"]), ("More", ["a2", "d1"])), RuleContext(RULES_, two)) == []
+    one_kind = page(("For you", ["a1", "c1"]), ("More", ["a2", "d1"]))  # all "Other" of two
+    found = validate(one_kind, RuleContext(RULES_, two))
+    assert [v.code for v in found] == ["few_categories"] and "needs 2" in found[0].message
+    # a catalogue with enough categories still needs the configured three
+    found = validate(page(("For you", ["a3", "f1"]), ("More", ["b1", "e1"])), RuleContext(RULES_, PRODUCTS))
+    assert [v.code for v in found] == ["few_categories"] and "needs 3" in found[0].message
