@@ -421,6 +421,14 @@ class Gate:
         await self.app(scope, counted, send)
 
 
+# answers the routes document (OpenAPI), shared by them
+REFUSED = {401: {"model": Problem, "description": "no or a wrong bearer token"},
+           413: {"model": Problem, "description": "the body is too large"}}
+UNREAD = {401: {"model": Problem, "description": "no read or admin token"}}
+USER_PATH = Path(pattern=ID_PATTERN, description="the user's id (unknown: a new visitor)")
+UNUSABLE = {422: {"description": "a malformed user id"}, 503: {"model": Problem}}
+
+
 def create_app(settings: Settings | None = None, composer: Composer | None = None) -> FastAPI:
     """The app over ``composer`` (default: the one ``settings`` describe, built when the app starts,
     so that making the app, e.g. for its OpenAPI schema, needs no store or model)."""
@@ -459,16 +467,17 @@ def create_app(settings: Settings | None = None, composer: Composer | None = Non
         errors = [{k: v for k, v in e.items() if k != "input"} for e in exc.errors()]
         return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
 
-    refused = {401: {"model": Problem, "description": "no or a wrong bearer token"},
-               413: {"model": Problem, "description": "the body is too large"}}
-    unread = {401: {"model": Problem, "description": "no read or admin token"}}
-    user_path = Path(pattern=ID_PATTERN, description="the user's id (unknown: a new visitor)")
-    unusable = {422: {"description": "a malformed user id"}, 503: {"model": Problem}}
+    _page_routes(app, service, reader)
+    _write_routes(app, service, writer)
+    _probe_routes(app, service, reader)
+    return app
 
+
+def _page_routes(app: FastAPI, service: Service, reader) -> None:
     @app.get("/v1/users/{user_id}/homepage", response_model=Homepage | LeanPage,
-             responses={**unusable, **unread, 403: {"model": Problem, "description": "explain needs the admin token"}},
+             responses={**UNUSABLE, **UNREAD, 403: {"model": Problem, "description": "explain needs the admin token"}},
              summary="The user's homepage")
-    def homepage(user_id: Annotated[str, user_path], role: Annotated[str, Depends(reader)],
+    def homepage(user_id: Annotated[str, USER_PATH], role: Annotated[str, Depends(reader)],
                  explain: Annotated[bool, Query(description="add meta and each item's reason (admin token)")] = False):
         if explain and role != "admin":
             raise HTTPException(403, "explain=true needs the admin token (api_token)")
@@ -484,7 +493,9 @@ def create_app(settings: Settings | None = None, composer: Composer | None = Non
         page = page.model_copy(update={"user_id": user_id})
         return page if explain else LeanPage.model_validate(page.model_dump())
 
-    @app.post("/v1/events", response_model=EventsResult, dependencies=[Depends(writer)], responses=refused,
+
+def _write_routes(app: FastAPI, service: Service, writer) -> None:
+    @app.post("/v1/events", response_model=EventsResult, dependencies=[Depends(writer)], responses=REFUSED,
               summary="Record behaviour events; each user's next page reflects them")
     def events(batch: EventBatch) -> EventsResult:
         columns, composer = EventColumns(), service.composer
@@ -505,7 +516,7 @@ def create_app(settings: Settings | None = None, composer: Composer | None = Non
             service.metrics.events.labels(outcome).inc(n)
         return EventsResult(accepted=accepted, duplicates=len(added) - accepted, rejected=rejected)
 
-    @app.put("/v1/catalogue/items", response_model=ProductsResult, dependencies=[Depends(writer)], responses=refused,
+    @app.put("/v1/catalogue/items", response_model=ProductsResult, dependencies=[Depends(writer)], responses=REFUSED,
              summary="Add or update products (a stock of 0 takes one off pages)")
     def put_items(batch: ProductBatch) -> ProductsResult:
         columns, retriever = CatalogueColumns(), service.composer.retriever
@@ -519,7 +530,7 @@ def create_app(settings: Settings | None = None, composer: Composer | None = Non
         return ProductsResult(changed=changed, rejected=rejected)
 
     @app.delete("/v1/catalogue/items/{item_id}", response_model=Removed, dependencies=[Depends(writer)],
-                responses={**refused, 404: {"model": Problem}}, summary="Take a product off the catalogue")
+                responses={**REFUSED, 404: {"model": Problem}}, summary="Take a product off the catalogue")
     def delete_item(item_id: Annotated[str, Path(pattern=ID_PATTERN)]) -> Removed:
         retriever = service.composer.retriever
         if not delete_products(retriever.catalog, retriever.index, [item_id]):
@@ -527,13 +538,13 @@ def create_app(settings: Settings | None = None, composer: Composer | None = Non
         return Removed(removed=item_id)
 
     @app.delete("/v1/users/{user_id}", response_model=Erased, dependencies=[Depends(writer)],
-                responses={**refused, 404: {"model": Problem, "description": "no such user: nothing was erased"}},
+                responses={**REFUSED, 404: {"model": Problem, "description": "no such user: nothing was erased"}},
                 summary="Erase the user everywhere and prove it by a byte scan (right to be forgotten)")
-    def forget(user_id: Annotated[str, user_path]) -> Erased:
+    def forget(user_id: Annotated[str, USER_PATH]) -> Erased:
         return service.forget(user_id)
 
     @app.post("/v1/admin/reload", response_model=ReloadResult, dependencies=[Depends(writer)],
-              responses={**refused, 422: {"model": Problem}},
+              responses={**REFUSED, 422: {"model": Problem}},
               summary="Load templates, rules and skeleton again, as one set")
     def reload() -> ReloadResult:
         try:
@@ -541,6 +552,8 @@ def create_app(settings: Settings | None = None, composer: Composer | None = Non
         except ConfigError as exc:
             raise HTTPException(422, str(exc)) from None
 
+
+def _probe_routes(app: FastAPI, service: Service, reader) -> None:
     # The probes run on the event loop (and readyz's store reads on threads of their own), not on the
     # worker threads that page requests wait in: they answer while every one of those is taken.
     probes = anyio.CapacityLimiter(2)
@@ -556,12 +569,10 @@ def create_app(settings: Settings | None = None, composer: Composer | None = Non
         return {"status": "ready"}
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics", dependencies=[Depends(reader)],
-             responses=unread)
+             responses=UNREAD)
     def metrics() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(service.metrics.registry).decode(),
                                  media_type="text/plain; version=0.0.4")
-
-    return app
 
 
 def app_from_settings() -> FastAPI:

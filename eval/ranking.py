@@ -52,6 +52,7 @@ from eval import llm_page
 from eval.baselines import BASELINES, rank_baselines
 from eval.bench import earlier as before_settings
 from eval.metrics import SUBSETS, paired_interval, per_user
+from retrieval import sequential
 from retrieval.catalog import Catalog
 from retrieval.columns import CatalogueColumns, EventColumns
 from retrieval.history import History
@@ -181,7 +182,9 @@ def sasrec_models(test: Split, valid: Split, item_ids: list[str], config: Rankin
     baskets. Cached by digest."""
     sequences = {u: test.history[u] for u in sorted(test.history)}
     holdout = ({u: valid.history[u] for u in sorted(valid.history)}, valid.targets)
-    key = _digest(asdict(config.sasrec), config.refit_epochs, item_ids, sequences, holdout)
+    # the training code is part of the key: a model cached by an earlier version of it is not served
+    code = hashlib.sha1(Path(sequential.__file__).read_bytes()).hexdigest()
+    key = _digest(asdict(config.sasrec), config.refit_epochs, item_ids, sequences, holdout, code)
     folder = config.cache / f"sasrec-{key}" if config.cache else None
     if folder and (folder / "final" / "model.pt").exists():
         return Fitted(Trained.load(folder / "holdout"), Trained.load(folder / "final"))
