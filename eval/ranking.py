@@ -338,9 +338,11 @@ def choose_fusion(lists: dict[str, dict[str, list[str]]], users: list[str], spli
                   samples: int, seed: int) -> list[Mix]:
     """The best single source first; then each other source, best first, enters only if the mix
     with it beats the mix without it with a paired 95 % interval above zero. Weights are chosen on
-    one half of the users and the gain judged on the other, so the choice does not grade itself."""
-    half = len(users) // 2
-    pick, judge = users[:half], users[half:]
+    one half of the users and the gain judged on the other, so the choice does not grade itself; the
+    halves are a seeded random split (ids sorted in order may share a source, a shop or a date)."""
+    shuffled = [users[i] for i in np.random.default_rng(seed).permutation(len(users))]
+    half = len(shuffled) // 2
+    pick, judge = shuffled[:half], shuffled[half:]
 
     def values(weights: dict[str, float], rrf_k: int, who: list[str]) -> dict[str, float]:
         ranked = {u: _fused({n: lists[n][u] for n in weights}, weights, rrf_k, 10) for u in who}

@@ -85,6 +85,19 @@ def test_a_source_enters_the_fusion_only_where_it_wins():
     assert helped.val_ndcg10 == 1.0 and helped.gain[1] > 0
 
 
+def test_the_fusion_gate_splits_users_at_random():
+    """Was: the halves were the sorted ids' first and second half. Source "early" finds the target of
+    each user before u200, "late" of each user after: split in id order, the first source is chosen
+    on early users and judged on late ones (0.0); split at random, each half holds both (about 0.5)."""
+    users = [f"u{n:03d}" for n in range(400)]
+    split = Split("valid", [], {u: [f"t{u}"] for u in users}, {u: [] for u in users})
+    early = {u: [f"t{u}"] if n < 200 else [] for n, u in enumerate(users)}
+    late = {u: [] if n < 200 else [f"t{u}"] for n, u in enumerate(users)}
+    mixes = choose_fusion({"early": early, "late": late}, users, split, 200, 0)
+    assert 0.35 < mixes[0].val_ndcg10 < 0.65
+    assert mixes[1].entered and mixes[1].val_ndcg10 == 1.0
+
+
 def test_the_evaluation_fuses_ids_as_the_retriever_fuses_candidates():
     rng = np.random.default_rng(1)
     catalogue = [f"i{n}" for n in range(30)]
