@@ -36,7 +36,6 @@ import itertools
 import json
 import math
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,6 +51,7 @@ from eval import llm_page
 from eval.baselines import BASELINES, rank_baselines
 from eval.bench import earlier as before_settings
 from eval.metrics import SUBSETS, paired_interval, per_user
+from eval.provenance import checkout
 from retrieval import sequential
 from retrieval.catalog import Catalog
 from retrieval.columns import CatalogueColumns, EventColumns
@@ -457,15 +457,6 @@ def _page_costs(metas: list) -> dict:
             "forward_passes_median": float(np.median([m.forward_passes for m in metas]))}
 
 
-def _commit() -> str | None:
-    """The checkout's commit, for run.json (None outside a git checkout)."""
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def _scoring_costs(costs: list[dict], templates: dict[str, str]) -> dict:
     return {"users": len(costs), "templates": templates, "paths": {"ranking-only": len(costs)},
             "latency_ms_median": round(float(np.median([c["seconds"] for c in costs])) * 1000, 1),
@@ -603,7 +594,7 @@ class Tested:
 
 
 def run(config: RankingConfig) -> dict:
-    started = time.perf_counter()
+    started, code = time.perf_counter(), checkout()
     timings: dict[str, float] = {}
     rng = np.random.default_rng(config.seed)
     names = list(config.sources)
@@ -646,7 +637,7 @@ def run(config: RankingConfig) -> dict:
     per = {system: user_metrics(lists, test) for system, lists in tested.ranked.items()}
     results = {system: means(values) for system, values in per.items()}
     timings["total_s"] = round(time.perf_counter() - started, 1)
-    meta = report_meta(config, tuned, tested, per, results, test, models, timings)
+    meta = report_meta(config, tuned, tested, per, results, test, models, timings) | code
     if config.out:
         write_report(Path(config.out), results, meta, per)
     return {"results": results, "meta": meta}
@@ -790,7 +781,7 @@ def report_meta(config: RankingConfig, tuned: Tuned, tested: Tested, per: dict, 
                                                config.bootstrap, config.seed)
         transfer_rows.append(row)
     return {
-        "command": " ".join(["homepage", *sys.argv[1:]]), "commit": _commit(),
+        "command": " ".join(["homepage", *sys.argv[1:]]),
         "data": str(config.data), "users_evaluated": len(tested.users), "seed": config.seed, "sources": names,
         "covisit": tuned.options["covisit"], "fusion_weights": tuned.chosen.weights, "rrf_k": tuned.chosen.rrf_k,
         "best_single": best_single, "buy_again_min_probability": tuned.threshold, "page_tried": tuned.page_tried,

@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import subprocess
 import time
 from collections import Counter
 from pathlib import Path
 
 from agent.rules import Rules, grounded_share
+from eval.provenance import checkout
 
 GRID = [round(0.05 * i, 2) for i in range(1, 21)]
 
@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--pages", type=int, default=0, help="measure the copy on N pages instead")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    started = time.perf_counter()
+    started, code = time.perf_counter(), checkout()
     settings = Settings(store_dir=Path(args.store), warm_up=False)
     retriever = Retriever.open(settings.retrieval_config())
     composer = composer_for(settings, retriever)
@@ -132,7 +132,7 @@ def main() -> None:
         from agent.service import build_composer
 
         result = copy_figures(build_composer(settings.model_copy(update={"budget_ms": None})), users[: args.pages])
-        result.update(store=args.store, seed=args.seed, commit=_commit(),
+        result.update(store=args.store, seed=args.seed, **code,
                       wall_s=round(time.perf_counter() - started, 1),
                       command=f"python -m eval.title_grounding --store {args.store} --pages {args.pages} "
                               f"--out {args.out}")
@@ -147,13 +147,9 @@ def main() -> None:
     result.update(users=len(users), modules=len(modules), store=args.store, seed=args.seed,
                   configured=composer.rules.title_grounding.model_dump(),
                   command=f"python -m eval.title_grounding --store {args.store} --users {args.users} --out {args.out}",
-                  commit=_commit(), wall_s=round(time.perf_counter() - started, 1))
+                  **code, wall_s=round(time.perf_counter() - started, 1))
     _write(Path(args.out), "run.json", result)
     print(json.dumps(result["chosen"]), result["matching"], result["mismatched"])
-
-
-def _commit() -> str:
-    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
 
 
 def _write(out: Path, name: str, result: dict) -> None:
