@@ -194,7 +194,10 @@ def test_a_tiny_suite_end_to_end_on_the_embedded_model(tmp_path, settings, compo
     for criterion, acc in report["criteria"].items():
         low, high = acc["accuracy"][1], acc["accuracy"][2]
         assert 0 <= low <= acc["accuracy"][0] <= high <= 1 and acc["cases"] > 0, criterion
-        assert acc["trusted"] == (acc["accuracy"][0] >= 0.75)
+        assert acc["trusted"] == (low >= 0.75)  # the Wilson lower bound, not the point estimate
+        # random: 2 in 5 for a pointwise pair (two independent 1-5 scores), 1 in 2 for a page pair
+        kind = load_criteria().by_name[criterion].kind
+        assert acc["chance"]["random"] == {"pointwise": 0.4, "pairwise": 0.5}[kind], criterion
     # recomputed from the verdicts written: shopper_fit's accuracy and the comparison's win rate
     verdicts = result["verdicts"]["embedded"]
     known = [k["id"] for k in result["known_answer_cases"] if "/shopper_fit/" in k["id"]]

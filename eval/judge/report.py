@@ -22,13 +22,16 @@ def tables(result: dict) -> str:
              f"(disjoint); trust bar {result['trust_bar']:.0%}; {result['timing']['cases']} cases, "
              f"{result['timing']['cases_per_minute']} cases/min judged; {result['timing']['seconds']} s in all.", "",
              "## Judge accuracy on known-answer cases (95 % Wilson interval)", "",
-             "| judge | criterion | accuracy | cases | flip rate | tie rate | failures | trusted |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
+             "Trusted: the interval's lower bound reaches the trust bar. Chance: a judge answering at random "
+             "(a constant or position-bound judge scores 0).", "",
+             "| judge | criterion | accuracy | chance | cases | flip rate | tie rate | failures | trusted |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for judge, report in result["judges"].items():
         for criterion, acc in report["criteria"].items():
             flip = "—" if acc["flip_rate"] is None else f"{acc['flip_rate']:.2f}"
             mark = "yes" if acc["trusted"] else "**not trusted**"
-            lines.append(f"| {judge} | {criterion} | {_cell(acc['accuracy'])} | {acc['cases']} | {flip} | "
+            lines.append(f"| {judge} | {criterion} | {_cell(acc['accuracy'])} | {acc['chance']['random']:.2f} | "
+                         f"{acc['cases']} | {flip} | "
                          f"{acc['tie_rate']:.2f} | {acc['failures']} | {mark} |")
     lines += ["", "## Comparisons (paired bootstrap 95 % intervals over users)", "",
               "Pairwise: the left configuration's win rate (a tie counts half). Pointwise: the left's mean score "

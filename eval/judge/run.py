@@ -74,7 +74,12 @@ def _accuracy(points: list[tuple[PointVerdict, PointVerdict]], pairs: list[PairV
     ties = sum(g.score is not None and g.score == b.score for g, b in points) + sum(v.winner == "tie" for v in pairs)
     failed = sum(g.score is None or b.score is None for g, b in points) + sum(v.winner is None for v in pairs)
     rate, low, high = wilson(right, total)
+    # chance lines: a judge that scores at random (1-5, independently: the good module higher 2 times in 5)
+    # or picks a page at random but the same in both orders (1 in 2); a constant or position-bound
+    # judge is never right here (equal scores, or verdicts that flip with the order)
+    chance = (0.4 * len(points) + 0.5 * len(pairs)) / total if total else 0.0
     return {"cases": total, "correct": right, "accuracy": [round(rate, 4), round(low, 4), round(high, 4)],
+            "chance": {"random": round(chance, 4), "constant_or_always_first": 0.0},
             "tie_rate": round(ties / total, 4) if total else 0.0,
             "flip_rate": round(sum(v.flipped for v in pairs) / len(pairs), 4) if pairs else None,
             "failures": failed}
@@ -191,7 +196,7 @@ def run(suite: Suite, settings: Settings, out: Path, progress: bool = True) -> d
             points = [(mine[k.good.id], mine[k.bad.id]) for k in known.points if k.good.criterion == criterion]
             pairs = [mine[k.case.id] for k in known.pairs if k.case.criterion == criterion]
             acc = _accuracy(points, pairs)
-            acc["trusted"] = acc["cases"] > 0 and acc["accuracy"][0] >= suite.trust_bar
+            acc["trusted"] = acc["cases"] > 0 and acc["accuracy"][1] >= suite.trust_bar  # the lower bound
             acc["by_perturbation"] = {
                 p: _accuracy([(mine[k.good.id], mine[k.bad.id]) for k in known.points
                               if k.good.criterion == criterion and k.perturbation == p],
