@@ -58,8 +58,11 @@ def test_perturbations_make_the_worse_side():
     products = _catalogue()
     page = [{"type": "for_you", "title": "Picked for you", "products": _view(products, ["s0", "s1", "s2"])},
             {"type": "trending", "title": "Trending now", "products": _view(products, ["s3", "s4"])}]
+    # the shopper bought make-up before: unrelated products come from neither the page's nor the history's
+    # departments (hair care only), and the next item is a ranking truth, not a known answer
     known = known_cases(["title_fit", "copy_safety", "shopper_fit", "variety"], {"u": page}, {"u": "Likes serums"},
-                        {"u": ["s5"]}, products, ["h0", "h1", "h2", "h3", "h4", "m0"], ["free"], seed=0)
+                        {"u": ["s5"]}, products, ["m0", "h0", "h1", "m1", "h2", "h3", "h4", "h5"], ["free"], seed=0,
+                        histories={"u": ["m2"]})
     by = {(k.good.criterion, k.perturbation): k for k in known.points}
     title = by[("title_fit", "category title")]
     assert title.good.title == "Your Serums picks" and title.bad.title in ("Your Shampoos picks", "Your Lipstick picks")
@@ -70,14 +73,15 @@ def test_perturbations_make_the_worse_side():
     unrelated = pairs["unrelated popular"]
     assert unrelated.a == page
     worse_ids = [x["item_id"] for m in unrelated.b for x in m["products"]]
-    assert len(worse_ids) == 5 and all(products[i].department != "Skin Care" for i in worse_ids)
-    nxt = pairs["next item"]  # reference-guided: the held-out item is in the better page, and only there
+    assert worse_ids == ["h0", "h1", "h2", "h3", "h4"]  # popularity order, make-up (history) left out
+    assert "next item" not in pairs
+    nxt = known.truth[0].case  # reference-guided: the held-out item is in the better page, and only there
     assert "s5" in [x["item_id"] for m in nxt.a for x in m["products"]]
     assert nxt.b == page and "s5" not in json.dumps(nxt.b)
     collapsed = pairs["collapsed"]
     assert collapsed.a == page and [x["item_id"] for x in collapsed.b[1]["products"]] == ["s0", "s1"]
     # no other case shows the held-out item
-    others = [*[(k.good, k.bad) for k in known.points], *[k.case for k in known.pairs if k.perturbation != "next item"]]
+    others = [*[(k.good, k.bad) for k in known.points], *[k.case for k in known.pairs]]
     assert "s5" not in json.dumps([repr(o) for o in others])
 
 

@@ -82,6 +82,9 @@ class KnownPair:
 class KnownCases:
     points: list[KnownPoint] = field(default_factory=list)
     pairs: list[KnownPair] = field(default_factory=list)
+    # the page with the shopper's held-out next item against the page without it: a ranking truth,
+    # reported apart — not a known answer (the swap may put a never-bought item under "Buy it again")
+    truth: list[KnownPair] = field(default_factory=list)
 
 
 def _first_module(page: list[dict], size: int = 2) -> dict | None:
@@ -90,7 +93,7 @@ def _first_module(page: list[dict], size: int = 2) -> dict | None:
 
 def known_cases(criteria: list[str], pages: dict[str, list[dict]], summaries: dict[str, str],
                 targets: dict[str, list[str]], products: dict[str, Product], popular: list[str],
-                banned: list[str], seed: int) -> KnownCases:
+                banned: list[str], seed: int, histories: dict[str, list[str]] | None = None) -> KnownCases:
     """Known-answer cases for ``criteria`` from calibration users' pages (see the module docstring)."""
     rng = random.Random(seed)
     departments: dict[str, set[str]] = {}
@@ -118,7 +121,9 @@ def known_cases(criteria: list[str], pages: dict[str, list[dict]], summaries: di
                             module["products"])
             out.points.append(KnownPoint(good, bad, "claim"))
         if "shopper_fit" in criteria:
-            unrelated = [i for i in popular if products[i].department not in own]
+            # departments the shopper never bought from, nor sees on the page
+            theirs = own | {products[i].department for i in (histories or {}).get(user, []) if i in products}
+            unrelated = [i for i in popular if products[i].department not in theirs]
             if len(unrelated) >= sum(len(m["products"]) for m in page):
                 it = iter(unrelated)
                 worse = [{**m, "products": [product_view(products[next(it)]) for _ in m["products"]]} for m in page]
@@ -131,7 +136,7 @@ def known_cases(criteria: list[str], pages: dict[str, list[dict]], summaries: di
                 with_next = [*page[:first], {**module, "products": [*module["products"][:-1],
                                                                      product_view(products[nexts[0]])]},
                              *page[first + 1:]]
-                out.pairs.append(KnownPair(PairCase(f"{user}/shopper_fit/next_item", "shopper_fit", user,
+                out.truth.append(KnownPair(PairCase(f"{user}/shopper_fit/next_item", "shopper_fit", user,
                                                     summaries[user], with_next, page), "next item"))
         if "variety" in criteria and len(page) >= 2:
             collapsed = [{**m, "products": module["products"][: len(m["products"])]} for m in page]
@@ -164,5 +169,6 @@ def deterministic_known_cases(criteria: list[str], composer, users: list[str], t
     pages = {u: page_view(composer.compose(u, use_llm=False, use_cache=False), retriever.products) for u in users}
     summaries = {u: retriever.history(u).summary for u in users}
     popular = [i for i, _ in Counter(e.item_id for e in events).most_common()]
+    histories = {u: retriever.history(u).item_ids for u in users}
     return known_cases(criteria, pages, summaries, targets, retriever.products, popular, composer.rules.banned_words,
-                       seed)
+                       seed, histories)

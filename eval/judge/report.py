@@ -33,6 +33,11 @@ def tables(result: dict) -> str:
             lines.append(f"| {judge} | {criterion} | {_cell(acc['accuracy'])} | {acc['chance']['random']:.2f} | "
                          f"{acc['cases']} | {flip} | "
                          f"{acc['tie_rate']:.2f} | {acc['failures']} | {mark} |")
+    truths = [(j, r["ranking_truth"]) for j, r in result["judges"].items() if "ranking_truth" in r]
+    if truths:
+        lines += ["", "Ranking truth (not a known answer): how often each judge prefers the calibration page holding "
+                  "the shopper's held-out next item to the same page without it.", ""]
+        lines += [f"- {j}: {_cell(t['prefers_next_item'])} of {t['cases']} pages" for j, t in truths]
     lines += ["", "## Comparisons (paired bootstrap 95 % intervals over users)", "",
               "Pairwise: the left configuration's win rate (a tie counts half). Pointwise: the left's mean score "
               "minus the right's.", "",

@@ -176,7 +176,7 @@ def run(suite: Suite, settings: Settings, out: Path, progress: bool = True) -> d
         mine: dict[str, object] = {}
         for v in judge.score([c for k in known.points for c in (k.good, k.bad)]):
             mine[v.case.id] = v
-        for v in judge.compare([k.case for k in known.pairs]):
+        for v in judge.compare([k.case for k in [*known.pairs, *known.truth]]):
             mine[v.case.id] = v
         for pairs, points in comparisons.values():
             for v in judge.compare(pairs):
@@ -205,6 +205,10 @@ def run(suite: Suite, settings: Settings, out: Path, progress: bool = True) -> d
                 for p in sorted({k.perturbation for k in known.points if k.good.criterion == criterion}
                                 | {k.perturbation for k in known.pairs if k.case.criterion == criterion})}
             report["criteria"][criterion] = acc
+        if known.truth:  # does the judge prefer the page holding the shopper's next item?
+            agree = sum(mine[k.case.id].winner == "A" for k in known.truth)
+            report["ranking_truth"] = {"cases": len(known.truth), "prefers_next_item": [
+                round(x, 4) for x in wilson(agree, len(known.truth))]}
         for title, (pairs, points) in comparisons.items():
             left, right = title.split(" vs ")
             rates = _win_rates(suite, kinds, left, right, [mine[c.id] for c in pairs], [mine[c.id] for c in points],
@@ -214,7 +218,8 @@ def run(suite: Suite, settings: Settings, out: Path, progress: bool = True) -> d
             report["comparisons"][title] = rates
         judged[name] = report
 
-    cases = len(known.points) + len(known.pairs) + sum(len(p) + len(q) for p, q in comparisons.values())
+    cases = (len(known.points) + len(known.pairs) + len(known.truth)
+             + sum(len(p) + len(q) for p, q in comparisons.values()))
     seconds = time.perf_counter() - started
     result = {
         "suite": suite.name, "seed": suite.seed, "trust_bar": suite.trust_bar, "repeats": suite.repeats,
