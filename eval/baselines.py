@@ -3,7 +3,8 @@ included, as the next-basket literature ranks them):
 
 - ``g_topfreq``: the items in the most baskets, the same list for everyone (best-sellers);
 - ``p_topfreq``: the user's own items by how many of their baskets held them (ties: the more
-  popular first), then best-sellers;
+  popular first), then best-sellers; under Li et al.'s protocol (``published=True``) as they rank it:
+  ties in the order first bought, and no best-sellers after the user's own items;
 - ``tifu_knn``: TIFU-KNN (Hu et al., SIGIR 2020): a user's time-decayed basket vector, blended with
   the mean vector of the nearest users, with the published Ta-Feng settings (groups of 7 baskets,
   decay 0.9 within a group and 0.7 between groups, 300 neighbours, alpha 0.7), topped up with
@@ -52,7 +53,7 @@ def tifu_vector(user_baskets: list[list[str]], group: int = 7, within: float = 0
 
 
 def rank_baselines(train: list[Event], users: list[str], k: int, neighbours: int = 300, alpha: float = 0.7,
-                   ) -> dict[str, dict[str, list[str]]]:
+                   published: bool = False) -> dict[str, dict[str, list[str]]]:
     per_user = _baskets(train)
     counts = Counter(i for bs in per_user.values() for b in bs for i in b)
     best = sorted(counts, key=lambda i: (-counts[i], i))
@@ -60,7 +61,10 @@ def rank_baselines(train: list[Event], users: list[str], k: int, neighbours: int
     for user in users:
         own = Counter(i for b in per_user.get(user, []) for i in b)
         out["g_topfreq"][user] = best[:k]
-        out["p_topfreq"][user] = _topped_up(sorted(own, key=lambda i: (-own[i], -counts[i], i)), best, k)
+        if published:  # Counter keeps first-bought order; a stable sort keeps it among ties
+            out["p_topfreq"][user] = sorted(own, key=lambda i: -own[i])[:k]
+        else:
+            out["p_topfreq"][user] = _topped_up(sorted(own, key=lambda i: (-own[i], -counts[i], i)), best, k)
     # TIFU-KNN: one sparse matrix of user vectors; neighbours by cosine, a chunk of users at a time
     everyone = sorted(per_user)
     row = {u: n for n, u in enumerate(everyone)}

@@ -29,10 +29,13 @@ def basket_recall(ranked: Sequence[str], targets: Collection[str], k: int) -> fl
     return len(set(ranked[:k]) & set(targets)) / max(len(set(targets)), 1)
 
 
-def basket_ndcg(ranked: Sequence[str], targets: Collection[str], k: int) -> float:
+def basket_ndcg(ranked: Sequence[str], targets: Collection[str], k: int, full_ideal: bool = False) -> float:
+    """DCG@k over the ideal DCG of min(|basket|, k) hits — or of the whole basket (``full_ideal``, Li et
+    al.'s convention: a basket larger than k can never score 1)."""
     wanted = set(targets)
     dcg = sum(1.0 / math.log2(rank + 1) for rank, item in enumerate(ranked[:k], start=1) if item in wanted)
-    ideal = sum(1.0 / math.log2(rank + 1) for rank in range(1, min(len(wanted), k) + 1))
+    hits = len(wanted) if full_ideal else min(len(wanted), k)
+    ideal = sum(1.0 / math.log2(rank + 1) for rank in range(1, hits + 1))
     return dcg / ideal if ideal else 0.0
 
 
@@ -67,7 +70,7 @@ def subset_targets(targets: Collection[str], history: Collection[str], subset: s
 
 def per_user(ranked: dict[str, Sequence[str]], targets: dict[str, Collection[str]],
              history: dict[str, Collection[str]], subset: str = "all", ks: Sequence[int] = (5, 10, 20, 50),
-             ) -> dict[str, dict[str, float]]:
+             full_ideal: bool = False) -> dict[str, dict[str, float]]:
     """metric -> user -> value, over the users whose basket has items of the subset (a user with no
     repeat item in the basket does not count towards repeat metrics)."""
     out: dict[str, dict[str, float]] = {f"{m}@{k}": {} for k in ks for m in ("recall", "ndcg")}
@@ -77,7 +80,7 @@ def per_user(ranked: dict[str, Sequence[str]], targets: dict[str, Collection[str
             continue
         for k in ks:
             out[f"recall@{k}"][user] = basket_recall(found, wanted, k)
-            out[f"ndcg@{k}"][user] = basket_ndcg(found, wanted, k)
+            out[f"ndcg@{k}"][user] = basket_ndcg(found, wanted, k, full_ideal)
     return out
 
 

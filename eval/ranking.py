@@ -62,7 +62,7 @@ from retrieval.records import Candidate, Event, Product
 from retrieval.retriever import CATALOG_FILE, CHROMA_DIR, DEFAULT_RRF_K, Retriever
 from retrieval.sequential import MODEL_DIR, Fitted, SASRecConfig, Trained, fit, publish
 from retrieval.sources import SOURCES, SourceContext
-from retrieval.split import Split, leave_last_out
+from retrieval.split import Split, leave_last_out, user_split
 from retrieval.vectors import PRODUCTS, LocalEmbeddings, VectorIndex, chroma_client
 
 METRIC_KS = (5, 10, 20, 50)
@@ -114,6 +114,9 @@ class RankingConfig:
     # page assembled from them as the composer does; "compose": every LLM page composed in full
     # (titles written, ~2.5 s a page). The copy is measured by the bench and the judges, not here.
     llm_path: str = "ranking"
+    # "ours": every user's last basket is the test target, the one before it validation's; "li": Li et
+    # al.'s (TOIS 2023) users split 72/8/20, NDCG over the whole basket, their P-TopFreq
+    protocol: str = "ours"
     settings: Any = None  # agent.settings.Settings: templates, rules, skeleton, model (None: the defaults)
 
 
@@ -269,10 +272,16 @@ def _fused(lists: dict[str, list[str]], weights: dict[str, float], rrf_k: int, k
 
 
 # -- metrics -------------------------------------------------------------------------------------
+def split_metrics(ranked: dict[str, list[str]], split: Split, subset: str = "all",
+           ks: tuple[int, ...] = METRIC_KS) -> dict[str, dict[str, float]]:
+    """``eval.metrics.per_user`` under the split's protocol (Li et al.'s: the ideal DCG of the whole basket)."""
+    return per_user(ranked, split.targets, split.history, subset, ks, full_ideal=split.protocol == "li")
+
+
 def user_metrics(ranked: dict[str, list[str]], split: Split) -> dict[str, dict[str, dict[str, float]]]:
     """subset -> metric -> user -> value (``eval.metrics.per_user``), retrieval recall on "all"."""
-    out = {subset: per_user(ranked, split.targets, split.history, subset, METRIC_KS) for subset in SUBSETS}
-    for k, values in per_user(ranked, split.targets, split.history, "all", RETRIEVAL_KS).items():
+    out = {subset: split_metrics(ranked, split, subset, METRIC_KS) for subset in SUBSETS}
+    for k, values in split_metrics(ranked, split, "all", RETRIEVAL_KS).items():
         if k.startswith("recall"):
             out["all"][f"retrieval_{k}"] = values
     return out
@@ -284,7 +293,7 @@ def means(values: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str,
 
 
 def _ndcg10(ranked: dict[str, list[str]], split: Split) -> dict[str, float]:
-    return per_user(ranked, split.targets, split.history, "all", (10,))["ndcg@10"]
+    return split_metrics(ranked, split, "all", (10,))["ndcg@10"]
 
 
 # -- tuning on validation ------------------------------------------------------------------------
@@ -384,8 +393,8 @@ def tune_page(composer, retriever: Retriever, lists: dict[str, dict[str, list[Ca
             found = {n: lists[n][u] for n in lists}
             found["buy_again"] = [c for c in found["buy_again"] if c.score >= threshold]
             pages[u] = page_orders(composer, retriever, histories[u], found)[1]
-        scored[threshold] = {subset: float(np.mean(list(per_user(pages, split.targets, split.history, subset,
-                                                                  (10,))["ndcg@10"].values()) or [0.0]))
+        scored[threshold] = {subset: float(np.mean(list(split_metrics(pages, split, subset,
+                                                                      (10,))["ndcg@10"].values()) or [0.0]))
                              for subset in ("all", "explore")}
     return max(scored, key=lambda t: (scored[t]["all"], -t)), scored
 
@@ -433,8 +442,8 @@ def tune_layout(composer, retriever: Retriever, lists: dict[str, dict[str, list[
             if "buy_again" in found:
                 found["buy_again"] = [c for c in found["buy_again"] if c.score >= threshold]
             pages[u] = page_orders(laid_out, retriever, histories[u], found)[1]
-        scored[name] = {subset: float(np.mean(list(per_user(pages, split.targets, split.history, subset,
-                                                             (10,))["ndcg@10"].values()) or [0.0]))
+        scored[name] = {subset: float(np.mean(list(split_metrics(pages, split, subset,
+                                                                 (10,))["ndcg@10"].values()) or [0.0]))
                         for subset in ("all", "explore")}
     best = max(scored, key=lambda n: (scored[n]["all"], -list(scored).index(n)))
     return best, found_layouts, scored
@@ -539,7 +548,7 @@ class Direction:
         last = [s[-2] < s[-1] for s in sequences if s[-2] != s[-1]]
         rows = []
         for (source, variant), lists in self.lists.items():
-            mine = per_user(lists, split.targets, split.history, "all", (10,))
+            mine = split_metrics(lists, split, "all", (10,))
             row = {"source": source, "variant": variant,
                    "ndcg@10": float(np.mean(list(mine["ndcg@10"].values()) or [0.0])),
                    "source_ndcg@10": _mean_over(per[source]["all"]["ndcg@10"], mine["ndcg@10"])}
@@ -607,7 +616,7 @@ def run(config: RankingConfig) -> dict:
         products, events = load_data(Path(config.data), work / "quarantine", config.catalogue_columns,
                                      config.event_columns, privacy)
         check_configuration(config, products)  # before any fitting: a run never fails at its end
-        test, valid = leave_last_out(events, "test"), leave_last_out(events, "valid")
+        test, valid = splits(events, config.protocol, config.seed)
         item_ids = sorted(p.item_id for p in products)
 
         mark = time.perf_counter()
@@ -641,6 +650,15 @@ def run(config: RankingConfig) -> dict:
     if config.out:
         write_report(Path(config.out), results, meta, per)
     return {"results": results, "meta": meta}
+
+
+def splits(events: list[Event], protocol: str, seed: int) -> tuple[Split, Split]:
+    """(test, valid) under the protocol: ours (leave the last basket out, every user) or Li et al.'s."""
+    if protocol == "li":
+        return user_split(events, "test", seed), user_split(events, "valid", seed)
+    if protocol != "ours":
+        raise ValueError(f"unknown protocol {protocol!r}; known: ours, li")
+    return leave_last_out(events, "test"), leave_last_out(events, "valid")
 
 
 def check_configuration(config: RankingConfig, products: list[Product]) -> None:
@@ -753,7 +771,7 @@ def run_test(config: RankingConfig, store: EvalStore, test: Split, tuned: Tuned,
             page = before.using(retriever=_Replay(retriever, found), cache=before.cache).compose(user, use_cache=False)
             ranked["llm_page_before"][user] = page.item_ids()
             tested.before_pages.append(page.meta)
-    ranked.update(rank_baselines(test.train, users, depth))
+    ranked.update(rank_baselines(test.train, users, depth, published=test.protocol == "li"))
     return tested
 
 
@@ -782,7 +800,8 @@ def report_meta(config: RankingConfig, tuned: Tuned, tested: Tested, per: dict, 
         transfer_rows.append(row)
     return {
         "command": " ".join(["homepage", *sys.argv[1:]]),
-        "data": str(config.data), "users_evaluated": len(tested.users), "seed": config.seed, "sources": names,
+        "data": str(config.data), "protocol": config.protocol, "users_evaluated": len(tested.users),
+        "seed": config.seed, "sources": names,
         "covisit": tuned.options["covisit"], "fusion_weights": tuned.chosen.weights, "rrf_k": tuned.chosen.rrf_k,
         "best_single": best_single, "buy_again_min_probability": tuned.threshold, "page_tried": tuned.page_tried,
         "transfer": transfer_rows, "layout": tuned.layout, "layout_tried": tuned.layout_tried,
@@ -863,9 +882,9 @@ def transfer_table(rows: list[dict]) -> str:
 
 
 def report_text(results: dict, meta: dict) -> str:
-    name = Path(meta["data"]).name
-    published = PUBLISHED.get(name, {})
-    parts = [f"# Ranking on {name} ({meta['users_evaluated']} test users)\n"]
+    name, protocol = Path(meta["data"]).name, meta.get("protocol", "ours")
+    published = PUBLISHED.get(name, {}) if protocol == "ours" else {}  # published under leave-last-out
+    parts = [f"# Ranking on {name} ({meta['users_evaluated']} test users, protocol {protocol})\n"]
     for subset, what in (("all", "every item of the held-out basket"),
                          ("repeat", "the basket's items the user bought before (users who have some)"),
                          ("explore", "the basket's items new to the user (users who have some)")):

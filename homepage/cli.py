@@ -188,7 +188,7 @@ def cmd_eval_ranking(args: argparse.Namespace) -> int:
                            gate_users=args.gate_users or None, sources=sources,
                            catalogue_columns=settings.catalogue_columns, event_columns=settings.event_columns,
                            llm_users=args.llm_users, llm_tune_users=args.llm_tune_users,
-                           llm_before_users=args.llm_before_users, settings=settings)
+                           llm_before_users=args.llm_before_users, protocol=args.protocol, settings=settings)
     config.sasrec.seed, config.sasrec.threads, config.sasrec.max_minutes = args.seed, args.threads, args.minutes
     _writes(settings, args.out, config.cache)
     report = run(config)
@@ -526,6 +526,10 @@ def _eval_commands(sub) -> None:
     ranking.add_argument("--threads", type=int, default=2, help="torch threads for training (1 on a busy CPU)")
     ranking.add_argument("--sources", default="popularity,covisit,semantic,sasrec,buy_again",
                          help="candidate sources to evaluate, comma-separated (leaving sasrec out skips its training)")
+    ranking.add_argument("--protocol", choices=["ours", "li"], default="ours",
+                         help="ours: every user's last basket is the test target; li: Li et al. (TOIS 2023), "
+                              "users split 72/8/20, NDCG over the whole basket, their P-TopFreq (first-bought "
+                              "ties, no top-up)")
     ranking.set_defaults(run=cmd_eval_ranking)
     load = eval_sub.add_parser(
         "load", help="a bounded load test of a running service (users and items read from the store)",

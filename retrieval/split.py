@@ -9,6 +9,7 @@ nothing says which of them came first. A model evaluated on a split may be fitte
 
 from __future__ import annotations
 
+import random
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ class Split:
     train: list[Event]  # everything a model may be fitted on, every user's events oldest first
     targets: dict[str, list[str]]  # user -> held-out item ids (the basket), for users with a target
     history: dict[str, list[str]]  # user -> item ids the ranking may see (= that user's train events)
+    protocol: str = "ours"  # "li": users split 72/8/20 (``user_split``), NDCG over the whole basket
 
 
 def leave_last_out(events: Iterable[Event], part: Part = "test") -> Split:
@@ -65,3 +67,34 @@ def leave_last_out(events: Iterable[Event], part: Part = "test") -> Split:
         train.extend(seen)
         history[user] = [e.item_id for e in seen]
     return Split(part, train, targets, history)
+
+
+def user_split(events: Iterable[Event], part: Part = "test", seed: int = 0,
+               shares: tuple[float, float] = (0.72, 0.08)) -> Split:
+    """Li et al.'s protocol (TOIS 2023): users, in a seeded random order, are 72 % training users
+    (every basket trains), 8 % validation and 20 % test users; a validation or test user's last
+    basket is the target, the baskets before it the history. ``valid`` holds out the validation
+    users' last baskets and never shows a test user's; ``test`` holds out the test users' and trains
+    on every validation basket."""
+    by_user: dict[str, list[Event]] = defaultdict(list)
+    for e in events:
+        by_user[e.user_id].append(e)
+    users = sorted(by_user)
+    random.Random(seed).shuffle(users)
+    n_train, n_valid = int(len(users) * shares[0]), int(len(users) * (shares[0] + shares[1]))
+    role = {u: "train" if n < n_train else "valid" if n < n_valid else "test" for n, u in enumerate(users)}
+    train: list[Event] = []
+    targets: dict[str, list[str]] = {}
+    history: dict[str, list[str]] = {}
+    for user in sorted(by_user):
+        user_baskets = baskets(by_user[user])
+        if len(user_baskets) >= 2 and (role[user] == part or (part == "valid" and role[user] == "test")):
+            kept, target = user_baskets[:-1], user_baskets[-1]
+            if role[user] == part:
+                targets[user] = list(dict.fromkeys(e.item_id for e in target))
+        else:
+            kept = user_baskets
+        seen = [e for basket in kept for e in basket]
+        train.extend(seen)
+        history[user] = [e.item_id for e in seen]
+    return Split(part, train, targets, history, "li")

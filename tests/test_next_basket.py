@@ -35,6 +35,21 @@ def test_repeat_and_explore_metrics_by_hand():
     assert explore["ndcg@4"]["new"] == 1.0
 
 
+def test_a_basket_larger_than_k_by_hand():
+    """Three of a basket of five in the top 4: ours divides by the ideal of 4 hits, Li et al. by the
+    ideal of all 5 (such a basket never scores 1 at K = 4)."""
+    from eval.metrics import basket_ndcg
+
+    ranked = ["t1", "a", "t2", "t3"]
+    basket = ["t1", "t2", "t3", "t4", "t5"]
+    dcg = 1 + 1 / math.log2(4) + 1 / math.log2(5)
+    four = 1 + 1 / math.log2(3) + 1 / math.log2(4) + 1 / math.log2(5)
+    assert basket_ndcg(ranked, basket, 4) == pytest.approx(dcg / four)
+    assert basket_ndcg(ranked, basket, 4, full_ideal=True) == pytest.approx(dcg / (four + 1 / math.log2(6)))
+    perfect = ["t1", "t2", "t3", "t4"]
+    assert basket_ndcg(perfect, basket, 4) == 1.0 and basket_ndcg(perfect, basket, 4, full_ideal=True) < 1.0
+
+
 def test_paired_interval():
     users = [f"u{n}" for n in range(50)]
     assert paired_interval(dict.fromkeys(users, 1.0), dict.fromkeys(users, 0.0)) == (1.0, 1.0, 1.0)
@@ -56,6 +71,16 @@ def test_topfreq_baselines_by_hand():
     assert ranked["p_topfreq"]["u1"] == ["A", "B", "C", "D"]  # A twice; B before C, being more popular
     assert ranked["p_topfreq"]["u2"] == ["B", "D", "A", "C"]
     assert ranked["p_topfreq"]["stranger"] == ranked["tifu_knn"]["stranger"] == ["B", "A", "C", "D"]
+
+
+def test_published_p_topfreq_keeps_first_bought_order_and_adds_nothing():
+    # u1 bought C, then B, then A and C: C twice; B and A once each, B first (A is the more popular)
+    train = [*_basket("u1", 1, "C"), *_basket("u1", 2, "B"), *_basket("u1", 3, "AC"), *_basket("u2", 1, "A"),
+             *_basket("u2", 2, "AD")]
+    ours = rank_baselines(train, ["u1"], k=4, neighbours=1)["p_topfreq"]["u1"]
+    published = rank_baselines(train, ["u1"], k=4, neighbours=1, published=True)["p_topfreq"]["u1"]
+    assert ours == ["C", "A", "B", "D"]  # ties by popularity, then best-sellers
+    assert published == ["C", "B", "A"]  # ties in first-bought order, nothing added
 
 
 def test_tifu_vector_by_hand():

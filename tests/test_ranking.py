@@ -220,3 +220,28 @@ def test_ranking_run_on_the_sample_writes_the_report(tmp_path):
     served = Skeleton.load(tmp_path / "out" / "skeleton.yaml")
     assert served.model_dump(mode="json", exclude_defaults=True) == meta["layout_skeleton"]
     assert "Page layout" in text
+
+
+def test_li_et_al_split_users_72_8_20_and_never_show_a_target():
+    from retrieval.split import user_split
+
+    events = [Event(f"u{u:03d}", ITEMS[(u + b) % len(ITEMS)], float(b), b, "purchase")
+              for u in range(200) for b in range(3)]  # every user: three baskets of one item
+    test, valid = user_split(events, "test", seed=1), user_split(events, "valid", seed=1)
+    assert test.protocol == valid.protocol == "li"
+    assert (len(test.targets), len(valid.targets)) == (40, 16)  # 20 % and 8 % of 200 users
+    assert not set(test.targets) & set(valid.targets)
+    assert user_split(events, "test", seed=1).targets == test.targets  # seeded
+    assert user_split(events, "test", seed=2).targets != test.targets
+    held = {(e.user_id, e.item_id) for e in events if e.timestamp == 2.0}  # every user's last basket
+    for split in (test, valid):
+        trained = {(e.user_id, e.item_id) for e in split.train}
+        for user, basket in split.targets.items():
+            assert not {(user, i) for i in basket} & trained and split.history[user] == [e.item_id for e in events
+                                                                                        if e.user_id == user][:2]
+    # the validation split never shows a test user's last basket; the test split trains on validation ones
+    assert not {(u, i) for (u, i) in held if u in test.targets} & {(e.user_id, e.item_id) for e in valid.train}
+    assert {(u, i) for (u, i) in held if u in valid.targets} <= {(e.user_id, e.item_id) for e in test.train}
+    # a training user's every basket trains
+    trainer = next(u for u in test.history if u not in test.targets and u not in valid.targets)
+    assert len(test.history[trainer]) == 3
