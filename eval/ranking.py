@@ -305,11 +305,12 @@ def tune_covisit(store: EvalStore, users: list[str], split: Split,
     histories = {}
     tried: list[dict] = []
     cache: dict[str, float] = {}
+    shared: dict = {}  # the store's item sequences, read once for every option tried
 
     def evaluate(options: dict[str, float]) -> float:
         key = json.dumps(options, sort_keys=True)
         if key not in cache:
-            source = cov(SourceContext(store.catalog, store.index, store.folder, {"covisit": options}))
+            source = cov(SourceContext(store.catalog, store.index, store.folder, {"covisit": options}, shared))
             ranked = {}
             for u in users:
                 history = histories.get(u) or histories.setdefault(u, _history(store, u))

@@ -29,9 +29,44 @@ class SourceContext:
     index: VectorIndex
     store_dir: Path | None = None  # where trained models live (``<store>/sasrec``)
     options: dict[str, dict] = field(default_factory=dict)  # source name -> its settings
+    # what sources built on one store that does not change may share (evaluation builds a covisit
+    # source per option it tries); None: each source reads the store afresh, as serving must
+    shared: dict | None = None
 
     def settings(self, source: str) -> dict:
         return dict(self.options.get(source, {}))
+
+
+@dataclass(frozen=True)
+class ItemSequences:
+    """Every user's items in order, as integer codes: one array pass per pair distance."""
+
+    items: list[str]
+    codes: np.ndarray  # the item of each event; a user's events consecutive, oldest first
+    users: np.ndarray  # the user of each event
+
+    @classmethod
+    def of(cls, context: SourceContext) -> ItemSequences:
+        if context.shared is not None and "item_sequences" in context.shared:
+            return context.shared["item_sequences"]
+        events = context.catalog.all_events()  # ordered by user, then time
+        items = sorted({e.item_id for e in events})
+        code = {item: n for n, item in enumerate(items)}
+        users = np.zeros(len(events), dtype=np.int64)
+        for n in range(1, len(events)):
+            users[n] = users[n - 1] + (events[n].user_id != events[n - 1].user_id)
+        found = cls(items, np.fromiter((code[e.item_id] for e in events), dtype=np.int64, count=len(events)), users)
+        if context.shared is not None:
+            context.shared["item_sequences"] = found
+        return found
+
+    def pairs(self, d: int) -> tuple[np.ndarray, np.ndarray]:
+        """(earlier, later) item codes of one user's events ``d`` steps apart, the two items differing."""
+        if d >= len(self.codes):
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        a, b = self.codes[:-d], self.codes[d:]
+        keep = (self.users[:-d] == self.users[d:]) & (a != b)
+        return a[keep], b[keep]
 
 
 SOURCES: dict[str, type[CandidateSource]] = {}
@@ -171,26 +206,26 @@ class CoVisit(CandidateSource):
     def __init__(self, context: SourceContext):
         super().__init__(context)
         window, decay, forward = self.options.window, self.options.decay, self.options.forward
-        by_user: dict[str, list[str]] = defaultdict(list)
-        for e in context.catalog.all_events():
-            by_user[e.user_id].append(e.item_id)
-        self._counts = Counter(item for items in by_user.values() for item in items)
+        seqs = ItemSequences.of(context)
+        n = len(seqs.items)
+        counts = np.bincount(seqs.codes, minlength=n)
+        self._counts = Counter({item: int(c) for item, c in zip(seqs.items, counts, strict=True) if c})
+        # every pair d steps apart, both ways: b followed a (forward x strength), a preceded b (strength)
+        heads, tails, weights = [], [], []
+        for d in range(1, window + 1):
+            a, b = seqs.pairs(d)
+            strength = 1.0 / d**decay
+            heads += [a, b]
+            tails += [b, a]
+            weights += [np.full(len(a), forward * strength), np.full(len(a), strength)]
+        head, tail = np.concatenate(heads or [np.zeros(0, np.int64)]), np.concatenate(tails or [np.zeros(0, np.int64)])
+        key, where = np.unique(head * n + tail, return_inverse=True)
+        strength = np.bincount(where, weights=np.concatenate(weights or [np.zeros(0)]), minlength=len(key))
+        if self.options.pop_alpha:
+            strength /= counts[key % n] ** self.options.pop_alpha
         links: dict[str, Counter] = defaultdict(Counter)
-        for items in by_user.values():
-            for i, a in enumerate(items):
-                for d in range(1, window + 1):
-                    if i + d >= len(items):
-                        break
-                    b = items[i + d]
-                    if a != b:
-                        strength = 1.0 / d**decay
-                        links[a][b] += forward * strength  # b followed a
-                        links[b][a] += strength
-        alpha = self.options.pop_alpha
-        if alpha:
-            for neighbours in links.values():
-                for item in neighbours:
-                    neighbours[item] /= self._counts[item] ** alpha
+        for a, b, s in zip((key // n).tolist(), (key % n).tolist(), strength.tolist(), strict=True):
+            links[seqs.items[a]][seqs.items[b]] = s
         self.links = dict(links)
         self._lock = threading.Lock()
 

@@ -80,6 +80,28 @@ def test_covisit_scores_by_hand(tmp_path: Path):
     assert all(c.provenance[0].because == "a" for c in ranked)  # the evidence a reason cites
 
 
+def test_covisit_options_by_hand(tmp_path: Path):
+    """window 3, forward 2, pop_alpha 1 over u1: a b c, u2: a c, u3: d a (items bought a 3, b 1, c 2, d 1)."""
+    catalog = Catalog(tmp_path / "c.sqlite3")
+    catalog.upsert_products([_product(i, brand=i) for i in "abcdx"])
+    catalog.add_events([Event(u, i, seq_pos=n) for u, seq in [("u1", "abc"), ("u2", "ac"), ("u3", "da")]
+                        for n, i in enumerate(seq)])
+    from retrieval.sources import CoVisit, SourceContext
+
+    options = {"covisit": {"window": 3, "forward": 2.0, "pop_alpha": 1.0}}
+    shared: dict = {}
+    source = CoVisit(SourceContext(catalog, None, options=options, shared=shared))
+    # a -> b: after a once at d=1, 2 x 1 / 1 buy of b; a -> c: 2 x 1/2 (u1) + 2 x 1 (u2) = 3 / 2 buys of c;
+    # a -> d: d came before a, 1 / 1
+    assert dict(source.links["a"]) == {"b": 2.0, "c": 1.5, "d": 1.0}
+    # c -> a: a came before c, 1/2 + 1 = 1.5 / 3 buys of a; c -> b: 1 / 1
+    assert dict(source.links["c"]) == {"a": 0.5, "b": 1.0}
+    catalog.add_events([Event("u4", "a", seq_pos=0), Event("u4", "x", seq_pos=1)])
+    # serving reads the store afresh; a shared context (evaluation's, on a store that does not change) does not
+    assert "x" in CoVisit(SourceContext(catalog, None, options=options)).links["a"]
+    assert "x" not in CoVisit(SourceContext(catalog, None, options=options, shared=shared)).links["a"]
+
+
 def test_fusion_is_weighted_reciprocal_rank_by_hand():
     def cands(source, ids):
         return [Candidate(i, 1.0, [Provenance(source, 1.0, r)]) for r, i in enumerate(ids)]
