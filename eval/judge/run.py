@@ -20,7 +20,7 @@ from agent.cache import PageCache
 from agent.errors import ConfigError
 from agent.service import composer_for
 from agent.settings import Settings
-from eval.judge.cases import comparison_cases, deterministic_known_cases, page_view
+from eval.judge.cases import KnownCases, comparison_cases, deterministic_known_cases, page_view
 from eval.judge.criteria import CRITERIA_DIR, load_criteria
 from eval.judge.judging import Judge, PairVerdict, PointVerdict
 from eval.judge.stats import wilson
@@ -142,6 +142,38 @@ def _vote(verdicts: dict[str, dict[str, object]]) -> dict[str, object]:
     return voted
 
 
+def _judge_report(suite: Suite, mine: dict[str, object], known: KnownCases, comparisons: dict, kinds: dict[str, str],
+                  pages: dict, targets: dict[str, list[str]]) -> dict:
+    """One judge's figures: known-answer accuracy per criterion (trusted or not), the ranking truth,
+    and its win rates on the suite's comparisons."""
+    report = {"criteria": {}, "comparisons": {}}
+    for criterion in suite.criteria:
+        points = [(mine[k.good.id], mine[k.bad.id]) for k in known.points if k.good.criterion == criterion]
+        pairs = [mine[k.case.id] for k in known.pairs if k.case.criterion == criterion]
+        acc = _accuracy(points, pairs)
+        acc["trusted"] = acc["cases"] > 0 and acc["accuracy"][1] >= suite.trust_bar  # the lower bound
+        acc["by_perturbation"] = {
+            p: _accuracy([(mine[k.good.id], mine[k.bad.id]) for k in known.points
+                          if k.good.criterion == criterion and k.perturbation == p],
+                         [mine[k.case.id] for k in known.pairs
+                          if k.case.criterion == criterion and k.perturbation == p])["accuracy"]
+            for p in sorted({k.perturbation for k in known.points if k.good.criterion == criterion}
+                            | {k.perturbation for k in known.pairs if k.case.criterion == criterion})}
+        report["criteria"][criterion] = acc
+    if known.truth:  # does the judge prefer the page holding the shopper's next item?
+        agree = sum(mine[k.case.id].winner == "A" for k in known.truth)
+        report["ranking_truth"] = {"cases": len(known.truth), "prefers_next_item": [
+            round(x, 4) for x in wilson(agree, len(known.truth))]}
+    for title, (pairs, points) in comparisons.items():
+        left, right = title.split(" vs ")
+        rates = _win_rates(suite, kinds, left, right, [mine[c.id] for c in pairs], [mine[c.id] for c in points],
+                           pages, targets)
+        for criterion, entry in rates.items():
+            entry["trusted"] = report["criteria"][criterion]["trusted"]
+        report["comparisons"][title] = rates
+    return report
+
+
 def run(suite: Suite, settings: Settings, out: Path, progress: bool = True) -> dict:
     started = time.perf_counter()
     out = Path(out)
@@ -162,7 +194,6 @@ def run(suite: Suite, settings: Settings, out: Path, progress: bool = True) -> d
 
     comparisons = {f"{left} vs {right}": comparison_cases(kinds, left, right, pages, summaries)
                    for left, right in suite.comparisons}
-    judged: dict[str, dict] = {}
     verdicts: dict[str, dict[str, object]] = {}
     calls, judge_s, judge_criteria = {}, {}, {}
     for name, spec in suite.judges.items():
@@ -190,33 +221,8 @@ def run(suite: Suite, settings: Settings, out: Path, progress: bool = True) -> d
     if len(suite.vote) >= 2:
         verdicts[VOTE] = _vote({n: verdicts[n] for n in suite.vote})
 
-    for name, mine in verdicts.items():
-        report = {"criteria": {}, "comparisons": {}}
-        for criterion in suite.criteria:
-            points = [(mine[k.good.id], mine[k.bad.id]) for k in known.points if k.good.criterion == criterion]
-            pairs = [mine[k.case.id] for k in known.pairs if k.case.criterion == criterion]
-            acc = _accuracy(points, pairs)
-            acc["trusted"] = acc["cases"] > 0 and acc["accuracy"][1] >= suite.trust_bar  # the lower bound
-            acc["by_perturbation"] = {
-                p: _accuracy([(mine[k.good.id], mine[k.bad.id]) for k in known.points
-                              if k.good.criterion == criterion and k.perturbation == p],
-                             [mine[k.case.id] for k in known.pairs
-                              if k.case.criterion == criterion and k.perturbation == p])["accuracy"]
-                for p in sorted({k.perturbation for k in known.points if k.good.criterion == criterion}
-                                | {k.perturbation for k in known.pairs if k.case.criterion == criterion})}
-            report["criteria"][criterion] = acc
-        if known.truth:  # does the judge prefer the page holding the shopper's next item?
-            agree = sum(mine[k.case.id].winner == "A" for k in known.truth)
-            report["ranking_truth"] = {"cases": len(known.truth), "prefers_next_item": [
-                round(x, 4) for x in wilson(agree, len(known.truth))]}
-        for title, (pairs, points) in comparisons.items():
-            left, right = title.split(" vs ")
-            rates = _win_rates(suite, kinds, left, right, [mine[c.id] for c in pairs], [mine[c.id] for c in points],
-                               pages, targets)
-            for criterion, entry in rates.items():
-                entry["trusted"] = report["criteria"][criterion]["trusted"]
-            report["comparisons"][title] = rates
-        judged[name] = report
+    judged = {name: _judge_report(suite, mine, known, comparisons, kinds, pages, targets)
+              for name, mine in verdicts.items()}
 
     cases = (len(known.points) + len(known.pairs) + len(known.truth)
              + sum(len(p) + len(q) for p, q in comparisons.values()))
