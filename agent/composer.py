@@ -28,7 +28,7 @@ from agent.prompting import Prompt
 from agent.rules import Rules, check_skeleton
 from agent.schema import Homepage
 from agent.skeleton import Skeleton
-from agent.stages.sequence import ask_model, describe, finish
+from agent.stages.sequence import WARM_UP_STAGES, ask_model, describe, finish
 from agent.stages.state import WITHHELD_SUMMARY, Deps, PageState
 from retrieval import Event, History, Retriever
 from retrieval.history import build_history
@@ -78,7 +78,7 @@ class Composer:
         deps = replace(self.deps, **{k: v for k, v in changes.items() if k in _DEPS})
         return Composer(deps.retriever, deps.backend, deps.prompts, deps.rules, deps.skeleton, deps.max_new_tokens,
                         deps.llm_retry, changes.get("budget_s", self.budget_s),
-                        changes.get("cache") or PageCache(self.cache.max_users),
+                        changes["cache"] if changes.get("cache") is not None else PageCache(self.cache.max_users),
                         deps.handle_prior, deps.remote_history)
 
     # the parts, read-only (swap them with ``using``)
@@ -112,7 +112,8 @@ class Composer:
         started = time.perf_counter()
         if self.backend is None:
             return 0.0
-        ask_model(self.deps, [PageState(WARM_UP_USER, build_history(WARM_UP_USER, [], {}), started)], None)
+        state = PageState(WARM_UP_USER, build_history(WARM_UP_USER, [], {}), started)
+        ask_model(self.deps, [state], None, WARM_UP_STAGES)
         return time.perf_counter() - started
 
     def compose(self, user_id: str, use_llm: bool = True, use_cache: bool = True,

@@ -12,7 +12,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -194,6 +194,12 @@ class RuleContext:
     products: dict[str, Product]
     skeleton: Skeleton | None = None  # exclusions and the sponsored quota live in the skeleton
 
+    @cached_property
+    def categories(self) -> int:
+        """Distinct leaf categories of the in-stock catalogue, up to what the rules ask (counted once
+        per context: the fix validates many times)."""
+        return catalogue_categories(self.products, self.rules.min_categories)
+
 
 RuleCheck = Callable[[PageBody, RuleContext], list[Violation]]
 RULES: dict[str, RuleCheck] = {}
@@ -306,7 +312,7 @@ def _categories(page: PageBody, ctx: RuleContext) -> list[Violation]:
     categories = {ctx.products[i].category for mod in page.modules for i in mod.items if i in ctx.products}
     wanted = ctx.rules.min_categories
     if len(categories) < wanted:
-        wanted = min(wanted, catalogue_categories(ctx.products, wanted))  # the rule asks what the catalogue has
+        wanted = min(wanted, ctx.categories)  # the rule asks only what the catalogue has
     if len(categories) < wanted:
         return [Violation(code="few_categories", message=f"{len(categories)} categories on the page, needs {wanted}")]
     return []

@@ -267,7 +267,8 @@ class CoVisit(CandidateSource):
 
 class BuyAgainOptions(SourceOptions):
     min_count: int = Field(1, ge=1, description="baskets an item must have been in")
-    min_probability: float = Field(0.0, ge=0, le=1, description="least probability that the next basket holds it")
+    min_probability: float = Field(0.0, ge=0, description="least probability that the next basket holds it "
+                                   "(above 1: the source proposes nothing)")
     min_cycle_days: float = Field(2.0, ge=0, description="a purchase cycle shorter than this (days) is no cycle")
 
 

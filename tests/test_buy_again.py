@@ -130,3 +130,12 @@ def test_the_repeat_model_learns_from_what_was_known_before_each_label():
     assert (model.buyers["A"], model.repeaters["A"]) == (2, 2)
     assert (model.buyers["B"], model.repeaters["B"]) == (2, 1)
     assert (model.buyers["C"], model.repeaters["C"]) == (1, 0)
+
+
+def test_a_threshold_above_one_switches_the_source_off():
+    """Evaluation's grid tries 1.01 ("no buy-again module"); the options must take it."""
+    from retrieval.sources import SOURCES
+
+    assert SOURCES["buy_again"].Options.parse("buy_again", {"min_probability": 1.01}).min_probability == 1.01
+    with pytest.raises(ValueError, match="min_probability"):
+        SOURCES["buy_again"].Options.parse("buy_again", {"min_probability": -0.1})

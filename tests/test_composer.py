@@ -114,3 +114,18 @@ def test_many_users_always_get_valid_pages(composer, sample_users):
     from agent.stages.fix import TITLE_CODES
 
     assert all(v.code in TITLE_CODES for p in pages for v in p.meta.violations_fixed)
+
+
+def test_using_swaps_parts_and_shares_only_the_cache_it_is_given(composer):
+    from agent.cache import PageCache
+
+    other = composer.using(budget_s=1.5)
+    assert other is not composer and other.budget_s == 1.5 and composer.budget_s is None
+    assert other.backend is composer.backend and other.rules is composer.rules
+    assert other.cache is not composer.cache and other.cache.max_users == composer.cache.max_users
+    empty = PageCache(5)  # an empty cache is still the one to share
+    assert composer.using(cache=empty).cache is empty
+    with pytest.raises(TypeError):
+        composer.using(colour="red")
+    with pytest.raises(AttributeError):
+        composer.backend = None  # parts are swapped by making another composer, never in place

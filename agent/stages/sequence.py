@@ -106,10 +106,11 @@ def retry(deps: Deps, states: list[PageState], deadline: float | None) -> None:
 
 
 MODEL_STAGES = (plan, pools, draft, retry)  # check runs inside draft and retry, on each answer
+WARM_UP_STAGES = (plan, pools, draft)  # a retry's prompt only adds to the draft's
 
 
-def ask_model(deps: Deps, states: list[PageState], deadline: float | None) -> None:
-    for stage in MODEL_STAGES:
+def ask_model(deps: Deps, states: list[PageState], deadline: float | None, stages=MODEL_STAGES) -> None:
+    for stage in stages:
         stage(deps, states, deadline)
 
 
