@@ -312,7 +312,8 @@ def _categories(page: PageBody, ctx: RuleContext) -> list[Violation]:
     categories = {ctx.products[i].category for mod in page.modules for i in mod.items if i in ctx.products}
     wanted = ctx.rules.min_categories
     if len(categories) < wanted:
-        wanted = min(wanted, ctx.categories)  # the rule asks only what the catalogue has
+        # the rule asks only what the catalogue has, and at least one: an empty page is never valid
+        wanted = max(min(wanted, ctx.categories), 1)
     if len(categories) < wanted:
         return [Violation(code="few_categories", message=f"{len(categories)} categories on the page, needs {wanted}")]
     return []

@@ -180,6 +180,8 @@ def test_the_category_rule_asks_only_what_the_catalogue_has():
     one_kind = page(("For you", ["a1", "c1"]), ("More", ["a2", "d1"]))  # all "Other" of two
     found = validate(one_kind, RuleContext(RULES_, two))
     assert [v.code for v in found] == ["few_categories"] and "needs 2" in found[0].message
+    # an empty page is never valid, even for an empty catalogue (the composer then raises PageUnavailable)
+    assert [v.code for v in validate(PageBody([]), RuleContext(RULES_, {}))] == ["few_categories"]
     # a catalogue with enough categories still needs the configured three
     found = validate(page(("For you", ["a3", "f1"]), ("More", ["b1", "e1"])), RuleContext(RULES_, PRODUCTS))
     assert [v.code for v in found] == ["few_categories"] and "needs 3" in found[0].message
