@@ -220,7 +220,9 @@ class CoVisit(CandidateSource):
             weights += [np.full(len(a), forward * strength), np.full(len(a), strength)]
         head, tail = np.concatenate(heads or [np.zeros(0, np.int64)]), np.concatenate(tails or [np.zeros(0, np.int64)])
         key, where = np.unique(head * n + tail, return_inverse=True)
+        # float even with no pair at all (bincount of nothing is an int array)
         strength = np.bincount(where, weights=np.concatenate(weights or [np.zeros(0)]), minlength=len(key))
+        strength = strength.astype(np.float64)
         if self.options.pop_alpha:
             strength /= counts[key % n] ** self.options.pop_alpha
         links: dict[str, Counter] = defaultdict(Counter)

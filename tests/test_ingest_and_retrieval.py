@@ -102,6 +102,17 @@ def test_covisit_options_by_hand(tmp_path: Path):
     assert "x" not in CoVisit(SourceContext(catalog, None, options=options, shared=shared)).links["a"]
 
 
+def test_covisit_on_a_store_without_pairs(tmp_path: Path):
+    """Was: a store whose users have one event each crashed the build (an int array divided by popularity)."""
+    catalog = Catalog(tmp_path / "c.sqlite3")
+    catalog.upsert_products([_product(i, brand=i) for i in "ab"])
+    catalog.add_events([Event("u1", "a", seq_pos=0), Event("u2", "b", seq_pos=0)])
+    from retrieval.sources import CoVisit, SourceContext
+
+    source = CoVisit(SourceContext(catalog, None, options={"covisit": {"pop_alpha": 0.25}}))
+    assert source.links == {} and source.candidates(build_history("u1", [], catalog.products), 5) == []
+
+
 def test_fusion_is_weighted_reciprocal_rank_by_hand():
     def cands(source, ids):
         return [Candidate(i, 1.0, [Provenance(source, 1.0, r)]) for r, i in enumerate(ids)]
