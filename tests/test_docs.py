@@ -56,9 +56,9 @@ def test_figures_quoted_beside_a_committed_report_are_in_it():
             held = [float(x) for r in runs for p in (results / r).iterdir()
                     if p.suffix in {".md", ".json", ".yaml"} and p != doc
                     for x in re.findall(r"-?\d+(?:\.\d+)?(?:[eE]-?\d+)?", p.read_text(errors="ignore"))]
-            # a quoted figure is a held one rounded to the decimals it shows
+            # a quoted figure is a held one rounded to the decimals it shows (its sign written apart)
             missing = [f for f in figures
-                       if not any(abs(h - float(f)) <= 0.5 * 10 ** -len(f.split(".")[1]) + 1e-12 for h in held)]
+                       if not any(abs(abs(h) - float(f)) <= 0.5 * 10 ** -len(f.split(".")[1]) + 1e-12 for h in held)]
             assert not missing, f"{doc.name}: {missing} quoted beside {sorted(runs)} but not in its files"
             checked += len(figures)
     assert checked > 0  # the check could not fail without any quoted figure
