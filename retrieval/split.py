@@ -48,25 +48,12 @@ def leave_last_out(events: Iterable[Event], part: Part = "test") -> Split:
     """Hold out the last basket (``test``) or the second to last (``valid``, the last one dropped
     entirely). A user needs a history basket before the target; too short a user is all training
     (for ``valid``, without any test basket), and has no target."""
-    by_user: dict[str, list[Event]] = defaultdict(list)
-    for e in events:
-        by_user[e.user_id].append(e)
-    train: list[Event] = []
-    targets: dict[str, list[str]] = {}
-    history: dict[str, list[str]] = {}
-    for user in sorted(by_user):
-        user_baskets = baskets(by_user[user])
+    def cut(user: str, user_baskets: list[list[Event]]) -> tuple[list[list[Event]], list[Event] | None]:
         if part == "valid" and len(user_baskets) >= 2:
             user_baskets = user_baskets[:-1]  # the test basket is never seen while validating
-        if len(user_baskets) >= 2:
-            kept, target = user_baskets[:-1], user_baskets[-1]
-            targets[user] = list(dict.fromkeys(e.item_id for e in target))
-        else:
-            kept = user_baskets
-        seen = [e for basket in kept for e in basket]
-        train.extend(seen)
-        history[user] = [e.item_id for e in seen]
-    return Split(part, train, targets, history)
+        return (user_baskets[:-1], user_baskets[-1]) if len(user_baskets) >= 2 else (user_baskets, None)
+
+    return _split(events, part, cut, "ours")
 
 
 def user_split(events: Iterable[Event], part: Part = "test", seed: int = 0,
@@ -76,25 +63,33 @@ def user_split(events: Iterable[Event], part: Part = "test", seed: int = 0,
     basket is the target, the baskets before it the history. ``valid`` holds out the validation
     users' last baskets and never shows a test user's; ``test`` holds out the test users' and trains
     on every validation basket."""
-    by_user: dict[str, list[Event]] = defaultdict(list)
-    for e in events:
-        by_user[e.user_id].append(e)
-    users = sorted(by_user)
+    events = list(events)
+    users = sorted({e.user_id for e in events})
     random.Random(seed).shuffle(users)
     n_train, n_valid = int(len(users) * shares[0]), int(len(users) * (shares[0] + shares[1]))
     role = {u: "train" if n < n_train else "valid" if n < n_valid else "test" for n, u in enumerate(users)}
+
+    def cut(user: str, user_baskets: list[list[Event]]) -> tuple[list[list[Event]], list[Event] | None]:
+        if len(user_baskets) < 2 or role[user] == "train" or (role[user], part) == ("valid", "test"):
+            return user_baskets, None
+        return user_baskets[:-1], (user_baskets[-1] if role[user] == part else None)
+
+    return _split(events, part, cut, "li")
+
+
+def _split(events: Iterable[Event], part: Part, cut, protocol: str) -> Split:
+    """Each user's baskets cut by ``cut`` into what trains and the held-out target (None: none)."""
+    by_user: dict[str, list[Event]] = defaultdict(list)
+    for e in events:
+        by_user[e.user_id].append(e)
     train: list[Event] = []
     targets: dict[str, list[str]] = {}
     history: dict[str, list[str]] = {}
     for user in sorted(by_user):
-        user_baskets = baskets(by_user[user])
-        if len(user_baskets) >= 2 and (role[user] == part or (part == "valid" and role[user] == "test")):
-            kept, target = user_baskets[:-1], user_baskets[-1]
-            if role[user] == part:
-                targets[user] = list(dict.fromkeys(e.item_id for e in target))
-        else:
-            kept = user_baskets
+        kept, target = cut(user, baskets(by_user[user]))
+        if target is not None:
+            targets[user] = list(dict.fromkeys(e.item_id for e in target))
         seen = [e for basket in kept for e in basket]
         train.extend(seen)
         history[user] = [e.item_id for e in seen]
-    return Split(part, train, targets, history, "li")
+    return Split(part, train, targets, history, protocol)
