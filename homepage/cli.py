@@ -25,7 +25,7 @@ def _settings(args: argparse.Namespace):
     from agent.settings import Settings
 
     overrides = {k: v for k, v in {"store_dir": args.store}.items() if v is not None}
-    return Settings(**overrides)
+    return Settings.load(**overrides)
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:

@@ -37,3 +37,41 @@ def test_help_shows_an_example(capsys):
     except SystemExit as exit_:
         assert exit_.code == 0
     assert "homepage compose A2V5R832QCSOMX --json" in capsys.readouterr().out
+
+
+def test_a_wrong_setting_is_refused_in_one_line_naming_it(monkeypatch, capsys):
+    cases = [
+        ({"HOMEPAGE_RRF_K": "0"},
+         "setting rrf_k (HOMEPAGE_RRF_K or homepage.toml): Input should be greater than or equal to 1"),
+        # read by the chosen backend's options class, refused when the settings load, not when the model does
+        ({"HOMEPAGE_DTYPE": "float16"}, "setting dtype (HOMEPAGE_DTYPE or homepage.toml), read by backend "
+                                        "'transformers': Input should be 'float32' or 'bfloat16'"),
+        ({"HOMEPAGE_BACKEND": "openai", "HOMEPAGE_OPENAI_BASE_URL": "localhost:8000"},
+         "setting openai_base_url (HOMEPAGE_OPENAI_BASE_URL or homepage.toml), read by backend 'openai': "
+         "expected an http:// or https:// address"),
+        ({"HOMEPAGE_BACKEND": "llamacpp"}, "unknown LLM backend 'llamacpp'; known: ['openai', 'transformers', 'vllm']"),
+        ({"HOMEPAGE_SOURCE_OPTIONS": '{"covisit": {"window": 0}}'},
+         "covisit: window: Input should be greater than or equal to 1"),
+    ]
+    for env, expected in cases:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        assert main(["settings"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and err.startswith("homepage: ") and expected in err, err
+        for name in env:
+            monkeypatch.delenv(name)
+
+
+def test_each_backend_reads_its_own_options_and_vllm_serves_float32_as_bfloat16():
+    from agent.backends import backend_options
+    from agent.backends.options import OpenAIOptions, TransformersOptions, VLLMOptions
+    from agent.settings import Settings
+
+    settings = Settings(adapter="some/adapter")
+    local = backend_options(settings)
+    assert isinstance(local, TransformersOptions) and local.dtype == "float32" and local.adapter == "some/adapter"
+    vllm = backend_options(settings.model_copy(update={"backend": "vllm"}))
+    assert isinstance(vllm, VLLMOptions) and vllm.dtype == "bfloat16" and not hasattr(vllm, "speculate")
+    remote = backend_options(settings.model_copy(update={"backend": "openai"}))
+    assert isinstance(remote, OpenAIOptions) and remote.openai_base_url == settings.openai_base_url

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from agent.backends.options import BackendOptions, OpenAIOptions, TransformersOptions, VLLMOptions
 from agent.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -45,6 +46,15 @@ class LLMBackend(ABC):
     # gives; engines without it write the order token by token
     orders_handles = False
 
+    @classmethod
+    def from_options(cls, options: BackendOptions) -> LLMBackend:
+        """The backend its options describe (``BACKENDS[name].Options``); registered engines override it."""
+        raise NotImplementedError(f"backend {cls.name!r} is built directly, not from settings")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LLMBackend:
+        return cls.from_options(BACKENDS[cls.name].Options.read(settings))
+
     @abstractmethod
     def generate(
         self, messages: list[dict[str, str]], schema: dict, max_new_tokens: int, deadline: float | None = None
@@ -60,23 +70,34 @@ class LLMBackend(ABC):
         return [self.generate(messages, schema, max_new_tokens, deadline) for messages, schema in requests]
 
 
-# name -> "module:Class", imported on first use so optional engines stay optional
-BACKENDS: dict[str, str] = {}
+@dataclass(frozen=True)
+class Registered:
+    target: str  # "module:Class", imported on first use so optional engines stay optional
+    Options: type[BackendOptions]  # the settings it reads, checked when the settings load
 
 
-def register_backend(name: str, target: str) -> None:
+BACKENDS: dict[str, Registered] = {}
+
+
+def register_backend(name: str, target: str, options: type[BackendOptions]) -> None:
     if name in BACKENDS:
         raise ValueError(f"LLM backend {name!r} is registered twice")
-    BACKENDS[name] = target
+    BACKENDS[name] = Registered(target, options)
 
 
-register_backend("transformers", "agent.backends.hf:TransformersBackend")
-register_backend("vllm", "agent.backends.vllm:VLLMBackend")
-register_backend("openai", "agent.backends.openai:OpenAICompatibleBackend")
+register_backend("transformers", "agent.backends.hf:TransformersBackend", TransformersOptions)
+register_backend("vllm", "agent.backends.vllm:VLLMBackend", VLLMOptions)
+register_backend("openai", "agent.backends.openai:OpenAICompatibleBackend", OpenAIOptions)
+
+
+def backend_options(settings: Settings) -> BackendOptions:
+    """The chosen backend's options read from ``settings`` (``ConfigError`` naming a wrong one)."""
+    if settings.backend not in BACKENDS:
+        raise ConfigError(f"backend: unknown LLM backend {settings.backend!r}; known: {sorted(BACKENDS)}")
+    return BACKENDS[settings.backend].Options.read(settings)
 
 
 def load_backend(settings: Settings) -> LLMBackend:
-    if settings.backend not in BACKENDS:
-        raise ConfigError(f"backend: unknown LLM backend {settings.backend!r}; known: {sorted(BACKENDS)}")
-    module, cls = BACKENDS[settings.backend].split(":")
-    return getattr(importlib.import_module(module), cls).from_settings(settings)
+    options = backend_options(settings)
+    module, cls = BACKENDS[settings.backend].target.split(":")
+    return getattr(importlib.import_module(module), cls).from_options(options)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from agent.adapters import check_adapter
 from agent.backends import Generation, HandleOrder, LLMBackend
+from agent.backends.options import TransformersOptions
 from agent.errors import BackendError, ConfigError
 from retrieval.packaged import ModelNotFound, find_gguf, resolve_model
 
@@ -211,11 +212,11 @@ class TransformersBackend(LLMBackend):
         atexit.register(_drain)
 
     @classmethod
-    def from_settings(cls, settings) -> TransformersBackend:
-        tokenizer, model = load_model(settings.model, settings.gguf_file, settings.adapter, settings.dtype,
-                                      str(settings.model_cache_dir))
-        return cls(tokenizer, model, settings.model, settings.adapter, settings.speculate,
-                   settings.share_system_prefix)
+    def from_options(cls, options: TransformersOptions) -> TransformersBackend:
+        tokenizer, model = load_model(options.model, options.gguf_file, options.adapter, options.dtype,
+                                      str(options.model_cache_dir))
+        return cls(tokenizer, model, options.model, options.adapter, options.speculate,
+                   options.share_system_prefix)
 
     @lru_cache(maxsize=256)  # noqa: B019 - one backend per process; schemas repeat per skeleton
     def _grammar(self, schema_json: str):

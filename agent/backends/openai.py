@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 from agent.backends import Generation, LLMBackend
+from agent.backends.options import OpenAIOptions
 from agent.errors import BackendError
 
 
@@ -20,8 +21,8 @@ class OpenAICompatibleBackend(LLMBackend):
         self._client = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout)
 
     @classmethod
-    def from_settings(cls, settings) -> OpenAICompatibleBackend:
-        return cls(settings.openai_base_url, settings.model, settings.adapter)
+    def from_options(cls, options: OpenAIOptions) -> OpenAICompatibleBackend:
+        return cls(options.openai_base_url, options.model, options.adapter)
 
     def generate_batch(self, requests, max_new_tokens, deadline=None):
         """Sent at once, so that the server batches them (vLLM's continuous batching)."""

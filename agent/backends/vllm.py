@@ -9,6 +9,7 @@ from pathlib import Path
 
 from agent.adapters import check_adapter
 from agent.backends import Generation, LLMBackend
+from agent.backends.options import VLLMOptions
 from agent.errors import MissingDependency
 from retrieval.packaged import find_gguf, resolve_model
 
@@ -44,9 +45,8 @@ class VLLMBackend(LLMBackend):
             self._lora = LoRARequest("page-adapter", 1, adapter)
 
     @classmethod
-    def from_settings(cls, settings) -> VLLMBackend:
-        dtype = "bfloat16" if settings.dtype == "float32" else settings.dtype
-        return cls(settings.model, settings.adapter, dtype)
+    def from_options(cls, options: VLLMOptions) -> VLLMBackend:
+        return cls(options.model, options.adapter, options.dtype)
 
     def _params(self, schema: dict, max_new_tokens: int):
         sampling = self._vllm.SamplingParams
