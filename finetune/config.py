@@ -64,10 +64,12 @@ class FinetuneConfig(_Strict):
     users: int | None = Field(None, ge=1, description="training users sampled (seeded); unset: all with a target")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="examples held out for the evaluation loss")
     seed: int = 0
-    objective: Literal["page", "handles"] = Field(
+    objective: Literal["page", "handles", "handles_listwise"] = Field(
         "page", description="what the loss reads: 'page' — the whole draft (titles and every handle); 'handles' — "
         "only each module's first handle, where it is an item the shopper bought next (the verbalizer's target: "
-        "serving reads every handle's score at that position); examples without one are skipped")
+        "serving reads every handle's score at that position); examples without one are skipped; "
+        "'handles_listwise' — the same positions, the softmax taken over the module's candidate handles only (a "
+        "listwise loss: every step is spent on which candidate, none on the output's format)")
     shuffle_candidates: bool = Field(
         False, description="shuffle each module's candidates (seeded, per user) before the prompt is rendered, so "
         "the model cannot learn to copy the pool's retrieval order: its handle scores must come from the products "

@@ -127,6 +127,7 @@ def build_examples(config: FinetuneConfig, settings: Settings, teacher_backend: 
         for user in tqdm(users, desc="examples", unit="user", disable=not progress):
             history = retriever.history(user)
             pools = composer.pools(history)
+            retrieval_order = [[c.item_id for c in m.candidates] for m in pools.written()]
             if config.shuffle_candidates:
                 for module in pools.written():
                     shuffler.shuffle(module.candidates)
@@ -140,7 +141,13 @@ def build_examples(config: FinetuneConfig, settings: Settings, teacher_backend: 
                             for m, pool in zip(draft.modules, pools.written(), strict=True)]
             record = {"user_id": user, "split": "eval" if user in held_out else "train",
                       "messages": composer.messages(history, pools), "completion": draft.model_dump_json(),
-                      "target_items": targets[user], "hits": hits, "first_bought": first_bought}
+                      "target_items": targets[user], "hits": hits, "first_bought": first_bought,
+                      # per module: its candidates (the listwise loss's choices), and where the item it
+                      # leads with stood in retrieval order (the baseline a trained order must beat)
+                      "pool_sizes": [len(m.candidates) for m in pools.written()],
+                      "leader_retrieval_rank": [order.index(pool.candidates[m.items[0] - 1].item_id) + 1
+                                                if m.items else None for m, pool, order in
+                                                zip(draft.modules, pools.written(), retrieval_order, strict=True)]}
             f.write(json.dumps(record) + "\n")
             written += 1
             with_hits += hits > 0

@@ -3,7 +3,8 @@ from the last one after an interruption, and the adapter saved with its metadata
 
 The loss is on the completion alone (objective ``page``: the page JSON and the end-of-turn token;
 ``handles``: only the first handle of each module whose first item the shopper bought next, the
-position where serving reads every handle's score), and logits are only computed from the first
+position where serving reads every handle's score; ``handles_listwise``: those positions, the
+softmax over the module's candidate handles alone), and logits are only computed from the first
 labelled position on; the prompt is encoded by the serving code's own ``chat_prompt_ids``, so the
 model trains on exactly what it will read.
 """
@@ -29,17 +30,41 @@ CHECKPOINTS_DIR = "checkpoints"
 IGNORE = -100  # label of a token the loss skips
 
 
-def encode(tokenizer, example: dict, objective: str = "page") -> dict[str, list[int]]:
+def handle_tokens(tokenizer, size: int) -> list[int] | None:
+    """The token of each handle 1..size, or None where one takes several tokens (its first token
+    would stand for two handles)."""
+    tokens = [tokenizer.encode(str(h), add_special_tokens=False) for h in range(1, size + 1)]
+    return [t[0] for t in tokens] if all(len(t) == 1 for t in tokens) else None
+
+
+def encode(tokenizer, example: dict, objective: str = "page") -> dict[str, list]:
+    """Token ids and labels (and, for ``handles_listwise``, each labelled position's candidate handle
+    tokens in ``choices`` and where its target stood in retrieval order in ``retrieval_ranks``)."""
     prompt = chat_prompt_ids(tokenizer, example["messages"])
     answer = [*tokenizer.encode(example["completion"], add_special_tokens=False), tokenizer.eos_token_id]
     labels = list(answer)
-    if objective == "handles":  # only the first handle of each module whose first item was bought next
-        wanted = iter(example.get("first_bought", []))
+    choices: list[list[int]] = [[] for _ in answer]
+    ranks = []
+    if objective != "page":  # only the first handle of each module whose first item was bought next
+        led = iter(example.get("first_bought", []))
+        sizes = iter(example.get("pool_sizes", []))
+        retrieval = iter(example.get("leader_retrieval_rank", []))
         labels = [IGNORE] * len(answer)
         for i in range(1, len(answer)):
-            if tokenizer.decode(answer[:i]).endswith('"items":[') and next(wanted, False):
+            if not tokenizer.decode(answer[:i]).endswith('"items":['):
+                continue
+            bought, size, rank = next(led, False), next(sizes, 0), next(retrieval, None)
+            if not bought:
+                continue
+            if objective == "handles":
                 labels[i] = answer[i]
-    return {"input_ids": prompt + answer, "labels": [IGNORE] * len(prompt) + labels}
+            elif (options := handle_tokens(tokenizer, size)) and answer[i] in options:
+                labels[i], choices[i] = answer[i], options
+                ranks.append(rank)
+    row = {"input_ids": prompt + answer, "labels": [IGNORE] * len(prompt) + labels}
+    if objective == "handles_listwise":
+        row.update(choices=[[] for _ in prompt] + choices, retrieval_ranks=ranks)
+    return row
 
 
 class CompletionCollator:
@@ -59,13 +84,18 @@ class CompletionCollator:
                        for r in rows)
         padded = [(r, width - len(r["input_ids"])) for r in rows]
         mask = torch.tensor([[0] * n + [1] * len(r["input_ids"]) for r, n in padded])
-        return {
+        batch = {
             "input_ids": torch.tensor([[self.pad_id] * n + r["input_ids"] for r, n in padded]),
             "attention_mask": mask,
             "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
             "labels": torch.tensor([([IGNORE] * n + r["labels"])[-keep:] for r, n in padded]),
             "logits_to_keep": keep,
         }
+        if "choices" in rows[0]:  # [rows, keep, most candidates], -1 where a position has fewer
+            widest = max(len(c) for r in rows for c in r["choices"])
+            batch["choices"] = torch.tensor([[c + [-1] * (widest - len(c)) for c in ([[]] * n + r["choices"])[-keep:]]
+                                             for r, n in padded])
+        return batch
 
 
 def completion_loss(outputs, labels, num_items_in_batch=None):
@@ -78,6 +108,64 @@ def completion_loss(outputs, labels, num_items_in_batch=None):
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE,
                            reduction="sum")
     return loss / (num_items_in_batch if num_items_in_batch is not None else (target != IGNORE).sum())
+
+
+class ListwiseLoss:
+    """Cross-entropy over each labelled position's candidate handles only. The trainer hands it the
+    batch's ``choices`` (``ChoicesTrainer``); normalised as ``completion_loss``."""
+
+    choices = None
+
+    def __call__(self, outputs, labels, num_items_in_batch=None):
+        import torch.nn.functional as F
+
+        logits = outputs.logits[:, :-1].float()
+        target = labels[:, 1:].to(logits.device)
+        options = self.choices[:, 1:].to(logits.device)
+        at = target != IGNORE
+        scores = logits[at].gather(1, options[at].clamp(min=0)).masked_fill(options[at] < 0, float("-inf"))
+        index = (options[at] == target[at].unsqueeze(1)).int().argmax(1)
+        loss = F.cross_entropy(scores, index, reduction="sum")
+        return loss / (num_items_in_batch if num_items_in_batch is not None else at.sum())
+
+
+def handle_ranks(model, rows: list[dict], pad_id: int) -> list[tuple[int, int, int | None]]:
+    """Per labelled position of ``rows`` (encoded ``handles_listwise``): (the target's rank among the
+    candidates by the model's scores, the number of candidates, its rank in retrieval order)."""
+    import torch
+
+    out = []
+    collate = CompletionCollator(pad_id)
+    model.eval()
+    with torch.no_grad():
+        for row in rows:
+            batch = collate([row])
+            choices, labels = batch.pop("choices")[0, 1:], batch.pop("labels")[0, 1:]
+            logits = model(**batch).logits[0, :-1]
+            at = (labels != IGNORE).nonzero().flatten().tolist()
+            for position, retrieval_rank in zip(at, row["retrieval_ranks"], strict=True):
+                options = [t for t in choices[position].tolist() if t >= 0]
+                scores = logits[position, options]
+                target = scores[options.index(int(labels[position]))]
+                out.append((1 + int((scores > target).sum()), len(options), retrieval_rank))
+    return out
+
+
+def rank_summary(ranks: list[tuple[int, int, int | None]]) -> dict[str, float]:
+    """Mean reciprocal rank and top-1 share of the bought item among each module's candidates: by
+    the model, by retrieval order, and by chance (a uniformly random order: H(n) / n)."""
+    if not ranks:
+        return {}
+    n = len(ranks)
+    with_retrieval = [r for r in ranks if r[2]]
+    return {
+        "positions": n,
+        "mrr_model": round(sum(1 / r for r, _, _ in ranks) / n, 4),
+        "top1_model": round(sum(r == 1 for r, _, _ in ranks) / n, 4),
+        "mrr_retrieval": round(sum(1 / q for _, _, q in with_retrieval) / len(with_retrieval), 4)
+        if with_retrieval else None,
+        "mrr_chance": round(sum(sum(1 / k for k in range(1, size + 1)) / size for _, size, _ in ranks) / n, 4),
+    }
 
 
 def base_model_name(config: FinetuneConfig, settings: Settings) -> str:
@@ -151,12 +239,25 @@ def train(config: FinetuneConfig, settings: Settings, examples: list[dict], mani
         report_to="none", remove_unused_columns=False, prediction_loss_only=True, dataloader_num_workers=0,
         dataloader_pin_memory=False,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=encoded["train"],
-                      eval_dataset=encoded["eval"] or None, data_collator=CompletionCollator(pad),
-                      compute_loss_func=completion_loss)
+    listwise = config.objective == "handles_listwise"
+    loss = ListwiseLoss() if listwise else completion_loss
+
+    class ChoicesTrainer(Trainer):
+        """Hands each batch's candidate choices to the listwise loss before the model sees the batch."""
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            if listwise:
+                loss.choices = inputs.pop("choices")
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    trainer = ChoicesTrainer(model=model, args=args, train_dataset=encoded["train"],
+                             eval_dataset=encoded["eval"] or None, data_collator=CompletionCollator(pad),
+                             compute_loss_func=loss)
     metrics: dict[str, float | int] = {}
     if encoded["eval"] and last is None:
         metrics["eval_loss_before"] = round(trainer.evaluate()["eval_loss"], 4)
+        if listwise:
+            metrics["held_out_before"] = rank_summary(handle_ranks(model, encoded["eval"], pad))
     if last:
         print(f"resuming from {last}")
     result = trainer.train(resume_from_checkpoint=last)
@@ -164,6 +265,8 @@ def train(config: FinetuneConfig, settings: Settings, examples: list[dict], mani
     metrics["steps"] = trainer.state.global_step
     if encoded["eval"]:
         metrics["eval_loss_after"] = round(trainer.evaluate()["eval_loss"], 4)
+        if listwise:
+            metrics["held_out_after"] = rank_summary(handle_ranks(model, encoded["eval"], pad))
     metrics.update(train_examples=len(encoded["train"]), eval_examples=len(encoded["eval"]), too_long=too_long,
                    unlabelled=unlabelled, objective=config.objective,
                    seconds=round(time.perf_counter() - started, 1), resumed_from=Path(last).name if last else None)

@@ -81,6 +81,47 @@ def test_the_handles_objective_labels_only_the_first_handle_of_a_module_led_by_a
     assert tokenizer.decode([t for t in page["labels"] if t != IGNORE]).startswith('{"modules"')
 
 
+def test_the_listwise_objective_chooses_among_the_modules_candidates_only(settings):
+    from agent.backends.hf import load_base
+    from finetune.train import IGNORE, encode
+
+    tokenizer, _ = load_base(settings.model, None, "float32", str(settings.model_cache_dir))
+    example = {"messages": [{"role": "user", "content": "hi"}], "first_bought": [True, True, True],
+               "pool_sizes": [4, 3, 12], "leader_retrieval_rank": [2, 1, 5],
+               "completion": '{"modules":[{"title":"A","items":[3,1]},{"title":"B","items":[2]},'
+                             '{"title":"C","items":[11]}]}'}
+    row = encode(tokenizer, example, "handles_listwise")
+    labelled = [i for i, label in enumerate(row["labels"]) if label != IGNORE]
+    # module C's pool of 12 has two-token handles ("11" starts like "1"): left out, not mislabelled
+    assert [tokenizer.decode([row["input_ids"][i]]) for i in labelled] == ["3", "2"]
+    assert [tokenizer.decode(row["choices"][i]) for i in labelled] == ["1234", "123"]
+    assert row["retrieval_ranks"] == [2, 1]
+    assert all(c == [] for i, c in enumerate(row["choices"]) if i not in labelled)
+
+
+def test_listwise_loss_and_the_held_out_ranks_by_hand():
+    import math
+    from types import SimpleNamespace
+
+    import torch
+
+    from finetune.train import IGNORE, ListwiseLoss, rank_summary
+
+    # one row, 3 positions; position 1 predicts label[2] = token 5 among choices {5, 7}; the loss reads
+    # only the scores of 5 and 7 (2.0 and 0.0), never token 9's 50.0
+    logits = torch.zeros(1, 3, 10)
+    logits[0, 1, 5], logits[0, 1, 7], logits[0, 1, 9] = 2.0, 0.0, 50.0
+    labels = torch.tensor([[IGNORE, IGNORE, 5]])
+    loss = ListwiseLoss()
+    loss.choices = torch.tensor([[[-1, -1], [-1, -1], [5, 7]]])
+    assert math.isclose(float(loss(SimpleNamespace(logits=logits), labels)), math.log(1 + math.exp(-2)), rel_tol=1e-6)
+    # ranks: (model rank, candidates, retrieval rank): MRR 1/1, 1/3 -> 2/3; retrieval 1/2, 1/1 -> 3/4;
+    # chance: H(2)/2 = 0.75 and H(4)/4 = 25/48 -> (0.75 + 0.520833) / 2
+    summary = rank_summary([(1, 2, 2), (3, 4, 1)])
+    assert summary == {"positions": 2, "mrr_model": 0.6667, "top1_model": 0.5, "mrr_retrieval": 0.75,
+                       "mrr_chance": round((0.75 + 25 / 48) / 2, 4)}
+
+
 def test_shipped_configs_load_and_a_broken_one_is_refused_with_its_line(tmp_path):
     assert load_config(CONFIGS_DIR / "verbalizer.yaml").objective == "handles"
     smoke = load_config(CONFIGS_DIR / "smoke.yaml")
@@ -266,3 +307,34 @@ def test_before_after_evaluation_scores_both_models_on_the_same_users(run, setti
     assert "| page NDCG@10 (returned page) |" in table(report)
     write_report(report, tmp_path, config.out / "adapter")
     assert read_metadata(config.out / "adapter")["evaluation"]["adapter"] == report["adapter"]
+
+
+@pytest.mark.slow
+def test_listwise_training_runs_and_its_held_out_ranks_match_a_plain_forward_pass(run, settings, tmp_path):
+    import torch
+
+    from finetune.train import IGNORE, encode, handle_ranks, train
+
+    config, manifest, examples, _ = run
+    # every module's leader counts as bought: the pipeline, not the data, is under test here
+    led = [{**e, "first_bought": [True] * len(e["pool_sizes"])} for e in examples]
+    listwise = config.model_copy(deep=True, update={"out": tmp_path / "listwise", "objective": "handles_listwise"})
+    trained = train(listwise, settings, led, manifest)
+    metrics = trained.metadata["metrics"]
+    held_out = [e for e in led if e["split"] == "eval"]
+    assert metrics["objective"] == "handles_listwise" and metrics["steps"] == 2
+    assert metrics["held_out_after"]["positions"] >= len(held_out) > 0
+    chance = metrics["held_out_after"]["mrr_chance"]
+    assert 0 < chance < 1 and 0 < metrics["held_out_after"]["mrr_model"] <= 1
+
+    # the same ranks from an unpadded forward pass over the whole sequence, read position by position
+    row = encode(trained.tokenizer, held_out[0], "handles_listwise")
+    with torch.inference_mode():
+        logits = trained.model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
+    expected = []
+    for i, label in enumerate(row["labels"]):
+        if label != IGNORE:
+            scores = logits[i - 1, row["choices"][i]]
+            expected.append(1 + int((scores > scores[row["choices"][i].index(label)]).sum()))
+    pad = trained.tokenizer.pad_token_id or trained.tokenizer.eos_token_id
+    assert [r for r, _, _ in handle_ranks(trained.model, [row], pad)] == expected
