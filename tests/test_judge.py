@@ -149,9 +149,12 @@ def test_accuracy_counts_failures_and_ties_as_wrong():
 
 
 # -- suites --------------------------------------------------------------------------------------------
-def test_shipped_suite_loads():
-    suite = load_suite(SUITES / "llm_vs_deterministic.yaml", set(load_criteria().by_name))
-    assert suite.comparisons == [("llm", "deterministic")] and (suite.data / "items.csv").exists()
+def test_shipped_suites_load():
+    for path in sorted(SUITES.glob("*.yaml")):
+        suite = load_suite(path, set(load_criteria().by_name))
+        assert suite.comparisons == [("llm", "deterministic")] and (suite.data / "items.csv").exists(), path.name
+    assert load_suite(SUITES / "copy_embedding.yaml", set(load_criteria().by_name)).judges["embedding"].kind == \
+        "embedding"
 
 
 @pytest.mark.parametrize(("edit", "message"), [
@@ -173,6 +176,47 @@ def test_a_broken_suite_is_refused_with_file_line_and_field(tmp_path, edit, mess
 
 def test_known_cases_of_an_empty_sample_are_empty():
     assert known_cases(["variety"], {}, {}, {}, {}, [], [], 0) == KnownCases()
+
+
+class Fixed:
+    """Embeddings of known texts, so the embedding judge's arithmetic can be checked by hand."""
+
+    def __init__(self, vectors):
+        self.vectors = vectors
+
+    def embed_documents(self, texts):
+        return [self.vectors[t] for t in texts]
+
+
+def _product(title):
+    return {"item_id": title, "title": title, "brand": "", "category": "C", "price": 1.0}
+
+
+def test_the_embedding_judge_by_hand():
+    from eval.judge.embedding import EmbeddingJudge
+
+    judge = EmbeddingJudge("embedding", Fixed({
+        "Polish picks": [1.0, 0.0], "Shampoo picks": [0.0, 1.0], "Tilted picks": [0.6, 0.8],
+        "polish. C": [1.0, 0.0], "gloss. C": [0.8, 0.6], "shampoo. C": [0.0, 1.0], "Likes polish": [1.0, 0.0]}))
+    module = [_product("polish"), _product("gloss")]
+    # the products' mean (1.8, 0.6) normalised is (0.9487, 0.3162): cosines 0.9487 -> 5, 0.3162 -> 4
+    # (edges 0.1, 0.2, 0.3, 0.45), (0.6, 0.8) -> 0.8222 -> 5
+    scored = judge.score([PointCase("g", "title_fit", "u", "Polish picks", module),
+                          PointCase("b", "title_fit", "u", "Shampoo picks", module),
+                          PointCase("t", "title_fit", "u", "Tilted picks", module),
+                          PointCase("c", "copy_safety", "u", "Polish picks", module)])
+    assert [v.score for v in scored] == [5, 4, 5, None]
+    assert scored[3].asked[0].error.startswith("copy_safety: not judged")  # a failure, never trusted
+
+    near = [{"products": [_product("polish")]}, {"products": [_product("shampoo")]}]
+    far = [{"products": [_product("shampoo")]}, {"products": [_product("shampoo")]}]
+    fit = judge.compare([PairCase("1", "shopper_fit", "u", "Likes polish", near, far),
+                         PairCase("2", "shopper_fit", "u", "Likes polish", far, near),
+                         PairCase("3", "shopper_fit", "u", "Likes polish", near, near)])
+    # A's mean (0.7071, 0.7071) is 0.7071 from the summary, B's 0: A; swapped: B; equal: tie; no flips
+    assert [(v.winner, v.flipped) for v in fit] == [("A", False), ("B", False), ("tie", False)]
+    varied = judge.compare([PairCase("4", "variety", "u", "", near, far)])
+    assert varied[0].winner == "A"  # modules 1 - cos 0 = 1 apart against 1 - cos 1 = 0
 
 
 # -- end to end on the real embedded model -------------------------------------------------------------
@@ -218,6 +262,14 @@ def test_a_tiny_suite_end_to_end_on_the_embedded_model(tmp_path, settings, compo
     assert "not trusted" in (tmp_path / "out" / "judge.md").read_text() or all(
         a["trusted"] for a in report["criteria"].values())
     assert result["timing"]["cases"] > 0 and result["timing"]["cases_per_minute"] > 0
+
+    # the embedding judge beside it: never asked copy_safety, never flips, and its card says so
+    cheap = result["judges"]["embedding"]["criteria"]
+    assert cheap["copy_safety"]["failures"] == cheap["copy_safety"]["cases"] and not cheap["copy_safety"]["trusted"]
+    assert cheap["variety"]["flip_rate"] == 0 and cheap["shopper_fit"]["flip_rate"] == 0
+    assert cheap["title_fit"]["out_of_distribution"] == cheap["title_fit"]["accuracy"]  # it learned nothing
+    text = (tmp_path / "out" / "judge.md").read_text()
+    assert text.index("## Judge cards") < text.index("## Judge accuracy") and "### embedding: trusted for" in text
 
 
 def test_judge_examples_teach_known_verdicts_and_never_show_the_suites_users(tmp_path, settings):

@@ -16,11 +16,37 @@ def _cell(x: list[float], signed: bool = False) -> str:
     return f"{fmt.format(x[0])} [{fmt.format(x[1])}, {fmt.format(x[2])}]"
 
 
+def cards(result: dict) -> list[str]:
+    """One card per judge: what it can be trusted for, on which figure, at what cost."""
+    lines = ["## Judge cards", "",
+             "Trusted for a criterion when the out-of-distribution accuracy's lower bound (95 % Wilson) reaches "
+             f"the trust bar ({result['trust_bar']:.0%}). A judge that learned nothing from known-answer cases "
+             "meets them out of its distribution; a judge trained on them is not trusted until it is measured "
+             "on held-out perturbation kinds.", ""]
+    per_case = result["timing"].get("seconds_per_case", {})
+    for judge, report in result["judges"].items():
+        trusted = [c for c, a in report["criteria"].items() if a["trusted"]]
+        cost = f"{per_case[judge]:.3f} s a case" if judge in per_case else "cost of its members"
+        lines += [f"### {judge}: trusted for {', '.join(trusted) if trusted else 'nothing'} ({cost})", "",
+                  "| criterion | trusted | out-of-distribution lower bound | known-answer accuracy | flip rate "
+                  "| chance |",
+                  "| --- | --- | ---: | --- | ---: | ---: |"]
+        for criterion, acc in report["criteria"].items():
+            ood = acc.get("out_of_distribution")
+            low = f"{ood[1]:.2f}" if ood else "not measured"
+            flip = "—" if acc["flip_rate"] is None else f"{acc['flip_rate']:.2f}"
+            lines.append(f"| {criterion} | {'yes' if acc['trusted'] else 'no'} | {low} | {_cell(acc['accuracy'])} | "
+                         f"{flip} | {acc['chance']['random']:.2f} |")
+        lines.append("")
+    return lines
+
+
 def tables(result: dict) -> str:
     lines = [f"# Judge suite {result['suite']}", "",
              f"{result['users']['compared']} compared users, {result['users']['calibration']} calibration users "
              f"(disjoint); trust bar {result['trust_bar']:.0%}; {result['timing']['cases']} cases, "
              f"{result['timing']['cases_per_minute']} cases/min judged; {result['timing']['seconds']} s in all.", "",
+             *cards(result),
              "## Judge accuracy on known-answer cases (95 % Wilson interval)", "",
              "Trusted: the interval's lower bound reaches the trust bar. Chance: a judge answering at random "
              "(a constant or position-bound judge scores 0).", "",

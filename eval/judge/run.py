@@ -22,11 +22,13 @@ from agent.service import composer_for
 from agent.settings import Settings
 from eval.judge.cases import KnownCases, comparison_cases, deterministic_known_cases, page_view
 from eval.judge.criteria import CRITERIA_DIR, load_criteria
+from eval.judge.embedding import EmbeddingJudge
 from eval.judge.judging import Judge, PairVerdict, PointVerdict
 from eval.judge.stats import wilson
 from eval.judge.suite import Suite, suite_users
 from eval.metrics import bootstrap_interval
 from finetune.store import build_store, read_logs, validation_part
+from retrieval.vectors import LocalEmbeddings
 
 VOTE = "vote"
 BOOTSTRAP_SAMPLES = 2000
@@ -143,15 +145,24 @@ def _vote(verdicts: dict[str, dict[str, object]]) -> dict[str, object]:
 
 
 def _judge_report(suite: Suite, mine: dict[str, object], known: KnownCases, comparisons: dict, kinds: dict[str, str],
-                  pages: dict, targets: dict[str, list[str]]) -> dict:
+                  pages: dict, targets: dict[str, list[str]], trained: bool = False) -> dict:
     """One judge's figures: known-answer accuracy per criterion (trusted or not), the ranking truth,
-    and its win rates on the suite's comparisons."""
+    and its win rates on the suite's comparisons.
+
+    Trust rests on out-of-distribution accuracy. A judge that learned nothing from known-answer cases
+    (a prompted model, the embedding judge) meets these cases out of its distribution, so its
+    accuracy here is that figure. A judge trained on such cases (an adapter) has met these
+    perturbation kinds and claim words in training: its accuracy here is in-distribution, and until
+    it is measured on held-out kinds it is not trusted."""
     report = {"criteria": {}, "comparisons": {}}
     for criterion in suite.criteria:
         points = [(mine[k.good.id], mine[k.bad.id]) for k in known.points if k.good.criterion == criterion]
         pairs = [mine[k.case.id] for k in known.pairs if k.case.criterion == criterion]
         acc = _accuracy(points, pairs)
-        acc["trusted"] = acc["cases"] > 0 and acc["accuracy"][1] >= suite.trust_bar  # the lower bound
+        acc["trained_on_known_answers"] = trained
+        acc["out_of_distribution"] = None if trained else acc["accuracy"]
+        ood = acc["out_of_distribution"]
+        acc["trusted"] = acc["cases"] > 0 and ood is not None and ood[1] >= suite.trust_bar  # the lower bound
         acc["by_perturbation"] = {
             p: _accuracy([(mine[k.good.id], mine[k.bad.id]) for k in known.points
                           if k.good.criterion == criterion and k.perturbation == p],
@@ -199,11 +210,15 @@ def run(suite: Suite, settings: Settings, out: Path, progress: bool = True) -> d
     for name, spec in suite.judges.items():
         mark = time.perf_counter()
         s = settings.model_copy(update=spec.settings)
-        own = load_criteria(spec.criteria_dir or CRITERIA_DIR)
-        if missing := sorted(set(suite.criteria) - set(own.by_name)):
-            raise ConfigError(f"judge {name!r}: its criteria folder {spec.criteria_dir} lacks {missing}")
-        judge_criteria[name] = own.version
-        judge = Judge(name, backends.get(s), own, base.rules.banned_words, suite.batch, suite.repeats)
+        if spec.kind == "embedding":
+            judge = EmbeddingJudge(name, LocalEmbeddings(s.embedding_model))
+            judge_criteria[name] = f"embedding:{s.embedding_model}"
+        else:
+            own = load_criteria(spec.criteria_dir or CRITERIA_DIR)
+            if missing := sorted(set(suite.criteria) - set(own.by_name)):
+                raise ConfigError(f"judge {name!r}: its criteria folder {spec.criteria_dir} lacks {missing}")
+            judge_criteria[name] = own.version
+            judge = Judge(name, backends.get(s), own, base.rules.banned_words, suite.batch, suite.repeats)
         mine: dict[str, object] = {}
         for v in judge.score([c for k in known.points for c in (k.good, k.bad)]):
             mine[v.case.id] = v
@@ -221,7 +236,9 @@ def run(suite: Suite, settings: Settings, out: Path, progress: bool = True) -> d
     if len(suite.vote) >= 2:
         verdicts[VOTE] = _vote({n: verdicts[n] for n in suite.vote})
 
-    judged = {name: _judge_report(suite, mine, known, comparisons, kinds, pages, targets)
+    trained = {name: bool(spec.settings.get("adapter")) for name, spec in suite.judges.items()}
+    trained[VOTE] = any(trained[n] for n in suite.vote)
+    judged = {name: _judge_report(suite, mine, known, comparisons, kinds, pages, targets, trained[name])
               for name, mine in verdicts.items()}
 
     cases = (len(known.points) + len(known.pairs) + len(known.truth)
@@ -234,6 +251,7 @@ def run(suite: Suite, settings: Settings, out: Path, progress: bool = True) -> d
         "pages": {"paths": paths},
         "timing": {"seconds": round(seconds, 1), "compose_seconds": round(compose_s, 1),
                    "judge_seconds": {k: round(v, 1) for k, v in judge_s.items()}, "calls": calls, "cases": cases,
+                   "seconds_per_case": {k: round(v / max(cases, 1), 4) for k, v in judge_s.items()},
                    "cases_per_minute": round(cases * 60 / max(sum(judge_s.values()), 1e-9), 1)},
         "hashes": {"data": logs.digest, "criteria": criteria.version, "suite": _digest(suite.model_dump(mode="json")),
                    "judges": {n: _digest(s.settings, judge_criteria[n]) for n, s in suite.judges.items()},

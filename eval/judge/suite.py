@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,6 +35,9 @@ class Configuration(BaseModel):
 
 class JudgeSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    kind: Literal["model", "embedding"] = Field("model", description="model: a backend asked the criteria "
+                                                "prompts; embedding: the store's sentence embeddings and fixed "
+                                                "rules (eval/judge/embedding.py), the cheap baseline")
     settings: dict[str, Any] = Field(default_factory=dict, description="backend, model, adapter, openai_base_url")
     criteria_dir: Path | None = Field(None, description="another folder of criteria templates (a prompt variant)")
 
