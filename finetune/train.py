@@ -179,6 +179,42 @@ class Trained:
     metadata: dict
 
 
+def encode_examples(tokenizer, examples: list[dict], config: FinetuneConfig) -> tuple[dict[str, list], int, int]:
+    """The training and held-out rows; examples longer than ``max_seq_len`` or with nothing to learn
+    are skipped and counted (returned after the rows)."""
+    encoded: dict[str, list] = {"train": [], "eval": []}
+    too_long = unlabelled = 0
+    for example in examples:
+        row = encode(tokenizer, example, config.objective)
+        if len(row["input_ids"]) > config.train.max_seq_len:
+            too_long += 1
+            continue
+        if all(label == IGNORE for label in row["labels"]):  # nothing to learn: no bought item leads a module
+            unlabelled += 1
+            continue
+        encoded[example["split"]].append(row)
+    if not encoded["train"]:
+        raise ConfigError(f"train.max_seq_len: no training example fits {config.train.max_seq_len} tokens "
+                          f"({too_long} too long, {len(encoded['eval'])} held out)")
+    if too_long or unlabelled:
+        print(f"skipped {too_long} examples longer than max_seq_len={config.train.max_seq_len}, {unlabelled} "
+              f"with nothing to learn for objective {config.objective}")
+    return encoded, too_long, unlabelled
+
+
+def adapter_metadata(config: FinetuneConfig, base: str, manifest: dict, metrics: dict) -> dict:
+    """What the adapter was trained from and how (``homepage_adapter.json``); serving checks the
+    hashes against its own templates, rules, skeleton and retrieval settings."""
+    return {
+        "base_model": base, "gguf_file": config.gguf_file, "data": str(config.data),
+        "data_hash": manifest["data_hash"], "templates": manifest["templates"],
+        "rules_hash": manifest["rules_hash"], "skeleton_hash": manifest["skeleton_hash"],
+        "retrieval": manifest["retrieval"], "teacher": manifest["teacher"],
+        "lora": config.lora.model_dump(), "train": config.train.model_dump(), "metrics": metrics,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
 def train(config: FinetuneConfig, settings: Settings, examples: list[dict], manifest: dict,
           restart: bool = False) -> Trained:
     """Train and save ``out/adapter`` with its metadata."""
@@ -196,23 +232,7 @@ def train(config: FinetuneConfig, settings: Settings, examples: list[dict], mani
     tokenizer, net = load_base(base, config.gguf_file, "float32", str(settings.model_cache_dir))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    encoded = {"train": [], "eval": []}
-    too_long = unlabelled = 0
-    for example in examples:
-        row = encode(tokenizer, example, config.objective)
-        if len(row["input_ids"]) > config.train.max_seq_len:
-            too_long += 1
-            continue
-        if all(label == IGNORE for label in row["labels"]):  # nothing to learn: no bought item leads a module
-            unlabelled += 1
-            continue
-        encoded[example["split"]].append(row)
-    if not encoded["train"]:
-        raise ConfigError(f"train.max_seq_len: no training example fits {config.train.max_seq_len} tokens "
-                          f"({too_long} too long, {len(encoded['eval'])} held out)")
-    if too_long or unlabelled:
-        print(f"skipped {too_long} examples longer than max_seq_len={config.train.max_seq_len}, {unlabelled} "
-              f"with nothing to learn for objective {config.objective}")
+    encoded, too_long, unlabelled = encode_examples(tokenizer, examples, config)
 
     lora = config.lora
     model = get_peft_model(net, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -275,14 +295,7 @@ def train(config: FinetuneConfig, settings: Settings, examples: list[dict], mani
 
     adapter = out / ADAPTER_DIR
     model.save_pretrained(adapter)
-    metadata = {
-        "base_model": base, "gguf_file": config.gguf_file, "data": str(config.data),
-        "data_hash": manifest["data_hash"], "templates": manifest["templates"],
-        "rules_hash": manifest["rules_hash"], "skeleton_hash": manifest["skeleton_hash"],
-        "retrieval": manifest["retrieval"], "teacher": manifest["teacher"],
-        "lora": lora.model_dump(), "train": t.model_dump(), "metrics": metrics,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    metadata = adapter_metadata(config, base, manifest, metrics)
     write_metadata(adapter, metadata)
     model.eval()
     return Trained(model, tokenizer, metadata)
