@@ -78,7 +78,7 @@ def fix(page: PageBody, pools: Pools, ctx: RuleContext) -> PageBody:
         flagged = _title_faults(fixed, ctx)
         if not flagged:
             break
-        for m in dict.fromkeys(m for m, _ in flagged):
+        for m in sorted({m for m, _ in flagged}):  # top to bottom: the same page in every process
             _retitle(fixed, m, ctx)
     return fixed
 
