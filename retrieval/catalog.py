@@ -53,6 +53,8 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE UNIQUE INDEX IF NOT EXISTS events_key
     ON events (user_id, item_id, IFNULL(timestamp, -1), IFNULL(seq_pos, -1), event_type);
 CREATE INDEX IF NOT EXISTS events_user ON events (user_id);
+-- who a shopper is, where the shop knows it (personal data: erased with the user's events)
+CREATE TABLE IF NOT EXISTS user_attributes (user_id TEXT PRIMARY KEY, attributes TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO store_meta VALUES ('catalogue_version', 0);
 """
@@ -191,6 +193,22 @@ class Catalog:
     def latest_time(self) -> float | None:
         """The latest event time in the store (None when events carry no timestamps)."""
         return self._db.execute("SELECT MAX(timestamp) FROM events").fetchone()[0]
+
+    # -- who the shoppers are ------------------------------------------------------------------
+    def upsert_attributes(self, users: dict[str, dict[str, str]]) -> int:
+        """Each user's attributes, replacing what was stored for them; returns how many users."""
+        db = self._db
+        with events_lock(self.path.parent, exclusive=False), db:
+            db.executemany("INSERT OR REPLACE INTO user_attributes VALUES (?, ?)",
+                           [(u, json.dumps(a, sort_keys=True)) for u, a in users.items()])
+        return len(users)
+
+    def attributes(self, user_id: str) -> dict[str, str]:
+        row = self._db.execute("SELECT attributes FROM user_attributes WHERE user_id = ?", (user_id,)).fetchone()
+        return json.loads(row[0]) if row else {}
+
+    def all_attributes(self) -> dict[str, dict[str, str]]:
+        return {u: json.loads(a) for u, a in self._db.execute("SELECT user_id, attributes FROM user_attributes")}
 
     def users(self, limit: int | None = None) -> list[str]:
         sql = "SELECT user_id FROM events GROUP BY user_id ORDER BY COUNT(*) DESC, user_id"

@@ -30,3 +30,14 @@ class EventColumns(BaseModel):
     timestamp: str = Field("timestamp", description="unix seconds or ISO 8601 (this or seq_pos)")
     seq_pos: str = Field("seq_pos", description="position in the user's sequence, 0 = oldest")
     event_type: str = Field("event_type", description="view, cart, purchase, review, ... (default: view)")
+
+
+class UserColumns(BaseModel):
+    """A users file (``homepage ingest --users``): who each shopper is, where the shop knows it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: str = Field("user_id", description="user id, as in the events file (required)")
+    attributes: list[str] | None = Field(
+        None, description="attribute columns to keep (age band, region, membership, ...); unset: every other "
+        "column. Attributes are personal data: forget erases them; prompts never show them")

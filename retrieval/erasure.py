@@ -81,15 +81,23 @@ def resolve_users(privacy: Privacy, store: Path, given: Iterable[str]) -> dict[s
         db = _read_only(path)
         try:
             for user in {s for s in stored.values() if s is not None}:
-                if db.execute("SELECT 1 FROM events WHERE user_id = ? LIMIT 1", (user,)).fetchone():
+                if db.execute("SELECT 1 FROM events WHERE user_id = ? LIMIT 1", (user,)).fetchone() or \
+                        _has_attributes(db, user):
                     known.add(user)
         finally:
             db.close()
     unknown = [g for g in given if stored[g] not in known]
     if unknown:
         raise UnknownUser(f"no user {', '.join(map(repr, unknown))} in the event store {path} (a product id, "
-                          "or a user with no events): nothing was erased")
+                          "or a user with neither events nor attributes): nothing was erased")
     return {g: stored[g] for g in given}
+
+
+def _has_attributes(db: sqlite3.Connection, user: str) -> bool:
+    try:
+        return db.execute("SELECT 1 FROM user_attributes WHERE user_id = ?", (user,)).fetchone() is not None
+    except sqlite3.OperationalError:  # a store made before attributes existed has no such table
+        return False
 
 
 # -- what was stored about a user ------------------------------------------------------------------
@@ -302,7 +310,8 @@ def field_scan(folders: list[Path], stores: list[Path], ids: set[str], fields: f
     found = []
     marks = ",".join("?" * len(ids))
     for store in stores:
-        if _rows_of(store / CATALOG_FILE, f"SELECT 1 FROM events WHERE user_id IN ({marks}) LIMIT 1", sorted(ids)):
+        if _rows_of(store / CATALOG_FILE, f"SELECT 1 FROM events WHERE user_id IN ({marks}) UNION ALL "
+                    f"SELECT 1 FROM user_attributes WHERE user_id IN ({marks}) LIMIT 1", sorted(ids) * 2):
             found.append(Found(str(store / CATALOG_FILE), "field"))
         # chromadb's own SQLite, read directly: loading a collection through chromadb would rewrite
         # its HNSW files from this process's memory
@@ -350,18 +359,24 @@ def _checkpoint(db: sqlite3.Connection, path: Path) -> None:
                         f"{_CHECKPOINT_TRIES / 5:.0f} s); the deleted rows may still be in {wal}: run it again")
 
 
-def _sqlite_erase(path: Path, where: str, args: tuple) -> int:
-    """Delete events matching ``where`` and leave no copy of them in the file or its log."""
+def _sqlite_erase(path: Path, where: str, args: tuple, users: Iterable[str] = ()) -> tuple[int, int]:
+    """Delete events matching ``where`` and the attributes of ``users``, and leave no copy of them
+    in the file or its log. Returns (events removed, users whose attributes went)."""
+    users = sorted(users)
     db = sqlite3.connect(path, timeout=30)
     try:
         db.execute("PRAGMA secure_delete=ON")  # freed pages are zeroed
         with db:
             removed = db.execute(f"DELETE FROM events WHERE {where}", args).rowcount
-            if removed:  # every reader reloads: cached histories and pages of the erased users go
+            attributes = 0
+            if users and db.execute("SELECT 1 FROM sqlite_master WHERE name = 'user_attributes'").fetchone():
+                attributes = db.execute(f"DELETE FROM user_attributes WHERE user_id IN ({','.join('?' * len(users))})",
+                                        users).rowcount
+            if removed or attributes:  # every reader reloads: cached histories and pages of the erased users go
                 db.execute("UPDATE store_meta SET value = value + 1 WHERE key = 'catalogue_version'")
         db.execute("VACUUM")
         _checkpoint(db, path)
-        return removed
+        return removed, attributes
     finally:
         db.close()
 
@@ -524,8 +539,10 @@ def _erase_store(store: Path, ids: set[str], receipt: Receipt, traces: Traces, h
     name = str(store)
     if (store / CATALOG_FILE).exists():
         placeholders = ",".join("?" * len(ids))
-        receipt.removed[f"{name}: events"] += _sqlite_erase(store / CATALOG_FILE, f"user_id IN ({placeholders})",
-                                                            tuple(sorted(ids)))
+        events, attributes = _sqlite_erase(store / CATALOG_FILE, f"user_id IN ({placeholders})",
+                                           tuple(sorted(ids)), users=ids)
+        receipt.removed[f"{name}: events"] += events
+        receipt.removed[f"{name}: user attributes"] += attributes
     removed, found = rebuild_vectors(store, ids, host, port)
     for collection, n in removed.items():
         receipt.removed[f"{name}: vector collection {collection}"] += n
@@ -664,18 +681,21 @@ def erase_expired(privacy: Privacy, store: Path, before: float, embedding_model:
         catalog = Catalog(store / CATALOG_FILE)
         try:
             touched = expired_users(store, before)
-            removed = _sqlite_erase(store / CATALOG_FILE, "timestamp < ?", (before,))
+            removed, _ = _sqlite_erase(store / CATALOG_FILE, "timestamp < ?", (before,))
             products = catalog.products
             left = {u: [products[e.item_id] for e in catalog.user_events(u) if e.item_id in products] for u in touched}
         finally:
             catalog.close()
         gone = {u for u, items in left.items() if not items}
+        if gone:  # nothing of theirs is left: who they are goes too
+            receipt_attributes = _sqlite_erase(store / CATALOG_FILE, "0", (), users=gone)[1]
         docs = {u: behaviour_document(items) for u, items in left.items() if items}  # as ingest writes them
         vectors = LocalEmbeddings(embedding_model).embed_documents([text for text, _ in docs.values()]) if docs else []
         updates = {u: (text, vector, meta) for (u, (text, meta)), vector in zip(docs.items(), vectors, strict=True)}
         receipt = Receipt("retention", sorted(privacy.audit_subject(u) for u in gone),
                           vector_store=f"{host}:{port}" if host else "embedded")
         receipt.removed[f"{store}: events older than {time.strftime('%Y-%m-%d', time.gmtime(before))}"] = removed
+        receipt.removed[f"{store}: user attributes (no event left)"] = receipt_attributes if gone else 0
         collections, traces = rebuild_vectors(store, gone, host, port, updates)
         for collection, n in collections.items():
             receipt.removed[f"{store}: vector collection {collection}"] += n

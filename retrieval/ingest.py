@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from retrieval.catalog import Catalog
-from retrieval.columns import CatalogueColumns, EventColumns
+from retrieval.columns import CatalogueColumns, EventColumns, UserColumns
 from retrieval.history import summarise
-from retrieval.loading import LoadReport, load_events, load_products
+from retrieval.loading import LoadReport, load_events, load_products, load_users
 from retrieval.records import Product
 from retrieval.retriever import CATALOG_FILE, CHROMA_DIR, RetrievalConfig
 from retrieval.vectors import BEHAVIOUR, PRODUCTS, LocalEmbeddings, VectorIndex, chroma_client
@@ -32,11 +32,13 @@ class IngestReport:
     new_events: int
     embedded_products: int
     embedded_users: int
+    users: LoadReport | None = None  # the users file's attributes, when one was given
 
     def lines(self) -> list[str]:
         return [
             *([str(self.catalogue)] if self.catalogue else []),
             str(self.events),
+            *([str(self.users)] if self.users else []),
             f"events new in the store: {self.new_events}",
             f"embedded: {self.embedded_products} products, {self.embedded_users} user behaviour texts "
             "(unchanged texts are skipped)",
@@ -141,10 +143,13 @@ def ingest(
     event_columns: EventColumns | None = None,
     progress: bool = True,
     events_only: bool = False,
+    users_path: Path | None = None,
+    user_columns: UserColumns | None = None,
 ) -> IngestReport:
     """Load both files into the stores. ``events_only``: add the events file to the event store
     alone (SQLite, safe from any process while another owns the embedded vector store); the
-    behaviour texts are refreshed by the next full ingest."""
+    behaviour texts are refreshed by the next full ingest. ``users_path``: who the shoppers are
+    (attributes), stored beside their events, never embedded."""
     store = Path(config.store_dir)
     quarantine_dir = run_quarantine_dir(store)
     catalog, client = Catalog(store / CATALOG_FILE), None
@@ -160,8 +165,13 @@ def ingest(
             Path(events_path), event_columns or EventColumns(), known, quarantine_dir, config.privacy()
         )
         new_events = catalog.add_events(events)
+        users_report = None
+        if users_path is not None:
+            users, users_report = load_users(Path(users_path), user_columns or UserColumns(), quarantine_dir,
+                                             config.privacy())
+            catalog.upsert_attributes(users)
         if events_only:
-            return IngestReport(None, events_report, new_events, 0, 0)
+            return IngestReport(None, events_report, new_events, 0, 0, users_report)
 
         client = chroma_client(store / CHROMA_DIR, config.chroma_host, config.chroma_port)
         index = VectorIndex(client, LocalEmbeddings(config.embedding_model))
@@ -178,4 +188,5 @@ def ingest(
         catalog.close()
         if client is not None and config.chroma_host:  # a server's connections; the embedded store stays open
             client.close()
-    return IngestReport(catalogue_report, events_report, new_events, embedded_products, embedded_users)
+    return IngestReport(catalogue_report, events_report, new_events, embedded_products, embedded_users,
+                        users_report)

@@ -23,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from retrieval.columns import CatalogueColumns, EventColumns
+from retrieval.columns import CatalogueColumns, EventColumns, UserColumns
 from retrieval.ids import check_id
 from retrieval.privacy import Privacy, neutralise, personal_id_kind, redact
 from retrieval.records import Event, Product
@@ -327,3 +327,60 @@ def _event_type(value: Any, counts: Counter) -> str:
     if len(kind) > MAX_EVENT_TYPE_CHARS:  # a word ("view", "purchase"), not a place to store text
         raise ValueError(f"event_type must be at most {MAX_EVENT_TYPE_CHARS} characters, got {len(kind)}")
     return kind
+
+
+MAX_ATTRIBUTE_CHARS = 64  # an age band, a region code, a membership tier: a value, not a text
+
+
+def load_users(path: Path, columns: UserColumns, quarantine_dir: Path, privacy: Privacy
+               ) -> tuple[dict[str, dict[str, str]], LoadReport]:
+    """``{stored user id: {attribute: value}}`` from a users file; empty values are left out. A row
+    without a usable id, with a value too long to be an attribute, or repeating an earlier user is
+    quarantined with its line."""
+    report = LoadReport(Path(path))
+    quarantine = Quarantine(quarantine_dir, Path(path), report, privacy, columns.user_id)
+    users: dict[str, dict[str, str]] = {}
+    first_line: dict[str, int] = {}
+    try:
+        for line, row in read_rows(Path(path)):
+            report.read += 1
+            if report.read == 1:
+                _require_columns(path, row, {"user_id": columns.user_id,
+                                             **{name: name for name in columns.attributes or []}})
+            try:
+                user, attributes = parse_user(row, columns, privacy, report.privacy)
+            except ValueError as exc:
+                quarantine.reject(line, str(exc), row)
+                continue
+            if user in first_line:
+                quarantine.reject(line, f"duplicate: user {user!r} first at line {first_line[user]}", row)
+                continue
+            first_line[user] = line
+            users[user] = attributes
+    finally:
+        quarantine.close()
+    report.loaded = len(users)
+    return users, report
+
+
+def parse_user(row: dict[str, Any], c: UserColumns, privacy: Privacy, counts: Counter | None = None
+               ) -> tuple[str, dict[str, str]]:
+    """One users-file row: the stored id (a pseudonym for an e-mail or phone number, as for events)
+    and its attributes, or ``ValueError`` saying what is wrong."""
+    counts = Counter() if counts is None else counts
+    if "_error" in row:
+        raise ValueError(f"malformed: {row['_error']}")
+    raw = _raw_id(row.get(c.user_id))
+    stored = check_id(privacy.user_id(raw) if isinstance(raw, str) else raw, "user_id")
+    if stored != raw:
+        counts["pseudonymised user id"] += 1
+    names = c.attributes if c.attributes is not None else [k for k in row if k != c.user_id]
+    attributes = {}
+    for name in names:
+        value = _private_text(_raw_id(row.get(name)), counts)
+        if value is None:
+            continue
+        if len(value) > MAX_ATTRIBUTE_CHARS:
+            raise ValueError(f"{name} must be at most {MAX_ATTRIBUTE_CHARS} characters, got {len(value)}")
+        attributes[str(name)] = value
+    return stored, attributes

@@ -182,6 +182,68 @@ class Popularity(CandidateSource):
                 for rank, i in enumerate(top)]
 
 
+class SegmentOptions(SourceOptions):
+    attributes: list[str] = Field(default_factory=list, description="user attributes that make a segment, most "
+                                  "telling first (e.g. [age_group, region]); a thin segment drops the last one")
+    min_users: int = Field(30, ge=1, description="a segment with fewer shoppers backs off to a coarser one, and at "
+                           "last to every shopper")
+
+
+@register_source("segment_popularity")
+class SegmentPopularity(CandidateSource):
+    """Best-sellers among shoppers who share the configured attributes (who they are, where the shop
+    knows it), backing off to coarser segments and to every shopper where a segment is thin; the
+    cold-start source for a shop that knows its shoppers. Evidence: the item's department (never
+    the attributes: they stay out of prompts)."""
+
+    Options = SegmentOptions
+
+    def __init__(self, context: SourceContext):
+        super().__init__(context)
+        self._attributes = context.catalog.all_attributes()
+        self._counts: dict[tuple, Counter] = defaultdict(Counter)  # segment -> item counts
+        self._shoppers: dict[tuple, set[str]] = defaultdict(set)
+        self._ranked_by: dict[tuple, list[str]] = {}  # segment -> items by count, built on first use
+        self._lock = threading.Lock()
+        for event in context.catalog.all_events():
+            self._count(event)
+
+    def segments(self, user_id: str) -> list[tuple[tuple[str, str], ...]]:
+        """The user's segments, finest first; the last, ``()``, is every shopper."""
+        values, names = self._attributes.get(user_id, {}), self.options.attributes
+        return [tuple((name, values[name]) for name in names[:n]) for n in range(len(names), -1, -1)
+                if all(name in values for name in names[:n])]
+
+    def _count(self, event: Event) -> None:
+        for segment in self.segments(event.user_id):
+            self._counts[segment][event.item_id] += 1
+            self._shoppers[segment].add(event.user_id)
+            self._ranked_by.pop(segment, None)
+
+    def observe(self, event: Event, earlier: list[Event]) -> None:
+        with self._lock:
+            self._count(event)
+
+    def segment_of(self, user_id: str) -> tuple[tuple[str, str], ...]:
+        """The finest of the user's segments with enough shoppers."""
+        return next(s for s in self.segments(user_id) if not s or len(self._shoppers[s]) >= self.options.min_users)
+
+    def candidates(self, history: History, k: int) -> list[Candidate]:
+        segment = self.segment_of(history.user_id)
+        with self._lock:
+            counts = self._counts[segment]
+            ranked = self._ranked_by.get(segment)
+            if ranked is None:
+                ranked = self._ranked_by[segment] = sorted(counts, key=lambda i: (-counts[i], i))
+            total = max(sum(counts.values()), 1)
+        products = self.context.catalog.products
+        seen = set(history.item_ids)
+        top = list(islice((i for i in ranked if i not in seen and i in products and products[i].in_stock), k))
+        share = {i: counts[i] / total for i in top}
+        return [Candidate(i, share[i], [Provenance(self.name, share[i], rank, products[i].department)])
+                for rank, i in enumerate(top)]
+
+
 class CoVisitOptions(SourceOptions):
     window: int = Field(3, ge=1, description="how many steps apart two items of a sequence still count as a pair")
     decay: float = Field(1.0, ge=0, description="a pair d steps apart counts 1 / d**decay")

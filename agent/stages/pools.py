@@ -23,7 +23,8 @@ from retrieval import Candidate, History, Provenance, Retriever
 from retrieval.vectors import PRODUCTS
 
 POOL_DEPTH = 60  # candidates retrieved per source
-TOPPED_UP = frozenset({PERSONAL, "popularity"})  # module sources for which popular items are honest
+# module sources for which popular items are honest
+TOPPED_UP = frozenset({PERSONAL, "popularity", "segment_popularity"})
 
 
 @dataclass
@@ -91,8 +92,8 @@ def build_pools(retriever: Retriever, rules: Rules, skeleton: Skeleton, history:
     faults: list[str] = []
     wanted = {m.candidate_source for m in skeleton.modules} - {None}
     per_source = _retrieve(retriever, history, sorted(wanted | set(retriever.weights) | {"popularity"}), faults)
-    if history.is_cold:
-        personal = per_source["popularity"]
+    if history.is_cold:  # who they are, where the shop knows it and the source is configured; else everyone's
+        personal = per_source.get("segment_popularity") or per_source["popularity"]
     else:
         personal = retriever.fused(history, {n: per_source[n] for n in retriever.weights}, POOL_DEPTH)
     reserve = [c for c in per_source["popularity"] if _available(c.item_id, retriever, skeleton)]

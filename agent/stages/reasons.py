@@ -37,4 +37,6 @@ def reason(candidate: Candidate | None, products: dict[str, Product]) -> str:
         return "Popular with shoppers whose history is like yours"
     if best.source == "popularity" and best.because:
         return f"Popular in {best.because}"
+    if best.source == "segment_popularity" and best.because:  # never the attributes themselves
+        return f"Popular in {best.because} with shoppers like you"
     return "Popular right now"

@@ -1,0 +1,80 @@
+"""Who a shopper is and what they do, in one typed record: the attributes the shop gave (``homepage
+ingest --users``) and behaviour tags computed by documented rules from their events.
+
+- ``price_band``: the median price of what they interacted with, against the catalogue's price
+  terciles (``low`` / ``mid`` / ``high``).
+- ``top_categories`` / ``top_brands``: the three most frequent among their items.
+- ``baskets``: purchases grouped by time (every event where the log has no purchases);
+  ``purchase_cycle_days``: the mean gap between their basket days (two or more baskets).
+- ``segment`` (recency and frequency): ``new`` (one basket), ``repeat`` (2-4), ``loyal`` (5+), and
+  ``lapsed`` when their last basket is older than twice their cycle (at least 30 days) before the
+  store's latest event.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+from retrieval.catalog import Catalog
+from retrieval.records import Event, Product
+from retrieval.repeat import purchase_baskets
+
+DAY = 86_400.0
+LAPSED_MIN_DAYS = 30.0
+
+
+@dataclass(frozen=True)
+class Profile:
+    user_id: str
+    attributes: dict[str, str] = field(default_factory=dict)
+    events: int = 0
+    baskets: int = 0
+    segment: str = "new visitor"
+    price_band: str | None = None
+    top_categories: list[str] = field(default_factory=list)
+    top_brands: list[str] = field(default_factory=list)
+    purchase_cycle_days: float | None = None
+    last_seen: float | None = None
+
+    def record(self) -> dict:
+        return asdict(self)
+
+
+def price_terciles(products: dict[str, Product]) -> tuple[float, float] | None:
+    prices = sorted(p.price for p in products.values() if p.price is not None)
+    if len(prices) < 3:
+        return None
+    return prices[len(prices) // 3], prices[2 * len(prices) // 3]
+
+
+def build_profile(user_id: str, events: list[Event], attributes: dict[str, str], products: dict[str, Product],
+                  latest: float | None, terciles: tuple[float, float] | None) -> Profile:
+    items = [products[e.item_id] for e in events if e.item_id in products]
+    if not events:
+        return Profile(user_id, dict(attributes))
+    baskets = purchase_baskets(events)
+    days = [b[0].timestamp / DAY for b in baskets if b[0].timestamp is not None]
+    cycle = (days[-1] - days[0]) / (len(days) - 1) if len(days) >= 2 else None
+    last = max((e.timestamp for e in events if e.timestamp is not None), default=None)
+    segment = "new" if len(baskets) == 1 else "repeat" if len(baskets) < 5 else "loyal"
+    if cycle is not None and last is not None and latest is not None and \
+            (latest - last) / DAY > max(2 * cycle, LAPSED_MIN_DAYS):
+        segment = "lapsed"
+    prices = [p.price for p in items if p.price is not None]
+    band = None
+    if prices and terciles:
+        median = statistics.median(prices)
+        band = "low" if median < terciles[0] else "mid" if median < terciles[1] else "high"
+    return Profile(
+        user_id, dict(attributes), len(events), len(baskets), segment, band,
+        [c for c, _ in Counter(p.category for p in items if p.category).most_common(3)],
+        [b for b, _ in Counter(p.brand for p in items if p.brand).most_common(3)],
+        round(cycle, 1) if cycle is not None else None, last)
+
+
+def profile_of(catalog: Catalog, user_id: str) -> Profile:
+    products = catalog.products
+    return build_profile(user_id, catalog.user_events(user_id), catalog.attributes(user_id), products,
+                         catalog.latest_time(), price_terciles(products))
