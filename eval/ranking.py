@@ -54,20 +54,22 @@ from eval.metrics import SUBSETS, paired_interval, per_user
 from eval.provenance import checkout
 from retrieval import sequential
 from retrieval.catalog import Catalog
-from retrieval.columns import CatalogueColumns, EventColumns
+from retrieval.columns import CatalogueColumns, EventColumns, UserColumns
 from retrieval.history import History
-from retrieval.loading import load_events, load_products
+from retrieval.loading import load_events, load_products, load_users
 from retrieval.privacy import KEY_FILE, Privacy
 from retrieval.records import Candidate, Event, Product
 from retrieval.retriever import CATALOG_FILE, CHROMA_DIR, DEFAULT_RRF_K, Retriever
 from retrieval.sequential import MODEL_DIR, Fitted, SASRecConfig, Trained, fit, publish
 from retrieval.sources import SOURCES, SourceContext
-from retrieval.split import Split, leave_last_out, user_split
+from retrieval.split import Split, baskets, leave_last_out, user_split
 from retrieval.vectors import PRODUCTS, LocalEmbeddings, VectorIndex, chroma_client
 
 METRIC_KS = (5, 10, 20, 50)
 RETRIEVAL_KS = (20, 50, 100, 200)
-SOURCES_EVALUATED = ("popularity", "covisit", "semantic", "sasrec", "buy_again")
+SOURCES_EVALUATED = ("popularity", "segment_popularity", "covisit", "semantic", "sasrec", "buy_again")
+USERS_FILE = "users.csv"  # beside items.csv and interactions.csv: who the shoppers are (optional)
+LIGHT_BASKETS = 1  # shoppers with at most this many earlier baskets: the cold and light table
 # Published figures, only beside the data set they were measured on (the data folder's name), as
 # (Recall@10, NDCG@10), history excluded, full ranking. Same protocol, different build of the data:
 # LlamaRec (Yue et al., 2023, Table 1; LRURec, SASRec and BERT4Rec from the same table) builds
@@ -130,6 +132,30 @@ def load_data(data: Path, quarantine: Path, catalogue: CatalogueColumns | None =
     events, _ = load_events(data / "interactions.csv", columns or EventColumns(), {p.item_id for p in products},
                             quarantine, privacy)
     return products, events
+
+
+def load_attributes(data: Path, quarantine: Path, privacy: Privacy | None) -> dict[str, dict[str, str]]:
+    """``users.csv`` beside the data, when there is one (ids stored as the events' are)."""
+    if not (data / USERS_FILE).exists():
+        return {}
+    privacy = privacy or Privacy(None, Path(quarantine).parent / KEY_FILE)
+    return load_users(data / USERS_FILE, UserColumns(), quarantine, privacy)[0]
+
+
+def segment_options(settings, attributes: dict[str, dict[str, str]]) -> dict:
+    """The configured segments, else every attribute the users file has (in its column order)."""
+    configured = dict(settings.source_options.get("segment_popularity", {})) if settings else {}
+    if "attributes" not in configured:
+        configured["attributes"] = list(dict.fromkeys(name for a in attributes.values() for name in a))
+    return configured
+
+
+def light_users(split: Split, users: list[str], most: int = LIGHT_BASKETS) -> list[str]:
+    """Users whose history holds at most ``most`` baskets (the cold and light shoppers)."""
+    events: dict[str, list[Event]] = {}
+    for e in split.train:
+        events.setdefault(e.user_id, []).append(e)
+    return [u for u in users if len(baskets(events.get(u, []))) <= most]
 
 
 def _digest(*parts: object) -> str:
@@ -616,6 +642,10 @@ def run(config: RankingConfig) -> dict:
         privacy = config.settings.retrieval_config().privacy() if config.settings else None
         products, events = load_data(Path(config.data), work / "quarantine", config.catalogue_columns,
                                      config.event_columns, privacy)
+        attributes = load_attributes(Path(config.data), work / "quarantine", privacy)
+        if not attributes:  # segments need to know who the shoppers are: without users.csv, nothing to add
+            config = dataclasses.replace(config, sources=tuple(n for n in config.sources if n != "segment_popularity"))
+            names = list(config.sources)
         check_configuration(config, products)  # before any fitting: a run never fails at its end
         test, valid = splits(events, config.protocol, config.seed)
         item_ids = sorted(p.item_id for p in products)
@@ -630,6 +660,7 @@ def run(config: RankingConfig) -> dict:
         embeddings = LocalEmbeddings(config.embedding_model)
         vectors = product_vectors(products, embeddings, config.cache, config.progress)
         store = EvalStore(work / "store", products, vectors, embeddings)
+        store.catalog.upsert_attributes(attributes)
         timings["store_s"] = round(time.perf_counter() - mark, 1)
         try:
             # validation: history only in the store, the model that never saw a validation item
@@ -685,7 +716,8 @@ def tune_on_validation(config: RankingConfig, store: EvalStore, valid: Split, wo
     tune = _sample(gate, config.tune_users, rng)
     covisit, covisit_tried = (tune_covisit(store, tune, valid, config.progress) if "covisit" in names
                               else (SOURCES["covisit"].defaults(), []))
-    options = {"covisit": covisit}
+    options = {"covisit": covisit,
+               "segment_popularity": segment_options(config.settings, store.catalog.all_attributes())}
     retriever = store.retriever(dict.fromkeys(names, 1.0), options)
     ids: dict[str, dict[str, list[str]]] = {n: {} for n in names}
     kept: dict[str, dict[str, list[Candidate]]] = {n: {} for n in names}  # the tuning users' own
@@ -811,7 +843,23 @@ def report_meta(config: RankingConfig, tuned: Tuned, tested: Tested, per: dict, 
         "covisit_tried": tuned.covisit_tried, "timings": timings, "llm": llm_meta,
         "direction": tested.direction.report(per, test, config.bootstrap, config.seed),
         "sasrec": {k: v for k, v in models.final.facts.items() if k != "log"} if models else None,
+        "light_shoppers": light_table(per, light_users(test, tested.users), config.bootstrap, config.seed),
     }
+
+
+def light_table(per: dict, users: list[str], samples: int, seed: int) -> dict:
+    """The cold and light shoppers (at most ``LIGHT_BASKETS`` earlier baskets): each system's NDCG@10
+    and Recall@10 over all their items, and segment popularity against popularity, paired."""
+    chosen = set(users)
+    mine = {system: {metric: {u: v for u, v in values["all"][metric].items() if u in chosen}
+                     for metric in ("ndcg@10", "recall@10")} for system, values in per.items()}
+    table = {"users": len(users), "max_earlier_baskets": LIGHT_BASKETS,
+             "systems": {s: {m: float(np.mean(list(v.values()))) if v else 0.0 for m, v in metrics.items()}
+                         for s, metrics in mine.items()}}
+    if "segment_popularity" in per and users:
+        table["segment_vs_popularity"] = {m: paired_interval(mine["segment_popularity"][m], mine["popularity"][m],
+                                                             samples, seed) for m in ("ndcg@10", "recall@10")}
+    return table
 
 
 def compare(per: dict, best_single: str, samples: int, seed: int) -> list[dict]:
@@ -928,6 +976,17 @@ def report_text(results: dict, meta: dict) -> str:
         parts.append(f"Page layout (module sizes and order), chosen by the page's validation NDCG@10 over all "
                      f"items: **{meta['layout']}** (layout: all / explore NDCG@10 — {tried}); serve it with "
                      "`HOMEPAGE_SKELETON_FILE=skeleton.yaml` (this folder).\n\n")
+    light = meta.get("light_shoppers")
+    if light and light["users"]:
+        rows = [f"| {name} | {v['ndcg@10']:.4f} | {v['recall@10']:.4f} |" for name, v in light["systems"].items()
+                if name not in ("pools", "page_discovery")]
+        versus = light.get("segment_vs_popularity")
+        parts.append(f"## Cold and light shoppers\n\n{light['users']} test users with at most "
+                     f"{light['max_earlier_baskets']} earlier basket(s), all items of the next basket.\n\n"
+                     "| system | NDCG@10 | Recall@10 |\n|---|---|---|\n" + "\n".join(rows) + "\n\n"
+                     + (f"segment_popularity − popularity (paired, 95 % interval): NDCG@10 "
+                        f"{_interval(versus['ndcg@10'])}, Recall@10 {_interval(versus['recall@10'])}.\n"
+                        if versus else ""))
     parts.append("R@K = retrieval recall (the ceiling for re-ranking). Pools = "
                  "the candidates the composer offers the model, module by module in order; page = the "
                  "deterministic page built from them (what a user sees without the model, in page order); "

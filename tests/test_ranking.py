@@ -245,3 +245,36 @@ def test_li_et_al_split_users_72_8_20_and_never_show_a_target():
     # a training user's every basket trains
     trainer = next(u for u in test.history if u not in test.targets and u not in valid.targets)
     assert len(test.history[trainer]) == 3
+
+
+@pytest.mark.slow
+def test_segment_popularity_and_the_light_shoppers_table_with_a_users_file(tmp_path):
+    from eval.ranking import RankingConfig, run
+    from retrieval.split import baskets, leave_last_out
+
+    data = sample_slice(tmp_path / "data")
+    users = sorted({line.split(",")[0] for line in (data / "interactions.csv").read_text().splitlines()[1:]})
+    (data / "users.csv").write_text("user_id,group\n" + "".join(f"{u},{'AB'[n % 2]}\n" for n, u in enumerate(users)))
+    config = RankingConfig(data=data, users=60, tune_users=40, out=tmp_path / "out", cache=tmp_path / "cache",
+                           sources=("popularity", "segment_popularity", "covisit"), progress=False, llm_users=0)
+    report = run(config)
+    assert {"popularity", "segment_popularity"} <= set(report["results"])
+    light = report["meta"]["light_shoppers"]
+    # by hand: the evaluated users whose test history holds one basket
+    from eval.ranking import load_data
+
+    _, events = load_data(data, tmp_path / "q")
+    history: dict[str, list] = {}
+    for e in leave_last_out(events, "test").train:
+        history.setdefault(e.user_id, []).append(e)
+    per = json.loads((tmp_path / "out" / "per_user.json").read_text())
+    evaluated = per["popularity"]["all"]["ndcg@10"]
+    expected = [u for u in evaluated if len(baskets(history[u])) <= 1]
+    assert light["users"] == len(expected) > 0
+    seg, pop = per["segment_popularity"]["all"]["ndcg@10"], per["popularity"]["all"]["ndcg@10"]
+    by_hand = sum(seg[u] - pop[u] for u in expected) / len(expected)
+    assert light["segment_vs_popularity"]["ndcg@10"][0] == pytest.approx(by_hand)
+    assert "## Cold and light shoppers" in (tmp_path / "out" / "ranking.md").read_text()
+    # without a users file the source has nothing to segment by and is left out
+    (data / "users.csv").unlink()
+    assert "segment_popularity" not in run(config)["results"]
