@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from agent.adapters import file_digest
 from agent.composer import Composer
 from agent.errors import ConfigError, InputError, PageUnavailable
-from agent.schema import Homepage
+from agent.schema import ExplainedPage, Homepage
 from agent.service import build_composer, composer_for
 from agent.settings import Settings
 from agent.worker import ModelWorker
@@ -160,7 +160,8 @@ class LeanModule(BaseModel):
 
 
 class LeanPage(BaseModel):
-    """The page as a storefront renders it; ``?explain=true`` answers the full ``Homepage``."""
+    """The page as a storefront renders it; ``?explain=true`` answers the full ``Homepage`` and the
+    shopper's profile (``ExplainedPage``)."""
 
     user_id: str
     modules: list[LeanModule]
@@ -474,11 +475,12 @@ def create_app(settings: Settings | None = None, composer: Composer | None = Non
 
 
 def _page_routes(app: FastAPI, service: Service, reader) -> None:
-    @app.get("/v1/users/{user_id}/homepage", response_model=Homepage | LeanPage,
+    @app.get("/v1/users/{user_id}/homepage", response_model=ExplainedPage | LeanPage,
              responses={**UNUSABLE, **UNREAD, 403: {"model": Problem, "description": "explain needs the admin token"}},
              summary="The user's homepage")
     def homepage(user_id: Annotated[str, USER_PATH], role: Annotated[str, Depends(reader)],
-                 explain: Annotated[bool, Query(description="add meta and each item's reason (admin token)")] = False):
+                 explain: Annotated[bool, Query(description="add meta, each item's reason and the shopper's "
+                                                "profile (admin token)")] = False):
         if explain and role != "admin":
             raise HTTPException(403, "explain=true needs the admin token (api_token)")
         arrived = time.monotonic()
@@ -491,7 +493,10 @@ def _page_routes(app: FastAPI, service: Service, reader) -> None:
         service.metrics.page(page, time.monotonic() - arrived)
         # the id as given, never the stored one: an e-mail's keyed pseudonym is not told to anyone
         page = page.model_copy(update={"user_id": user_id})
-        return page if explain else LeanPage.model_validate(page.model_dump())
+        if not explain:
+            return LeanPage.model_validate(page.model_dump())
+        profile = service.composer.profile(user_id).record() | {"user_id": user_id}
+        return ExplainedPage.model_validate({**page.model_dump(), "profile": profile})
 
 
 def _write_routes(app: FastAPI, service: Service, writer) -> None:

@@ -33,6 +33,7 @@ from agent.stages.state import WITHHELD_SUMMARY, Deps, PageState
 from retrieval import Event, History, Retriever
 from retrieval.history import build_history
 from retrieval.ids import check_id
+from retrieval.profile import Profile, profile_of
 
 __all__ = ["WARM_UP_USER", "WITHHELD_SUMMARY", "Composer", "check_user_id"]
 WARM_UP_USER = "warm-up-visitor"  # a visitor nobody has seen: the warm-up touches no shopper's data
@@ -142,6 +143,10 @@ class Composer:
         started = time.perf_counter()
         user_id = self._user_id(user_id)
         return self._cached(user_id, self._cache_key(user_id, True, []), started)
+
+    def profile(self, user_id: str) -> Profile:
+        """Who the shopper is and what they do (``retrieval.profile``), under their stored id."""
+        return profile_of(self.retriever.catalog, self._user_id(user_id))
 
     def fallback(self, user_id: str, reason: str) -> Homepage:
         """The deterministic page, marked as a fallback for ``reason`` (the model was not asked:

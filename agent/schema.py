@@ -99,6 +99,29 @@ class Homepage(BaseModel):
         return [item.item_id for module in self.modules for item in module.items]
 
 
+class ShopperProfile(BaseModel):
+    """Who the shopper is and what they do (``retrieval.profile``): an explained page's ``profile``."""
+
+    model_config = _FORBID
+    user_id: str
+    attributes: dict[str, str] = Field(description="what the shop told us (homepage ingest --users); never in a "
+                                       "prompt")
+    events: int
+    baskets: int
+    segment: str = Field(description="new visitor | new | repeat | loyal | lapsed (docs/architecture.md)")
+    price_band: str | None = Field(description="low | mid | high: their median price against the catalogue's terciles")
+    top_categories: list[str]
+    top_brands: list[str]
+    purchase_cycle_days: float | None
+    last_seen: float | None
+
+
+class ExplainedPage(Homepage):
+    """The page with everything behind it: meta, each item's reason, and the shopper's profile."""
+
+    profile: ShopperProfile
+
+
 # ASCII that a title may not use (JSON/markup characters, most punctuation); every other character
 # (letters and digits of any script) passes the grammar, and the title_form rule checks the rest.
 _NOT_FIRST = r"\x00-\x2f\x3a-\x40\x5b-\x60\x7b-\x7f"  # a letter or digit starts it

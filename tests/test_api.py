@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from agent.api import QUEUE_FULL, create_app
 from agent.backends import Generation, LLMBackend
-from agent.schema import Homepage
+from agent.schema import ExplainedPage
 from agent.service import composer_for
 from agent.settings import SAMPLE_DIR, Settings
 from prompts import PROMPTS_DIR
@@ -50,15 +50,18 @@ def client(api_settings, api_retriever, composer):
         yield c
 
 
-def page_of(client, user: str) -> Homepage:
+def page_of(client, user: str) -> ExplainedPage:
     response = client.get(f"/v1/users/{user}/homepage", params={"explain": "true"}, headers=AUTH)
     assert response.status_code == 200, response.text
-    return Homepage.model_validate(response.json())
+    return ExplainedPage.model_validate(response.json())
 
 
 def test_a_page_comes_from_the_model_through_the_worker(client, sample_users):
     page = page_of(client, sample_users[5])
     assert_valid_page(page, client.app.state.service.composer)
+    # explained: the shopper's profile beside the page, from the events the store holds for them
+    catalog = client.app.state.service.composer.retriever.catalog
+    assert page.profile.events == catalog.event_count(sample_users[5]) > 0 and page.profile.top_categories
     assert page.meta.path in {"llm", "repaired"} and page.meta.llm_calls >= 1
     lean = client.get(f"/v1/users/{sample_users[5]}/homepage", headers=AUTH).json()  # cached now
     assert set(lean) == {"user_id", "modules"}
@@ -69,6 +72,7 @@ def test_a_page_comes_from_the_model_through_the_worker(client, sample_users):
 def test_unknown_and_malformed_users(client):
     page = page_of(client, "someone-new")
     assert page.meta.cold_start and page.modules
+    assert page.profile.segment == "new visitor" and page.profile.events == 0 and page.profile.user_id == "someone-new"
     bad = client.get("/v1/users/bad%20id!/homepage", headers=AUTH)
     assert bad.status_code == 422
     assert bad.json()["detail"][0]["loc"] == ["path", "user_id"]

@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from agent.schema import Homepage
+from agent.schema import ExplainedPage
 from agent.settings import Settings
 from retrieval.catalog import Catalog
 from retrieval.retriever import CATALOG_FILE
@@ -88,9 +88,9 @@ def deployment(tmp_path_factory):
     chroma.kill()
 
 
-def valid_page(response: httpx.Response) -> Homepage:
+def valid_page(response: httpx.Response) -> ExplainedPage:
     assert response.status_code == 200, response.text
-    page = Homepage.model_validate_json(response.content)
+    page = ExplainedPage.model_validate_json(response.content)
     ids = page.item_ids()
     assert page.modules and len(ids) == len(set(ids))
     return page
