@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.schema import Homepage
+from agent.schema import ExplainedPage
 
 
 def run_load(url: str, users: list[str], items: list[str], clients: int = 16, seconds: float = 60.0,
@@ -62,7 +62,7 @@ def run_load(url: str, users: list[str], items: list[str], clients: int = 16, se
                         continue
                 if kind is None:
                     try:
-                        page = Homepage.model_validate_json(response.content)
+                        page = ExplainedPage.model_validate_json(response.content)
                         kind = "cached" if page.meta.cached and page.meta.path != "fallback" else page.meta.path
                         with lock:
                             outcomes.update(f"fixed {v.code}" for v in page.meta.violations_fixed)

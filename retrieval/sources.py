@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -253,6 +253,33 @@ class CoVisitOptions(SourceOptions):
     half_life: float = Field(3.0, gt=0, description="recency: an item this many steps older counts half")
 
 
+class Links(Mapping):
+    """Read-only ``item -> {neighbour: strength}``: the links built from the log (a sparse matrix)
+    plus those observed since (``CoVisit.observe``), merged per item."""
+
+    def __init__(self, items: list[str], code: dict[str, int], matrix, added: dict[str, Counter]):
+        self._items, self._code, self._matrix, self._added = items, code, matrix, added
+
+    def __getitem__(self, item: str) -> dict[str, float]:
+        row: dict[str, float] = {}
+        if item in self._code:
+            built = self._matrix[self._code[item]]
+            row = {self._items[j]: float(v) for j, v in zip(built.indices.tolist(), built.data.tolist(), strict=True)}
+        for other, strength in self._added.get(item, {}).items():
+            row[other] = row.get(other, 0.0) + strength
+        if not row:
+            raise KeyError(item)
+        return row
+
+    def __iter__(self):
+        counts = np.diff(self._matrix.indptr)
+        built = [self._items[i] for i in np.flatnonzero(counts).tolist()]
+        return iter(dict.fromkeys([*built, *self._added]))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 @register_source("covisit")
 class CoVisit(CandidateSource):
     """Item-to-item co-occurrence within users' sequences. A pair ``d`` steps apart counts
@@ -261,11 +288,17 @@ class CoVisit(CandidateSource):
     not follow every item. The defaults are the original behaviour; ``homepage eval ranking`` tunes
     the options on the validation split (Amazon Beauty: window 8, forward 2.5, pop_alpha 0.25,
     half_life 1) and they are set per store with ``RetrievalConfig.source_options``.
-    Evidence: the history item that contributes most."""
+    Evidence: the history item that contributes most.
+
+    The links built from the log are a sparse matrix (rows: an item, columns: its neighbours), and a
+    shopper's scores are their recent items' rows weighted and summed with numpy; links observed
+    while serving sit beside it, item by item, until the next build."""
 
     Options = CoVisitOptions
 
     def __init__(self, context: SourceContext):
+        from scipy.sparse import csr_matrix
+
         super().__init__(context)
         window, decay, forward = self.options.window, self.options.decay, self.options.forward
         seqs = ItemSequences.of(context)
@@ -287,11 +320,15 @@ class CoVisit(CandidateSource):
         strength = strength.astype(np.float64)
         if self.options.pop_alpha:
             strength /= counts[key % n] ** self.options.pop_alpha
-        links: dict[str, Counter] = defaultdict(Counter)
-        for a, b, s in zip((key // n).tolist(), (key % n).tolist(), strength.tolist(), strict=True):
-            links[seqs.items[a]][seqs.items[b]] = s
-        self.links = dict(links)
+        # item ids are sorted, so a column's number orders ties as the ids do
+        self._items, self._code = seqs.items, {item: j for j, item in enumerate(seqs.items)}
+        self._matrix = csr_matrix((strength, (key // n, key % n)), shape=(n, n))
+        self._added: dict[str, Counter] = {}  # links observed since the build, per history item
         self._lock = threading.Lock()
+
+    @property
+    def links(self) -> Links:
+        return Links(self._items, self._code, self._matrix, self._added)
 
     def observe(self, event: Event, earlier: list[Event]) -> None:
         """The new item follows the user's last ``window`` items. Its pairs are divided by the
@@ -310,18 +347,57 @@ class CoVisit(CandidateSource):
                     continue
                 strength = 1.0 / d**decay
                 # copied, not changed in place: a page reading the old neighbours is never disturbed
-                ahead, back = Counter(self.links.get(a, ())), Counter(self.links.get(b, ()))
+                ahead, back = Counter(self._added.get(a, ())), Counter(self._added.get(b, ()))
                 ahead[b] += forward * strength / norm(b)
                 back[a] += strength / norm(a)
-                self.links[a], self.links[b] = ahead, back
+                self._added[a], self._added[b] = ahead, back
 
     def candidates(self, history: History, k: int) -> list[Candidate]:
         recent = history.recent(self.options.recent)
+        if not recent:
+            return []
+        weights = _recency_weights(len(recent), self.options.half_life)
+        # strength[r, j]: how strongly recent item r leads to item j (built + observed), then weighted
+        strength = np.zeros((len(recent), len(self._items)))
+        rows = [r for r, p in enumerate(recent) if p.item_id in self._code]
+        if rows:
+            strength[rows] = self._matrix[[self._code[recent[r].item_id] for r in rows]].toarray()
+        added = self._added
+        outside = False
+        for r, p in enumerate(recent):
+            for item, s in added.get(p.item_id, {}).items():
+                if item in self._code:
+                    strength[r, self._code[item]] += s
+                else:
+                    outside = True
+        if outside:  # an item first seen while serving: scored the plain way (rare; until the next build)
+            return self._scored_by_dict(recent, weights, k, history)
+        contribution = strength * weights[:, None]
+        scores = contribution[0].copy()
+        for row in contribution[1:]:  # newest first, as the sum was always taken
+            scores += row
+        best = contribution.argmax(axis=0)  # the first recent item with the largest contribution
+        found = np.flatnonzero(scores > 0)
+        order = found[np.lexsort((found, -scores[found]))]  # score, then item id
+        seen = set(history.item_ids)
+        products = self.context.catalog.products
+        out = []
+        for j in order.tolist():
+            item = self._items[j]
+            if item in seen or item not in products or not products[item].in_stock:
+                continue
+            because = recent[int(best[j])].item_id
+            out.append(Candidate(item, float(scores[j]), [Provenance(self.name, float(scores[j]), len(out), because)]))
+            if len(out) == k:
+                break
+        return out
+
+    def _scored_by_dict(self, recent, weights, k: int, history: History) -> list[Candidate]:
+        links = self.links
         scores: dict[str, float] = defaultdict(float)
         best: dict[str, tuple[float, str]] = {}
-        weights = _recency_weights(len(recent), self.options.half_life)
         for weight, product in zip(weights, recent, strict=True):
-            for item, strength in self.links.get(product.item_id, {}).items():
+            for item, strength in links.get(product.item_id, {}).items():
                 contribution = weight * strength
                 scores[item] += contribution
                 if contribution > best.get(item, (0.0, ""))[0]:
