@@ -1,3 +1,5 @@
+import pytest
+
 from eval.bench import percentiles
 
 
@@ -7,6 +9,7 @@ def test_nearest_rank_percentiles_by_hand():
     assert percentiles([3.0, 1.0, 2.0]) == {"p50": 2.0, "p95": 3.0, "p99": 3.0, "n": 3}
     assert percentiles([7.0])["p99"] == 7.0
 
+@pytest.mark.slow
 def test_bench_runs_every_path(composer):
     from eval.bench import format_report, run_bench
 
@@ -18,6 +21,7 @@ def test_bench_runs_every_path(composer):
     assert "pages/min" in format_report(report)
 
 
+@pytest.mark.slow
 def test_bench_times_the_earlier_configuration_beside(settings, composer):
     from agent.service import composer_for
     from eval.bench import earlier, format_report, run_bench

@@ -220,6 +220,7 @@ def test_the_embedding_judge_by_hand():
 
 
 # -- end to end on the real embedded model -------------------------------------------------------------
+@pytest.mark.slow
 def test_a_tiny_suite_end_to_end_on_the_embedded_model(tmp_path, settings, composer):
     """Three compared and three calibration users of a sample slice, every criterion, the LLM page
     against the deterministic page, judged by the packaged model; the report's numbers recomputed
