@@ -294,16 +294,23 @@ def load_events(
     return events, report
 
 
+def _stored_user(row: dict[str, Any], column: str, privacy: Privacy, counts: Counter) -> str:
+    """A row's user id as stored (an e-mail address or phone number as its keyed pseudonym), or
+    ``ValueError`` for a malformed row or an id outside the policy."""
+    if "_error" in row:
+        raise ValueError(f"malformed: {row['_error']}")
+    raw = _raw_id(row.get(column))
+    stored = check_id(privacy.user_id(raw) if isinstance(raw, str) else raw, "user_id")
+    if stored != raw:
+        counts["pseudonymised user id"] += 1
+    return stored
+
+
 def parse_event(row: dict[str, Any], c: EventColumns, privacy: Privacy, counts: Counter | None = None) -> Event:
     """One event row, or ``ValueError`` saying what is wrong (ingest and the service). A user id
     that is an e-mail address or phone number is stored as its keyed pseudonym."""
     counts = Counter() if counts is None else counts
-    if "_error" in row:
-        raise ValueError(f"malformed: {row['_error']}")
-    raw = _raw_id(row.get(c.user_id))
-    stored = check_id(privacy.user_id(raw) if isinstance(raw, str) else raw, "user_id")
-    if stored != raw:
-        counts["pseudonymised user id"] += 1
+    stored = _stored_user(row, c.user_id, privacy, counts)
     item_id = check_id(_raw_id(row.get(c.item_id)), "item_id")
     timestamp = parse_timestamp(row.get(c.timestamp))
     seq = parse_number(row.get(c.seq_pos), "seq_pos")
@@ -368,12 +375,7 @@ def parse_user(row: dict[str, Any], c: UserColumns, privacy: Privacy, counts: Co
     """One users-file row: the stored id (a pseudonym for an e-mail or phone number, as for events)
     and its attributes, or ``ValueError`` saying what is wrong."""
     counts = Counter() if counts is None else counts
-    if "_error" in row:
-        raise ValueError(f"malformed: {row['_error']}")
-    raw = _raw_id(row.get(c.user_id))
-    stored = check_id(privacy.user_id(raw) if isinstance(raw, str) else raw, "user_id")
-    if stored != raw:
-        counts["pseudonymised user id"] += 1
+    stored = _stored_user(row, c.user_id, privacy, counts)
     names = c.attributes if c.attributes is not None else [k for k in row if k != c.user_id]
     attributes = {}
     for name in names:

@@ -203,7 +203,7 @@ class SegmentPopularity(CandidateSource):
         self._attributes = context.catalog.all_attributes()
         self._counts: dict[tuple, Counter] = defaultdict(Counter)  # segment -> item counts
         self._shoppers: dict[tuple, set[str]] = defaultdict(set)
-        self._ranked_by: dict[tuple, list[str]] = {}  # segment -> items by count, built on first use
+        self._ranked_by: dict[tuple, tuple[list[str], int]] = {}  # segment -> (items by count, count), on first use
         self._lock = threading.Lock()
         for event in context.catalog.all_events():
             self._count(event)
@@ -230,12 +230,11 @@ class SegmentPopularity(CandidateSource):
 
     def candidates(self, history: History, k: int) -> list[Candidate]:
         segment = self.segment_of(history.user_id)
-        with self._lock:
+        with self._lock:  # ranked and summed once per change of the segment, not per page
             counts = self._counts[segment]
-            ranked = self._ranked_by.get(segment)
-            if ranked is None:
-                ranked = self._ranked_by[segment] = sorted(counts, key=lambda i: (-counts[i], i))
-            total = max(sum(counts.values()), 1)
+            if segment not in self._ranked_by:
+                self._ranked_by[segment] = (sorted(counts, key=lambda i: (-counts[i], i)), max(sum(counts.values()), 1))
+            ranked, total = self._ranked_by[segment]
         products = self.context.catalog.products
         seen = set(history.item_ids)
         top = list(islice((i for i in ranked if i not in seen and i in products and products[i].in_stock), k))

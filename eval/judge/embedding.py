@@ -23,7 +23,6 @@ from eval.judge.judging import Asked, PairVerdict, PointVerdict
 
 SCORE_EDGES = (0.1, 0.2, 0.3, 0.45)  # cosine below the first: 1, ..., at or above the last: 5
 MARGIN = 0.01  # pairwise: closer than this is a tie
-CRITERIA = ("title_fit", "shopper_fit", "variety")
 
 
 def product_text(product: dict) -> str:
