@@ -128,8 +128,12 @@ def compare(config: FinetuneConfig, settings: Settings, adapter: Path, users: in
         "recall@10": statistics.fmean(basket_recall(ranked[u], targets[u], 10) for u in sample),
     }}
     rows = {}
-    for name, adapter_path in (("base", None), ("adapter", str(adapter))):
-        variant = settings.model_copy(update={"model": base, "gguf_file": config.gguf_file, "adapter": adapter_path})
+    # a fully fine-tuned model is a model folder of its own (method: full), an adapter rides on the base
+    tuned = ({"model": str(adapter), "gguf_file": None, "adapter": None} if config.method == "full"
+             else {"model": base, "gguf_file": config.gguf_file, "adapter": str(adapter)})
+    for name, update in (("base", {"model": base, "gguf_file": config.gguf_file, "adapter": None}),
+                         ("adapter", tuned)):
+        variant = settings.model_copy(update=update)
         backend = TransformersBackend.from_settings(variant)
         composer = composer_for(settings, retriever, backend, llm_retry=False, budget_s=None,
                                        cache=PageCache(0))

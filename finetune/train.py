@@ -26,6 +26,7 @@ from agent.settings import Settings
 from finetune.config import FinetuneConfig
 
 ADAPTER_DIR = "adapter"
+MODEL_DIR = "model"  # method: full
 CHECKPOINTS_DIR = "checkpoints"
 IGNORE = -100  # label of a token the loss skips
 
@@ -172,9 +173,14 @@ def base_model_name(config: FinetuneConfig, settings: Settings) -> str:
     return config.base_model or settings.model
 
 
+def output_dir(config: FinetuneConfig) -> Path:
+    """Where the run saves what it trained: the adapter (lora) or the whole model folder (full)."""
+    return Path(config.out) / (MODEL_DIR if config.method == "full" else ADAPTER_DIR)
+
+
 @dataclass
 class Trained:
-    model: object  # the peft model, as saved
+    model: object  # the peft model (lora) or the plain model (full), as saved
     tokenizer: object
     metadata: dict
 
@@ -210,14 +216,15 @@ def adapter_metadata(config: FinetuneConfig, base: str, manifest: dict, metrics:
         "data_hash": manifest["data_hash"], "templates": manifest["templates"],
         "rules_hash": manifest["rules_hash"], "skeleton_hash": manifest["skeleton_hash"],
         "retrieval": manifest["retrieval"], "teacher": manifest["teacher"],
-        "lora": config.lora.model_dump(), "train": config.train.model_dump(), "metrics": metrics,
+        "method": config.method, "lora": config.lora.model_dump() if config.method == "lora" else None,
+        "train": config.train.model_dump(), "metrics": metrics,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
 def train(config: FinetuneConfig, settings: Settings, examples: list[dict], manifest: dict,
           restart: bool = False) -> Trained:
-    """Train and save ``out/adapter`` with its metadata."""
+    """Train and save ``out/adapter`` (or ``out/model`` for ``method: full``) with its metadata."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
@@ -235,10 +242,13 @@ def train(config: FinetuneConfig, settings: Settings, examples: list[dict], mani
     encoded, too_long, unlabelled = encode_examples(tokenizer, examples, config)
 
     lora = config.lora
-    model = get_peft_model(net, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                           target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    if config.method == "full":
+        model = net
+    else:
+        model = get_peft_model(net, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                               target_modules=lora.target_modules, task_type="CAUSAL_LM"))
     checkpoints = out / CHECKPOINTS_DIR
-    identity = hashlib.sha256(json.dumps([examples, lora.model_dump(), base, config.objective],
+    identity = hashlib.sha256(json.dumps([examples, lora.model_dump(), base, config.objective, config.method],
                                          sort_keys=True).encode()).hexdigest()
     mark = checkpoints / "examples.sha256"
     if checkpoints.is_dir() and not restart and (not mark.exists() or mark.read_text() != identity):
@@ -293,9 +303,12 @@ def train(config: FinetuneConfig, settings: Settings, examples: list[dict], mani
     if "eval_loss_after" in metrics:
         metrics["eval_perplexity_after"] = round(math.exp(metrics["eval_loss_after"]), 3)
 
-    adapter = out / ADAPTER_DIR
-    model.save_pretrained(adapter)
+    folder = output_dir(config)
+    model.save_pretrained(folder)
     metadata = adapter_metadata(config, base, manifest, metrics)
-    write_metadata(adapter, metadata)
+    if config.method == "full":  # a base model itself, served as HOMEPAGE_MODEL (as a merged adapter is)
+        tokenizer.save_pretrained(folder)
+        metadata["fine_tuned_from"] = metadata.pop("base_model")
+    write_metadata(folder, metadata)
     model.eval()
     return Trained(model, tokenizer, metadata)

@@ -29,20 +29,23 @@ def _settings(args: argparse.Namespace):
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
+    _ingest(_settings(args), args.catalogue, args.events, args.users, events_only=args.events_only)
+    return 0
+
+
+def _ingest(settings, catalogue=None, events=None, users=None, events_only: bool = False) -> None:
+    """Ingest the named files, or those the settings name (the shipped sample by default)."""
     from retrieval import ingest
 
-    settings = _settings(args)
     started = time.perf_counter()
     report = ingest(
-        settings.retrieval_config(), Path(args.catalogue or settings.catalogue), Path(args.events or settings.events),
-        settings.catalogue_columns, settings.event_columns, events_only=getattr(args, "events_only", False),
-        users_path=Path(args.users) if getattr(args, "users", None) else settings.users,
-        user_columns=settings.user_columns,
+        settings.retrieval_config(), Path(catalogue or settings.catalogue), Path(events or settings.events),
+        settings.catalogue_columns, settings.event_columns, events_only=events_only,
+        users_path=Path(users) if users else settings.users, user_columns=settings.user_columns,
     )
     for line in report.lines():
         print(line)
     print(f"store: {settings.store_dir} ({time.perf_counter() - started:.1f} s)")
-    return 0
 
 
 def _print_page(page) -> None:
@@ -134,7 +137,7 @@ def _users_and_items(settings) -> tuple[list[str], list[str]]:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    cmd_ingest(args)
+    _ingest(settings, args.catalogue, args.events)  # its --users counts shoppers to show, not a users file
     users, _ = _users_and_items(settings)
     # a few real users across the activity range, plus one nobody has seen (cold start)
     step = max(len(users) // max(args.users, 1), 1)
@@ -356,7 +359,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from agent.backends import load_backend
     from finetune.config import load_config
     from finetune.examples import build_examples, read_examples
-    from finetune.train import ADAPTER_DIR, train
+    from finetune.train import output_dir, train
 
     config = load_config(Path(args.target))
     teacher = None
@@ -384,21 +387,21 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.examples_only:
         return 0
     metadata = train(config, settings, read_examples(config.out), manifest, restart=args.restart).metadata
-    print(f"adapter: {Path(config.out) / ADAPTER_DIR}; {metadata['metrics']}; "
-          f"total {time.perf_counter() - started:.0f} s")
-    print(f"serve it with HOMEPAGE_ADAPTER={Path(config.out) / ADAPTER_DIR}; "
-          f"compare with: homepage eval adapter {args.target}")
+    folder = output_dir(config)
+    print(f"{config.method}: {folder}; {metadata['metrics']}; total {time.perf_counter() - started:.0f} s")
+    served_as = "HOMEPAGE_MODEL" if config.method == "full" else "HOMEPAGE_ADAPTER"
+    print(f"serve it with {served_as}={folder}; compare with: homepage eval adapter {args.target}")
     return 0
 
 
 def cmd_eval_adapter(args: argparse.Namespace) -> int:
     from eval.adapter import compare, table, write_report
     from finetune.config import load_config
-    from finetune.train import ADAPTER_DIR
+    from finetune.train import output_dir
 
     settings = _settings(args)
     config = load_config(Path(args.config))
-    adapter = Path(args.adapter) if args.adapter else Path(config.out) / ADAPTER_DIR
+    adapter = Path(args.adapter) if args.adapter else output_dir(config)
     out = Path(args.out) if args.out else Path(config.out) / "eval"
     _writes(settings, out)
     report = compare(config, settings, adapter, users=args.users, seed=args.seed)

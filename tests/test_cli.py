@@ -75,3 +75,14 @@ def test_each_backend_reads_its_own_options_and_vllm_serves_float32_as_bfloat16(
     assert isinstance(vllm, VLLMOptions) and vllm.dtype == "bfloat16" and not hasattr(vllm, "speculate")
     remote = backend_options(settings.model_copy(update={"backend": "openai"}))
     assert isinstance(remote, OpenAIOptions) and remote.openai_base_url == settings.openai_base_url
+
+
+def test_demo_ingests_the_sample_and_prints_pages(settings, ingested, copy_store, tmp_path, monkeypatch, capsys):
+    # the Quickstart's command; its --users counts the shoppers shown (it once reached ingest as a file name)
+    store = copy_store(settings.store_dir, tmp_path / "store")
+    monkeypatch.setenv("HOMEPAGE_MODEL_CACHE_DIR", str(settings.model_cache_dir))
+    assert main(["--store", str(store), "demo", "--users", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"store: {store}" in out and "events new in the store: 0" in out
+    pages = [line for line in out.splitlines() if line.startswith("== ")]
+    assert len(pages) == 2 and pages[1].startswith("== new-visitor-0001  [")

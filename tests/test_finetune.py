@@ -9,7 +9,7 @@ import shutil
 import pytest
 from conftest import sample_slice
 
-from agent.adapters import check_adapter, write_metadata
+from agent.adapters import check_adapter, read_metadata, write_metadata
 from agent.errors import ConfigError
 from eval.adapter import free_draft_problem
 from finetune.config import CONFIGS_DIR, FinetuneConfig, field_help, load_config
@@ -293,7 +293,6 @@ def test_training_resumes_from_the_last_checkpoint_and_merges(run, settings, tmp
 
 @pytest.mark.slow
 def test_before_after_evaluation_scores_both_models_on_the_same_users(run, settings, tmp_path):
-    from agent.adapters import read_metadata
     from eval.adapter import compare, table, write_report
 
     config, _, _, _ = run
@@ -338,3 +337,33 @@ def test_listwise_training_runs_and_its_held_out_ranks_match_a_plain_forward_pas
             expected.append(1 + int((scores > scores[row["choices"][i].index(label)]).sum()))
     pad = trained.tokenizer.pad_token_id or trained.tokenizer.eos_token_id
     assert [r for r, _, _ in handle_ranks(trained.model, [row], pad)] == expected
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_saves_a_model_folder_that_serves_as_the_model(run, settings, tmp_path):
+    import torch
+
+    from agent.backends.hf import load_base
+    from finetune.train import encode, output_dir, train
+
+    config, manifest, examples, _ = run
+    full = config.model_copy(deep=True, update={"out": tmp_path / "full", "method": "full"})
+    trained = train(full, settings, examples, manifest)
+    folder = output_dir(full)
+    assert folder == tmp_path / "full" / "model" and not (tmp_path / "full" / "adapter").exists()
+    metadata = read_metadata(folder)
+    assert metadata["method"] == "full" and metadata["lora"] is None and "base_model" not in metadata
+    assert metadata["fine_tuned_from"] == settings.model and metadata["metrics"]["steps"] == 2
+
+    # every weight moved, not an adapter's share of them
+    _, base = load_base(settings.model, None, "float32", str(settings.model_cache_dir))
+    tuned = dict(trained.model.named_parameters())
+    changed = [name for name, weight in base.named_parameters() if not torch.equal(weight, tuned[name])]
+    assert len(changed) >= 0.9 * len(tuned)
+
+    # the folder loads as a plain model and gives the trained model's logits
+    tokenizer, reloaded = load_base(str(folder), None, "float32", str(settings.model_cache_dir))
+    ids = torch.tensor([encode(tokenizer, examples[0])["input_ids"][:64]])
+    trained.model.eval()
+    with torch.inference_mode():
+        assert torch.allclose(reloaded(input_ids=ids).logits, trained.model(input_ids=ids).logits, atol=1e-4)
