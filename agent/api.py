@@ -11,6 +11,7 @@ Callers are checked, and bodies counted as they stream, before any route reads a
 schema is checked in as ``agent/openapi.json`` (``homepage serve --openapi`` writes it) and tested against the app.
 """
 
+import base64
 import contextlib
 import fcntl
 import json
@@ -36,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from agent.adapters import file_digest
 from agent.composer import Composer
+from agent.console_api import console_routes
 from agent.errors import ConfigError, InputError, PageUnavailable
 from agent.schema import ExplainedPage, Homepage
 from agent.service import build_composer, composer_for
@@ -52,6 +54,7 @@ from retrieval.vectors import PRODUCTS, close_embedded
 
 MAX_BATCH = 1000  # events or products in one request
 EPOCH_FILE = "service-epochs.json"  # in the store: reloads and erasures counted, for every worker to follow
+CONSOLE_PAGE, CONSOLE_API, CONSOLE_HEADER = "/console", "/v1/console/", "x-homepage-console"
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 log = logging.getLogger(__name__)
 QUEUE_FULL = "the model's queue was full, or longer than the page's time budget"
@@ -135,6 +138,7 @@ class Erased(BaseModel):
 
 
 class ReloadResult(BaseModel):
+    config_version: str = Field(description="the version of the whole set now serving (the console's version id)")
     templates: dict[str, str] = Field(description="template name -> content hash now serving")
     rules_hash: str
     skeleton_hash: str
@@ -165,6 +169,8 @@ class LeanPage(BaseModel):
 
     user_id: str
     modules: list[LeanModule]
+    config_version: str = Field(description="the merchandiser files' version it was composed with "
+                                "(meta.config_version)")
 
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -302,7 +308,8 @@ class Service:
             self.composer = new
         if announce:
             self._announce("reload")
-        return ReloadResult(templates={n: p.version for n, p in new.prompts.items()},
+        return ReloadResult(config_version=new.deps.config_version,
+                            templates={n: p.version for n, p in new.prompts.items()},
                             rules_hash=file_digest(self.settings.rules_file),
                             skeleton_hash=file_digest(self.settings.skeleton_file))
 
@@ -358,9 +365,9 @@ _RANK = {"reader": 1, "admin": 2}
 
 
 def role_of(settings: Settings, authorization: str | None) -> str | None:
-    """"admin" (the api_token), "reader" (the read_token, or anyone where open_reads is set), or None."""
-    scheme, _, given = (authorization or "").partition(" ")
-    given = given.strip().encode() if scheme.lower() == "bearer" else b""
+    """"admin" (the api_token), "reader" (the read_token, or anyone where open_reads is set), or None.
+    The token comes as a bearer token, or as the password of basic authentication (a browser's console)."""
+    given = _token(authorization)
 
     def matches(token: SecretStr | None) -> bool:
         return bool(token and given) and secrets.compare_digest(given, token.get_secret_value().encode())
@@ -372,21 +379,46 @@ def role_of(settings: Settings, authorization: str | None) -> str | None:
     return None
 
 
+def _token(authorization: str | None) -> bytes:
+    scheme, _, credential = (authorization or "").partition(" ")
+    if scheme.lower() == "bearer":
+        return credential.strip().encode()
+    if scheme.lower() == "basic":
+        try:
+            return base64.b64decode(credential.strip(), validate=True).partition(b":")[2]
+        except ValueError:
+            return b""
+    return b""
+
+
 def permits(role: str | None, needed: str | None) -> bool:
     return needed is None or (role is not None and _RANK[role] >= _RANK[needed])
 
 
 def needed_role(method: str, path: str) -> str | None:
-    """The probes and the API's description are open; other reads need a reader; anything else the admin."""
+    """The probes and the API's description are open; the console is the admin's; other reads need a
+    reader; anything else the admin."""
     if path in OPEN_PATHS:
         return None
+    if path == CONSOLE_PAGE or path.startswith(CONSOLE_API):
+        return "admin"
     return "reader" if method in ("GET", "HEAD") else "admin"
 
 
-def _unauthorised(role: str) -> HTTPException:
+def _unauthorised(role: str, path: str = "") -> HTTPException:
     token = "api_token" if role == "admin" else "read_token or api_token"
+    # the console's page asks a browser for the token (as the password: any user name)
+    challenge = 'Basic realm="homepage console"' if path == CONSOLE_PAGE else "Bearer"
     return HTTPException(401, f"this needs the bearer token from the {token} setting",
-                         headers={"WWW-Authenticate": "Bearer"})
+                         headers={"WWW-Authenticate": challenge})
+
+
+def _forged(method: str, headers: dict[str, str]) -> bool:
+    """A write on a browser's remembered basic credentials that the console's own script did not
+    send (another site's form): refused. The script's header cannot be sent cross-site without a
+    preflight this server never grants."""
+    scheme = headers.get("authorization", "").partition(" ")[0].lower()
+    return scheme == "basic" and method not in ("GET", "HEAD") and headers.get(CONSOLE_HEADER) != "1"
 
 
 class Gate:
@@ -402,8 +434,11 @@ class Gate:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         needed = needed_role(scope["method"], scope["path"])
         if not permits(role_of(self.settings, headers.get("authorization")), needed):
-            exc = _unauthorised(needed)
+            exc = _unauthorised(needed, scope["path"])
             return await JSONResponse({"detail": exc.detail}, 401, exc.headers)(scope, receive, send)
+        if _forged(scope["method"], headers):
+            detail = f"a write with basic credentials needs the {CONSOLE_HEADER} header (the console sends it)"
+            return await JSONResponse({"detail": detail}, 403)(scope, receive, send)
         limit = self.settings.max_body_bytes
         too_large = f"the body is over {limit} bytes"
         length = headers.get("content-length")
@@ -471,6 +506,7 @@ def create_app(settings: Settings | None = None, composer: Composer | None = Non
     _page_routes(app, service, reader)
     _write_routes(app, service, writer)
     _probe_routes(app, service, reader)
+    console_routes(app, service, writer, REFUSED)
     return app
 
 
@@ -494,7 +530,7 @@ def _page_routes(app: FastAPI, service: Service, reader) -> None:
         # the id as given, never the stored one: an e-mail's keyed pseudonym is not told to anyone
         page = page.model_copy(update={"user_id": user_id})
         if not explain:
-            return LeanPage.model_validate(page.model_dump())
+            return LeanPage.model_validate({**page.model_dump(), "config_version": page.meta.config_version})
         profile = service.composer.profile(user_id).record() | {"user_id": user_id}
         return ExplainedPage.model_validate({**page.model_dump(), "profile": profile})
 

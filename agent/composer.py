@@ -55,9 +55,9 @@ class Composer:
     def __init__(self, retriever: Retriever, backend: LLMBackend | None, prompts: dict[str, Prompt], rules: Rules,
                  skeleton: Skeleton, max_new_tokens: int = 160, llm_retry: bool = True,
                  budget_s: float | None = 4.0, cache: PageCache | None = None, handle_prior: float | None = None,
-                 remote_history: bool = True):
+                 remote_history: bool = True, config_version: str = ""):
         self.deps = Deps(retriever, backend, prompts, rules, skeleton, max_new_tokens, llm_retry, handle_prior,
-                         remote_history)
+                         remote_history, config_version)
         self.budget_s = budget_s
         self.cache = cache if cache is not None else PageCache()
         check_skeleton(rules, skeleton, retriever.products)
@@ -80,7 +80,7 @@ class Composer:
         return Composer(deps.retriever, deps.backend, deps.prompts, deps.rules, deps.skeleton, deps.max_new_tokens,
                         deps.llm_retry, changes.get("budget_s", self.budget_s),
                         changes["cache"] if changes.get("cache") is not None else PageCache(self.cache.max_users),
-                        deps.handle_prior, deps.remote_history)
+                        deps.handle_prior, deps.remote_history, deps.config_version)
 
     # the parts, read-only (swap them with ``using``)
     retriever = property(lambda self: self.deps.retriever)
@@ -137,6 +137,11 @@ class Composer:
         page = finish(self.deps, state, llm)
         self._keep(state, key, page)
         return page
+
+    def replay(self, history: History) -> Homepage:
+        """The deterministic page for a history given (an offline replay: the shopper as they were
+        before a held-out basket); nothing cached, no model asked."""
+        return finish(self.deps, PageState(history.user_id, history, time.perf_counter()), False)
 
     def cached(self, user_id: str) -> Homepage | None:
         """The user's cached page if it is still current (nothing composed, no model asked)."""
@@ -221,7 +226,7 @@ class Composer:
         backend = self.backend
         parts = [*(f"{n}={p.version}" for n, p in sorted(self.prompts.items())), self.rules.model_dump_json(),
                  self.skeleton.model_dump_json(), backend.model_name if backend else "",
-                 (backend.adapter or "") if backend else ""]
+                 (backend.adapter or "") if backend else "", self.deps.config_version]
         return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
 
     def _cache_key(self, user_id: str, use_llm: bool, faults: list[str]) -> str | None:

@@ -72,6 +72,8 @@ class PageMeta(BaseModel):
     model: str
     adapter: str | None = None
     templates: dict[str, str] = Field(default_factory=dict, description="template name -> content hash")
+    config_version: str = Field("", description="the version of the merchandiser files (templates, rules, skeleton) "
+                                "the page was composed with: the console's version id")
     cold_start: bool = False
     latency_ms: float = 0.0
     tokens_generated: int = 0

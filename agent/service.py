@@ -9,6 +9,7 @@ from agent.adapters import check_adapter_inputs, file_digest
 from agent.backends import LLMBackend, load_backend
 from agent.cache import PageCache
 from agent.composer import Composer
+from agent.merchandising import live_version
 from agent.prompting import load_prompts
 from agent.rules import Rules
 from agent.schema import Homepage
@@ -31,7 +32,8 @@ def composer_for(settings: Settings, retriever: Retriever, backend: LLMBackend |
     skeleton = Skeleton.load(settings.skeleton_file)
     budget = None if settings.budget_ms is None else settings.budget_ms / 1000
     options = {"llm_retry": settings.llm_retry, "budget_s": budget, "cache": PageCache(settings.cache_users),
-               "handle_prior": settings.handle_prior, "remote_history": settings.remote_history}
+               "handle_prior": settings.handle_prior, "remote_history": settings.remote_history,
+               "config_version": live_version(settings)}
     return Composer(retriever, backend, prompts, rules, skeleton, settings.max_new_tokens, **(options | overrides))
 
 

@@ -175,7 +175,8 @@ def _page(deps: Deps, s: PageState, llm_asked: bool) -> Homepage:
     backend, generations = deps.backend, s.generations
     meta = PageMeta(
         path=path, model=backend.model_name if backend else "", adapter=backend.adapter if backend else None,
-        templates={name: p.version for name, p in deps.prompts.items()}, cold_start=s.history.is_cold,
+        templates={name: p.version for name, p in deps.prompts.items()}, config_version=deps.config_version,
+        cold_start=s.history.is_cold,
         tokens_generated=sum(g.tokens for g in generations),
         forward_passes=sum(g.forward_passes for g in generations), llm_calls=len(generations),
         prompt_tokens=sum(g.prompt_tokens for g in generations),

@@ -31,6 +31,7 @@ class Deps:
     llm_retry: bool = True
     handle_prior: float | None = None  # None: the model writes each module's order token by token
     remote_history: bool = True  # off: a remote model server is not told the shopper's summary
+    config_version: str = ""  # the merchandiser files' version (agent.merchandising.version_id), in every page's meta
 
     @property
     def ctx(self) -> RuleContext:
