@@ -1,5 +1,6 @@
 """Write a seeded random sample of a data set's users (their events and the products they touch) as
-items.csv + interactions.csv, for benchmarks on a store of a chosen size.
+items.csv + interactions.csv (+ users.csv, their attributes, where the data set has one), for
+benchmarks and demonstrations on a store of a chosen size.
 
     python scripts/sample_logs.py ../shared/data/amazon-beauty out/beauty-1200 --users 1200
 """
@@ -34,6 +35,12 @@ def main() -> None:
         writer = csv.DictWriter(out, reader.fieldnames)
         writer.writeheader()
         writer.writerows(row for row in reader if row["item_id"] in items)
+    if (args.data / "users.csv").exists():
+        with open(args.data / "users.csv", newline="") as f, open(args.out / "users.csv", "w", newline="") as out:
+            reader = csv.DictReader(f)
+            writer = csv.DictWriter(out, reader.fieldnames)
+            writer.writeheader()
+            writer.writerows(row for row in reader if row["user_id"] in picked)
     print(f"{len(picked)} users, {len(kept)} events, {len(items)} products -> {args.out}")
 
 
