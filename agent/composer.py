@@ -33,7 +33,7 @@ from agent.stages.state import WITHHELD_SUMMARY, Deps, PageState
 from retrieval import Event, History, Retriever
 from retrieval.history import build_history
 from retrieval.ids import check_id
-from retrieval.profile import Profile, profile_of
+from retrieval.profile import Profile, profile_of, with_interests
 
 __all__ = ["WARM_UP_USER", "WITHHELD_SUMMARY", "Composer", "check_user_id"]
 WARM_UP_USER = "warm-up-visitor"  # a visitor nobody has seen: the warm-up touches no shopper's data
@@ -150,8 +150,11 @@ class Composer:
         return self._cached(user_id, self._cache_key(user_id, True, []), started)
 
     def profile(self, user_id: str) -> Profile:
-        """Who the shopper is and what they do (``retrieval.profile``), under their stored id."""
-        return profile_of(self.retriever.catalog, self._user_id(user_id))
+        """Who the shopper is and what they do (``retrieval.profile``), under their stored id, with
+        the interests the embedding model learned."""
+        user_id = self._user_id(user_id)
+        return with_interests(profile_of(self.retriever.catalog, user_id), self.retriever,
+                              self._history(user_id, []))
 
     def fallback(self, user_id: str, reason: str) -> Homepage:
         """The deterministic page, marked as a fallback for ``reason`` (the model was not asked:

@@ -116,6 +116,8 @@ class ShopperProfile(BaseModel):
     top_brands: list[str]
     purchase_cycle_days: float | None
     last_seen: float | None
+    interests: list[str] | None = Field(None, description="learned: the categories the embedding model places "
+                                        "nearest the shopper (the semantic source's top 30, weighted by rank)")
 
 
 class ExplainedPage(Homepage):

@@ -104,11 +104,22 @@ def cmd_profile(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _ensure_store(settings)
     stored = settings.retrieval_config().privacy().stored_id(args.user) or args.user
-    catalog = Catalog(Path(settings.store_dir) / CATALOG_FILE)
-    try:
-        record = profile_of(catalog, stored).record()
-    finally:
-        catalog.close()
+    if args.interests:  # opens the vector store: not beside a service that owns the embedded one
+        from retrieval import Retriever
+        from retrieval.profile import with_interests
+
+        retriever = Retriever.open(settings.retrieval_config())
+        try:
+            profile = with_interests(profile_of(retriever.catalog, stored), retriever, retriever.history(stored))
+        finally:
+            retriever.close()
+        record = profile.record()
+    else:
+        catalog = Catalog(Path(settings.store_dir) / CATALOG_FILE)
+        try:
+            record = profile_of(catalog, stored).record()
+        finally:
+            catalog.close()
     record["user_id"] = args.user  # as asked: never the pseudonym
     print(json.dumps(record, indent=2, ensure_ascii=False))
     return 0
@@ -497,6 +508,8 @@ def _page_commands(sub) -> None:
 
     profile = sub.add_parser("profile", help="who a shopper is and what they do: attributes and behaviour tags")
     profile.add_argument("user", help="user id")
+    profile.add_argument("--interests", action="store_true", help="add the interests the embedding model learned "
+                         "(opens the vector store: not beside a service on the embedded one)")
     profile.set_defaults(run=cmd_profile)
 
     demo = sub.add_parser("demo", help="ingest the sample and print pages for a few users")

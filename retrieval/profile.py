@@ -9,16 +9,21 @@ ingest --users``) and behaviour tags computed by documented rules from their eve
 - ``segment`` (recency and frequency): ``new`` (one basket), ``repeat`` (2-4), ``loyal`` (5+), and
   ``lapsed`` when their last basket is older than twice their cycle (at least 30 days) before the
   store's latest event.
+
+Learned, where the vector store is open (the service's ``?explain=true``, ``homepage profile
+--interests``): ``interests``, the three categories the embedding model places nearest the shopper —
+of the ``semantic`` source's 30 products nearest their recent items, the categories weighted by
+1 / rank. They may name categories the shopper never bought from.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from retrieval.catalog import Catalog
-from retrieval.records import Event, Product
+from retrieval.records import Candidate, Event, Product
 from retrieval.repeat import purchase_baskets
 
 DAY = 86_400.0
@@ -37,6 +42,7 @@ class Profile:
     top_brands: list[str] = field(default_factory=list)
     purchase_cycle_days: float | None = None
     last_seen: float | None = None
+    interests: list[str] | None = None  # learned (with_interests); None where the vector store was not read
 
     def record(self) -> dict:
         return asdict(self)
@@ -72,6 +78,25 @@ def build_profile(user_id: str, events: list[Event], attributes: dict[str, str],
         [c for c, _ in Counter(p.category for p in items if p.category).most_common(3)],
         [b for b, _ in Counter(p.brand for p in items if p.brand).most_common(3)],
         round(cycle, 1) if cycle is not None else None, last)
+
+
+INTEREST_CANDIDATES, INTERESTS = 30, 3
+
+
+def learned_interests(candidates: list[Candidate], products: dict[str, Product]) -> list[str]:
+    """The categories of ``candidates`` (best first), weighted by 1 / rank; the top three."""
+    weight: Counter = Counter()
+    for rank, candidate in enumerate(candidates, 1):
+        product = products.get(candidate.item_id)
+        if product is not None and product.category:
+            weight[product.category] += 1 / rank
+    return [c for c, _ in sorted(weight.items(), key=lambda kv: (-kv[1], kv[0]))[:INTERESTS]]
+
+
+def with_interests(profile: Profile, retriever, history) -> Profile:
+    """The profile with what the embedding model learned of the shopper (``semantic`` source)."""
+    found = retriever.source("semantic").candidates(history, INTEREST_CANDIDATES)
+    return replace(profile, interests=learned_interests(found, retriever.products))
 
 
 def profile_of(catalog: Catalog, user_id: str) -> Profile:

@@ -134,3 +134,24 @@ def test_attributes_are_ingested_shown_in_the_profile_and_erased_by_forget(tmp_p
     # a shopper the shop knows only by attributes can be forgotten too
     assert homepage("forget", "only-attributes").returncode == 0
     assert homepage("forget", "nobody-at-all").returncode == 2
+
+
+def test_learned_interests_weigh_the_nearest_products_categories_by_rank():
+    from retrieval.profile import learned_interests
+    from retrieval.records import Candidate
+
+    products = {i: Product(i, f"P {i}", (dep, cat)) for i, dep, cat in
+                [("a", "D", "Serums"), ("b", "D", "Oils"), ("c", "D", "Serums"), ("d", "D", "Masks"),
+                 ("e", "D", "Oils"), ("f", "D", "Balms")]}
+    ranked = [Candidate(i, 1.0) for i in ["a", "b", "c", "d", "e", "f", "gone"]]
+    # Serums 1 + 1/3 = 1.333, Oils 1/2 + 1/5 = 0.7, Masks 1/4, Balms 1/6; an unknown id counts for nothing
+    assert learned_interests(ranked, products) == ["Serums", "Oils", "Masks"]
+    assert learned_interests([], products) == []
+
+
+def test_an_explained_profile_carries_the_interests_the_embeddings_learned(composer, sample_users):
+    profile = composer.profile(sample_users[2])
+    assert profile.interests and len(profile.interests) <= 3
+    categories = {p.category for p in composer.retriever.products.values()}
+    assert set(profile.interests) <= categories
+    assert composer.profile("new-visitor-0001").interests == []  # nothing to learn from
