@@ -98,6 +98,11 @@ _SAMPLE_THEME = {"type": "for_you", "title": "Picked for you", "query": "vitamin
 _SAMPLE_RULES = {"title_max_chars": 40, "title_min_chars": 3, "banned_words": ["free"], "max_items_per_brand": 2,
                  "min_categories": 3}
 
+_SAMPLE_SHOPPER = {"products": 3, "departments": [{"name": "Skin Care", "count": 2}],
+                   "categories": [{"name": "Oils", "count": 2}], "brands": [{"name": "Acme", "count": 1}],
+                   "price": {"low": 4.0, "high": 12.0, "median": 8.0}, "recent": ["Argan Oil Serum"], "baskets": 2,
+                   "purchase_cycle_days": 12.5, "segment": "repeat"}
+
 # prompt name -> its messages (role, file) and the variables (with sample values) it may use
 PROMPTS: dict[str, tuple[list[tuple[str, str]], dict[str, Any]]] = {
     # the system prompt is shared, so its KV cache is computed once per process (agent.backends.hf)
@@ -109,6 +114,8 @@ PROMPTS: dict[str, tuple[list[tuple[str, str]], dict[str, Any]]] = {
         [("system", "system.jinja"), ("human", "compose.user.jinja")],
         {"summary": "Interacted with 3 products.", "modules": [_SAMPLE_MODULE], "rules": _SAMPLE_RULES},
     ),
+    # the shopper as plan and compose tell it (their {{ summary }}), from retrieval.profile.summary_facts
+    "summary": ([("human", "summary.jinja")], {"shopper": _SAMPLE_SHOPPER}),
     "repair": (
         [("human", "repair.user.jinja")],
         {"violations": [{"code": "duplicate_item", "message": "item 3 appears twice"}], "rules": _SAMPLE_RULES},
@@ -220,6 +227,11 @@ class Prompt:
             raise TemplateRenderError(f"prompt {self.name!r}: values missing for {sorted(missing)}")
         return [{"role": _ROLES[role], "content": _render(path, template, values)}
                 for role, path, template in self.parts]
+
+
+def render_summary(prompt: Prompt, facts: dict[str, Any]) -> str:
+    """The summary template's text for one shopper (its whitespace at the ends trimmed)."""
+    return prompt.render(shopper=facts)[0]["content"].strip()
 
 
 def _line_of(source: str, name: str) -> int:

@@ -23,6 +23,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 
 from retrieval.catalog import Catalog
+from retrieval.history import History
 from retrieval.records import Candidate, Event, Product
 from retrieval.repeat import purchase_baskets
 
@@ -97,6 +98,43 @@ def with_interests(profile: Profile, retriever, history) -> Profile:
     """The profile with what the embedding model learned of the shopper (``semantic`` source)."""
     found = retriever.source("semantic").candidates(history, INTEREST_CANDIDATES)
     return replace(profile, interests=learned_interests(found, retriever.products))
+
+
+def summary_facts(history: History, recent: int = 3) -> dict:
+    """What the prompt's summary template (``prompts/summary.jinja``) may say of a shopper: facts
+    about their items and the rule tags their events give (never their attributes)."""
+    items, events = history.items, history.events
+    if not items:
+        return {"products": 0, "departments": [], "categories": [], "brands": [], "price": None, "recent": [],
+                "baskets": 0, "purchase_cycle_days": None, "segment": "new visitor"}
+
+    def top(values) -> list[dict]:
+        return [{"name": name, "count": count} for name, count in Counter(values).most_common(3)]
+
+    prices = [p.price for p in items if p.price is not None]
+    baskets = purchase_baskets(list(events))
+    days = [b[0].timestamp / DAY for b in baskets if b[0].timestamp is not None]
+    return {
+        "products": len(items),
+        "departments": top(p.department for p in items),
+        "categories": top(p.category for p in items),
+        "brands": top(p.brand for p in items if p.brand),
+        "price": {"low": min(prices), "high": max(prices), "median": statistics.median(prices)} if prices else None,
+        "recent": [p.title[:80] for p in _distinct_titles(items, recent)],
+        "baskets": len(baskets),
+        "purchase_cycle_days": round((days[-1] - days[0]) / (len(days) - 1), 1) if len(days) >= 2 else None,
+        "segment": "new" if len(baskets) == 1 else "repeat" if len(baskets) < 5 else "loyal",
+    }
+
+
+def _distinct_titles(items, n: int) -> list[Product]:
+    """The newest ``n`` items of distinct titles, newest first."""
+    found: dict[str, Product] = {}
+    for product in reversed(items):
+        found.setdefault(product.title, product)
+        if len(found) == n:
+            break
+    return list(found.values())
 
 
 def profile_of(catalog: Catalog, user_id: str) -> Profile:

