@@ -17,6 +17,7 @@ distinct titles, and the violations left in returned pages.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import time
@@ -67,35 +68,25 @@ def choose(rows, products: dict, rules: Rules) -> dict:
     return {"matching": len(pos), "mismatched": len(neg), "chosen": best, "grid": table}
 
 
-def copy_figures(composer, users: list[str]) -> dict:
+def copy_figures(composer, users: list[str], log: Path | None = None, progress: bool = False) -> dict:
     """Titles before the checks (the model's first draft) and after (the returned page), through
-    the composer's own stages (no time budget, no cache: the copy is measured, not the speed)."""
-    from agent.rules import validate
-    from agent.schema import PageDraft
-    from agent.stages.sequence import ask_model, finish
-    from agent.stages.state import PageState
+    the composer's own stages (no time budget, no cache: the copy is measured, not the speed).
+    With ``log``, each page's row is appended as it is made and a run cut short resumes there."""
+    from tqdm import tqdm
 
-    ctx, min_share = composer.ctx, composer.rules.title_grounding.min_share
-
-    def ungrounded(title: str, items: list[str]) -> bool:
-        share = grounded_share(title, items, ctx.products, ctx.rules)
-        return share is not None and share < min_share
-
-    before, after, paths, left = [], [], Counter(), 0
-    first = 1 if composer.skeleton.planned() else 0  # a plan's generation comes first
-    for user in users:
-        a = PageState(user, composer.retriever.history(user), time.perf_counter())
-        ask_model(composer.deps, [a], None)
-        draft = PageDraft.model_validate_json(a.generations[first].text)
-        for module, pool in zip(draft.modules, a.pools.written(), strict=False):
-            items = [pool.candidates[h - 1].item_id for h in module.items if 0 < h <= len(pool.candidates)]
-            before.append((module.title, ungrounded(module.title, items)))
-        page = finish(composer.deps, a, True)
-        paths[page.meta.path] += 1
-        left += len(validate(a.body, ctx))
-        for mod in a.body.modules:
-            if mod.title != mod.spec.title:  # the configured copy is the merchandiser's, not checked
-                after.append((mod.title, ungrounded(mod.title, mod.items)))
+    done = {}
+    if log is not None and log.exists():
+        done = {row["user"]: row for row in map(json.loads, log.read_text().splitlines())}
+    with open(log, "a") if log is not None else contextlib.nullcontext() as out:
+        for user in tqdm([u for u in users if u not in done], desc="pages", disable=not progress):
+            done[user] = _page_titles(composer, user)
+            if out is not None:
+                out.write(json.dumps(done[user]) + "\n")
+                out.flush()
+    rows = [done[u] for u in users]
+    before = [tuple(t) for row in rows for t in row["before"]]
+    after = [tuple(t) for row in rows for t in row["after"]]
+    paths, left = Counter(row["path"] for row in rows), sum(row["violations_left"] for row in rows)
 
     def figures(rows: list[tuple[str, bool]]) -> dict:
         return {"titles": len(rows), "ungrounded": sum(u for _, u in rows),
@@ -107,6 +98,35 @@ def copy_figures(composer, users: list[str]) -> dict:
             "before": figures(before), "after": figures(after),
             "distinct_titles_on_pages": len({t.casefold() for t, _ in after}
                                             | {m.title.casefold() for m in composer.skeleton.modules})}
+
+
+def _page_titles(composer, user: str) -> dict:
+    """One page's titles: the draft's (each with whether it is ungrounded in the items the model
+    picked) and the returned page's that are not the configured copy; its path and violations left."""
+    from agent.rules import validate
+    from agent.schema import PageDraft
+    from agent.stages.sequence import ask_model, finish
+    from agent.stages.state import PageState
+
+    ctx, min_share = composer.ctx, composer.rules.title_grounding.min_share
+
+    def ungrounded(title: str, items: list[str]) -> bool:
+        share = grounded_share(title, items, ctx.products, ctx.rules)
+        return share is not None and share < min_share
+
+    first = 1 if composer.skeleton.planned() else 0  # a plan's generation comes first
+    state = PageState(user, composer.retriever.history(user), time.perf_counter())
+    ask_model(composer.deps, [state], None)
+    draft = PageDraft.model_validate_json(state.generations[first].text)
+    before = []
+    for module, pool in zip(draft.modules, state.pools.written(), strict=False):
+        items = [pool.candidates[h - 1].item_id for h in module.items if 0 < h <= len(pool.candidates)]
+        before.append((module.title, ungrounded(module.title, items)))
+    page = finish(composer.deps, state, True)
+    after = [(m.title, ungrounded(m.title, m.items)) for m in state.body.modules
+             if m.title != m.spec.title]  # the configured copy is the merchandiser's, not checked
+    return {"user": user, "path": page.meta.path, "violations_left": len(validate(state.body, ctx)),
+            "before": before, "after": after}
 
 
 def main() -> None:
@@ -131,7 +151,10 @@ def main() -> None:
     if args.pages:
         from agent.service import build_composer
 
-        result = copy_figures(build_composer(settings.model_copy(update={"budget_ms": None})), users[: args.pages])
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        result = copy_figures(build_composer(settings.model_copy(update={"budget_ms": None})), users[: args.pages],
+                              out / "pages.jsonl", progress=True)
         result.update(store=args.store, seed=args.seed, **code,
                       wall_s=round(time.perf_counter() - started, 1),
                       command=f"python -m eval.title_grounding --store {args.store} --pages {args.pages} "

@@ -135,3 +135,21 @@ def test_of_two_clashing_titles_the_unconfigured_one_is_flagged_and_fixed(rules)
     # its template with its top leaf category: {nail, art} fits n1 (both words), not n3 (one of two)
     assert [m.title for m in fixed.modules] == ["Nail Art for you", "Trending in Beauty"]
     assert validate(fixed, ctx) == []
+
+
+def test_the_copy_measure_logs_each_page_and_resumes_without_redoing_one(composer, sample_users, tmp_path):
+    import json
+
+    from eval.title_grounding import copy_figures
+
+    log = tmp_path / "pages.jsonl"
+    first = copy_figures(composer, sample_users[:2], log)
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["user"] for r in rows] == sample_users[:2] and first["pages"] == 2
+    assert first["before"]["titles"] == sum(len(r["before"]) for r in rows) > 0
+    assert first["violations_in_returned_pages"] == 0 and sum(first["paths"].values()) == 2
+    # a rerun reads the two pages back; a longer one makes only the page it lacks
+    assert copy_figures(composer, sample_users[:2], log) == first
+    longer = copy_figures(composer, sample_users[:3], log)
+    assert [json.loads(line)["user"] for line in log.read_text().splitlines()] == sample_users[:3]
+    assert longer["pages"] == 3 and longer["before"]["titles"] > first["before"]["titles"]
