@@ -217,10 +217,25 @@ class Composer:
         if key and page.meta.path != "fallback" and not state.faults and not state.pools.faults:
             self.cache.put(state.user_id, key, page)
 
+    def page_key(self, user_id: str) -> str | None:
+        """The key a page of this user is current under (None: the event store is unreadable)."""
+        return self._cache_key(self._user_id(user_id), True, [])
+
     def _cached(self, user_id: str, key: str | None, started: float) -> Homepage | None:
-        page = self.cache.get(user_id, key) if key else None
-        if page is None:
+        """The page in memory, or else the one precomputed in the store (``homepage precompute``),
+        if it was made under ``key``."""
+        if not key:
             return None
+        page = self.cache.get(user_id, key)
+        if page is None:
+            try:
+                stored = self.retriever.catalog.stored_page(user_id, key)
+            except Exception:  # the store is unreadable: compose
+                stored = None
+            if stored is None:
+                return None
+            page = Homepage.model_validate_json(stored)
+            self.cache.put(user_id, key, page)
         latency = round((time.perf_counter() - started) * 1000, 2)
         return page.model_copy(update={"meta": page.meta.model_copy(update={"cached": True, "latency_ms": latency})})
 

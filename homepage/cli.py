@@ -91,6 +91,20 @@ def cmd_compose(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_precompute(args: argparse.Namespace) -> int:
+    """Pages made ahead for the store's shoppers (``agent.precompute``); resumable."""
+    from agent.precompute import precompute
+    from agent.service import build_composer
+
+    settings = _settings(args)
+    _ensure_store(settings)
+    composer = build_composer(settings)
+    users = composer.retriever.catalog.users(limit=args.users)  # the most active first
+    for line in precompute(composer, users, args.batch, progress=True).lines():
+        print(line)
+    return 0
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     """Who the shopper is and what they do (``retrieval.profile``), read from the event store only."""
     import json
@@ -500,11 +514,19 @@ def _data_commands(sub) -> None:
 
 
 def _page_commands(sub) -> None:
-    """compose, demo: pages."""
+    """compose, precompute, profile, demo: pages and who they are for."""
     compose = sub.add_parser("compose", help="compose one user's homepage")
     compose.add_argument("user", help="user id (an unknown id gets a cold-start page)")
     compose.add_argument("--json", action="store_true", help="print the Homepage JSON")
     compose.set_defaults(run=cmd_compose)
+
+    precomputing = sub.add_parser(
+        "precompute", help="make pages ahead for the store's shoppers; the service serves them while current",
+        description="Example: homepage precompute --users 1000 --batch 8   (killed and run again, it makes only "
+                    "the pages still missing or stale)")
+    precomputing.add_argument("--users", type=int, help="the N most active shoppers (default: all)")
+    precomputing.add_argument("--batch", type=int, default=8, help="pages whose model calls share forward passes")
+    precomputing.set_defaults(run=cmd_precompute)
 
     profile = sub.add_parser("profile", help="who a shopper is and what they do: attributes and behaviour tags")
     profile.add_argument("user", help="user id")

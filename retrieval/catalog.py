@@ -55,6 +55,9 @@ CREATE UNIQUE INDEX IF NOT EXISTS events_key
 CREATE INDEX IF NOT EXISTS events_user ON events (user_id);
 -- who a shopper is, where the shop knows it (personal data: erased with the user's events)
 CREATE TABLE IF NOT EXISTS user_attributes (user_id TEXT PRIMARY KEY, attributes TEXT NOT NULL);
+-- pages made ahead of requests (homepage precompute), each under the key it is current for
+-- (agent.composer: the user's event count, the catalogue version, the parts' fingerprint)
+CREATE TABLE IF NOT EXISTS pages (user_id TEXT PRIMARY KEY, cache_key TEXT NOT NULL, page TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO store_meta VALUES ('catalogue_version', 0);
 """
@@ -209,6 +212,20 @@ class Catalog:
 
     def all_attributes(self) -> dict[str, dict[str, str]]:
         return {u: json.loads(a) for u, a in self._db.execute("SELECT user_id, attributes FROM user_attributes")}
+
+    # -- pages made ahead (homepage precompute) ------------------------------------------------------
+    def store_pages(self, rows: list[tuple[str, str, str]]) -> None:
+        """(user id, key, page JSON) rows, replacing each user's earlier page; one transaction."""
+        with self._db as db:
+            db.executemany("INSERT OR REPLACE INTO pages VALUES (?, ?, ?)", rows)
+
+    def stored_page(self, user_id: str, key: str) -> str | None:
+        """The user's page JSON if one was made under ``key`` (else None: none, or stale)."""
+        row = self._db.execute("SELECT page FROM pages WHERE user_id = ? AND cache_key = ?", (user_id, key)).fetchone()
+        return row[0] if row else None
+
+    def stored_page_keys(self) -> dict[str, str]:
+        return dict(self._db.execute("SELECT user_id, cache_key FROM pages"))
 
     def users(self, limit: int | None = None) -> list[str]:
         sql = "SELECT user_id FROM events GROUP BY user_id ORDER BY COUNT(*) DESC, user_id"

@@ -301,6 +301,21 @@ def _rows_of(path: Path, sql: str, parameters: list[str]) -> bool:
         db.close()
 
 
+def _user_rows(path: Path, ids: set[str]) -> bool:
+    """Whether any table of the catalogue keyed by user (events, attributes, precomputed pages)
+    still holds a row of ``ids``."""
+    if not path.exists():
+        return False
+    marks = ",".join("?" * len(ids))
+    db = _read_only(path)
+    try:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        return any(db.execute(f"SELECT 1 FROM {table} WHERE user_id IN ({marks}) LIMIT 1", sorted(ids)).fetchone()
+                   for table in ("events", "user_attributes", "pages") if table in tables)
+    finally:
+        db.close()
+
+
 def field_scan(folders: list[Path], stores: list[Path], ids: set[str], fields: frozenset[str],
                skip: set[Path]) -> list[Found]:
     """The proof by structure: every event row, per-user vector record and structured file read
@@ -310,8 +325,7 @@ def field_scan(folders: list[Path], stores: list[Path], ids: set[str], fields: f
     found = []
     marks = ",".join("?" * len(ids))
     for store in stores:
-        if _rows_of(store / CATALOG_FILE, f"SELECT 1 FROM events WHERE user_id IN ({marks}) UNION ALL "
-                    f"SELECT 1 FROM user_attributes WHERE user_id IN ({marks}) LIMIT 1", sorted(ids) * 2):
+        if _user_rows(store / CATALOG_FILE, ids):
             found.append(Found(str(store / CATALOG_FILE), "field"))
         # chromadb's own SQLite, read directly: loading a collection through chromadb would rewrite
         # its HNSW files from this process's memory
@@ -359,26 +373,34 @@ def _checkpoint(db: sqlite3.Connection, path: Path) -> None:
                         f"{_CHECKPOINT_TRIES / 5:.0f} s); the deleted rows may still be in {wal}: run it again")
 
 
-def _sqlite_erase(path: Path, where: str, args: tuple, users: Iterable[str] = ()) -> tuple[int, int]:
-    """Delete events matching ``where`` and the attributes of ``users``, and leave no copy of them
-    in the file or its log. Returns (events removed, users whose attributes went)."""
+def _sqlite_erase(path: Path, where: str, args: tuple, users: Iterable[str] = (),
+                  pages_of: Iterable[str] | None = None) -> tuple[int, int, int]:
+    """Delete events matching ``where``, the attributes of ``users`` and the precomputed pages of
+    ``pages_of`` (default: ``users``), and leave no copy of them in the file or its log. Returns
+    (events removed, users whose attributes went, pages removed)."""
     users = sorted(users)
+    pages_of = users if pages_of is None else sorted(pages_of)
     db = sqlite3.connect(path, timeout=30)
     try:
         db.execute("PRAGMA secure_delete=ON")  # freed pages are zeroed
         with db:
             removed = db.execute(f"DELETE FROM events WHERE {where}", args).rowcount
-            attributes = 0
-            if users and db.execute("SELECT 1 FROM sqlite_master WHERE name = 'user_attributes'").fetchone():
-                attributes = db.execute(f"DELETE FROM user_attributes WHERE user_id IN ({','.join('?' * len(users))})",
-                                        users).rowcount
-            if removed or attributes:  # every reader reloads: cached histories and pages of the erased users go
+            attributes = _delete_users(db, "user_attributes", users)
+            pages = _delete_users(db, "pages", pages_of)
+            if removed or attributes or pages:  # every reader reloads: cached histories and pages go
                 db.execute("UPDATE store_meta SET value = value + 1 WHERE key = 'catalogue_version'")
         db.execute("VACUUM")
         _checkpoint(db, path)
-        return removed, attributes
+        return removed, attributes, pages
     finally:
         db.close()
+
+
+def _delete_users(db: sqlite3.Connection, table: str, users: list[str]) -> int:
+    """Rows of ``users`` deleted from ``table`` (a store made before the table existed has none)."""
+    if not users or not db.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (table,)).fetchone():
+        return 0
+    return db.execute(f"DELETE FROM {table} WHERE user_id IN ({','.join('?' * len(users))})", users).rowcount
 
 
 def _collections(client) -> dict[str, tuple[dict, dict, dict]]:
@@ -539,10 +561,11 @@ def _erase_store(store: Path, ids: set[str], receipt: Receipt, traces: Traces, h
     name = str(store)
     if (store / CATALOG_FILE).exists():
         placeholders = ",".join("?" * len(ids))
-        events, attributes = _sqlite_erase(store / CATALOG_FILE, f"user_id IN ({placeholders})",
-                                           tuple(sorted(ids)), users=ids)
+        events, attributes, pages = _sqlite_erase(store / CATALOG_FILE, f"user_id IN ({placeholders})",
+                                                  tuple(sorted(ids)), users=ids)
         receipt.removed[f"{name}: events"] += events
         receipt.removed[f"{name}: user attributes"] += attributes
+        receipt.removed[f"{name}: precomputed pages"] += pages
     removed, found = rebuild_vectors(store, ids, host, port)
     for collection, n in removed.items():
         receipt.removed[f"{name}: vector collection {collection}"] += n
@@ -681,14 +704,15 @@ def erase_expired(privacy: Privacy, store: Path, before: float, embedding_model:
         catalog = Catalog(store / CATALOG_FILE)
         try:
             touched = expired_users(store, before)
-            removed, _ = _sqlite_erase(store / CATALOG_FILE, "timestamp < ?", (before,))
+            # their precomputed pages were made from the events that go
+            removed, _, _ = _sqlite_erase(store / CATALOG_FILE, "timestamp < ?", (before,), pages_of=touched)
             products = catalog.products
             left = {u: [products[e.item_id] for e in catalog.user_events(u) if e.item_id in products] for u in touched}
         finally:
             catalog.close()
         gone = {u for u, items in left.items() if not items}
         if gone:  # nothing of theirs is left: who they are goes too
-            receipt_attributes = _sqlite_erase(store / CATALOG_FILE, "0", (), users=gone)[1]
+            receipt_attributes = _sqlite_erase(store / CATALOG_FILE, "0", (), users=gone, pages_of=())[1]
         docs = {u: behaviour_document(items) for u, items in left.items() if items}  # as ingest writes them
         vectors = LocalEmbeddings(embedding_model).embed_documents([text for text, _ in docs.values()]) if docs else []
         updates = {u: (text, vector, meta) for (u, (text, meta)), vector in zip(docs.items(), vectors, strict=True)}
