@@ -245,7 +245,10 @@ class Service:
         path = self._epoch_file()
         with open(path.with_name(EPOCH_FILE + ".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # two workers announcing at once both count
-            counts = self._epochs()[1]
+            stamp, counts = self._epochs()
+            if stamp != self._seen[0]:  # what the others announced first is acted on, never swallowed
+                with self._catching_up:
+                    self._act_on(counts)
             counts[what] = counts.get(what, 0) + 1
             partial = path.with_name(f".{EPOCH_FILE}.{os.getpid()}")
             partial.write_text(json.dumps(counts))
@@ -263,15 +266,21 @@ class Service:
                 stamp, counts = self._epochs()
                 if stamp == self._seen[0]:
                     return
-                if counts.get("reload") != self._seen[1].get("reload"):
-                    with contextlib.suppress(ConfigError):  # the announcing worker reported it; keep serving
-                        self.reload(announce=False)
-                if counts.get("reopen") != self._seen[1].get("reopen"):
-                    with self._reload_lock:
-                        retriever = self.composer.retriever
-                        retriever.reopen(replace(self.settings.retrieval_config(),
-                                                 store_dir=retriever.catalog.path.parent))
+                self._act_on(counts)
                 self._seen = (stamp, counts)
+
+    def _act_on(self, counts: dict[str, int]) -> None:
+        """Do what other workers announced since this one last looked: reload the merchandiser
+        files, observe their events, reopen the stores an erasure rewrote."""
+        if counts.get("reload") != self._seen[1].get("reload"):
+            with contextlib.suppress(ConfigError):  # the announcing worker reported it; keep serving
+                self.reload(announce=False)
+        if counts.get("events") != self._seen[1].get("events"):
+            self.composer.retriever.follow()
+        if counts.get("reopen") != self._seen[1].get("reopen"):
+            with self._reload_lock:
+                retriever = self.composer.retriever
+                retriever.reopen(replace(self.settings.retrieval_config(), store_dir=retriever.catalog.path.parent))
 
     def page(self, user_id: str, arrived: float) -> Homepage:
         self.catch_up()
@@ -553,6 +562,8 @@ def _write_routes(app: FastAPI, service: Service, writer) -> None:
                 good.append(event)
         added = composer.record_events(good) if good else []
         accepted = sum(added)
+        if accepted:  # every other worker observes them too (Service.catch_up)
+            service._announce("events")
         for outcome, n in (("accepted", accepted), ("duplicate", len(added) - accepted), ("rejected", len(rejected))):
             service.metrics.events.labels(outcome).inc(n)
         return EventsResult(accepted=accepted, duplicates=len(added) - accepted, rejected=rejected)

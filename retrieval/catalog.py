@@ -172,12 +172,31 @@ class Catalog:
             )
             return db.total_changes - before
 
-    def user_events(self, user_id: str) -> list[Event]:
-        """A user's events, oldest first (by timestamp, then sequence position)."""
+    def add_event(self, event: Event) -> int | None:
+        """Insert one event; its row number when it was new, None when it was stored already."""
+        db = self._db
+        with events_lock(self.path.parent, exclusive=False), db:
+            cursor = db.execute("INSERT OR IGNORE INTO events VALUES (?,?,?,?,?)",
+                                (event.user_id, event.item_id, event.timestamp, event.seq_pos, event.event_type))
+            return cursor.lastrowid if cursor.rowcount == 1 else None
+
+    def last_row(self) -> int:
+        """The newest event's row number (0: none)."""
+        return self._db.execute("SELECT COALESCE(MAX(rowid), 0) FROM events").fetchone()[0]
+
+    def events_after(self, row: int) -> list[tuple[int, Event]]:
+        """Events stored after row number ``row``, in the order they were stored."""
+        rows = self._db.execute("SELECT rowid, user_id, item_id, timestamp, seq_pos, event_type FROM events "
+                                "WHERE rowid > ? ORDER BY rowid", (row,))
+        return [(r[0], Event(*r[1:])) for r in rows]
+
+    def user_events(self, user_id: str, before_row: int | None = None) -> list[Event]:
+        """A user's events, oldest first (by timestamp, then sequence position); with ``before_row``,
+        only those stored before that row."""
         rows = self._db.execute(
-            "SELECT user_id, item_id, timestamp, seq_pos, event_type FROM events WHERE user_id = ? "
+            "SELECT user_id, item_id, timestamp, seq_pos, event_type FROM events WHERE user_id = ? AND rowid < ? "
             "ORDER BY COALESCE(timestamp, 0), COALESCE(seq_pos, 0), rowid",
-            (user_id,),
+            (user_id, before_row if before_row is not None else 2**63 - 1),
         )
         return [Event(*r) for r in rows]
 

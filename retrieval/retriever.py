@@ -59,6 +59,10 @@ class Retriever:
         self.weights = dict(sources)
         self.rrf_k = rrf_k
         self.privacy = privacy or Privacy(None, catalog.path.parent / KEY_FILE)
+        # events stored by other processes after this row are observed by ``follow``; read before the
+        # sources read the log, so that an event stored meanwhile is counted once more, never lost
+        self._followed = catalog.last_row()
+        self._own: set[int] = set()  # rows this process stored (and observed) since ``_followed``
         # popularity is always built: it is the cold-start fallback and the "trending" module
         names = dict.fromkeys([*sources, "popularity"])
         self.sources = {name: SOURCES[name](self._context) for name in names}
@@ -108,9 +112,26 @@ class Retriever:
             settle_embedded(client, folder)
         self.index = VectorIndex(client, self.index.embeddings)
         with self._events_lock:
+            self._followed, self._own = self.catalog.last_row(), set()
             self._context = SourceContext(self.catalog, self.index, self.catalog.path.parent, self._context.options)
             self.sources = {name: SOURCES[name](self._context) for name in self.sources}
             self._histories.clear()
+
+    def follow(self) -> int:
+        """Observe the events other processes stored since this one last looked (another service
+        worker's ``POST /v1/events``, an ``ingest --events-only``), so that co-visitation and
+        popularity here count every worker's events. Returns how many were observed."""
+        observed = 0
+        with self._events_lock:
+            for row, event in self.catalog.events_after(self._followed):
+                if row not in self._own:
+                    earlier = self.catalog.user_events(event.user_id, before_row=row)
+                    for source in list(self.sources.values()):
+                        source.observe(event, earlier)
+                    observed += 1
+                self._followed = row
+            self._own = {row for row in self._own if row > self._followed}
+        return observed
 
     def record_events(self, events: list[Event]) -> list[bool]:
         """Store events (each durable once this returns; one already stored is not stored again)
@@ -119,11 +140,12 @@ class Retriever:
         for event in events:
             with self._events_lock:
                 earlier = self.catalog.user_events(event.user_id)
-                new = self.catalog.add_events([event]) == 1
-                if new:
+                row = self.catalog.add_event(event)
+                if row is not None:
+                    self._own.add(row)
                     for source in list(self.sources.values()):
                         source.observe(event, earlier)
-            added.append(new)
+            added.append(row is not None)
         return added
 
     def source(self, name: str):

@@ -25,7 +25,8 @@ from agent.errors import BackendError, ConfigError
 from agent.prompting import load_template
 from agent.service import composer_for
 from agent.settings import Settings
-from retrieval import CatalogueColumns, Retriever
+from retrieval import CatalogueColumns, Event, Retriever
+from retrieval.history import build_history
 from retrieval.loading import parse_product
 from retrieval.vectors import close_embedded
 
@@ -352,3 +353,39 @@ def test_a_reload_and_an_erasure_reach_every_worker(abuse_settings, tmp_path, co
         page = b.get(f"/v1/users/{other}/homepage", params={"explain": "true"}, headers=AS_ADMIN).json()
         assert b_service.composer.retriever.index is not index  # b reopened the rewritten store
         assert not any("failed" in note for note in page["meta"]["notes"]), page["meta"]["notes"]
+
+
+def test_events_sent_to_one_worker_reach_every_workers_counts(abuse_settings, tmp_path, copy_store):
+    """Was: each worker counted only the events it received itself, so two workers served different
+    co-visitation and popularity. Events sent to A and others sent to B: both serve the same."""
+    store = copy_store(abuse_settings.store_dir, tmp_path / "store")
+    settings = abuse_settings.model_copy(update={"store_dir": store})
+    retriever_a = Retriever.open(settings.retrieval_config())
+    retriever_b = Retriever.open(settings.retrieval_config())
+    products = sorted(retriever_a.products)
+    x, y, z = products[:3]  # three products; new shoppers buy x then y (sent to A), x then z (sent to B)
+    probe = build_history("probe", [Event("probe", x, 1.0, None, "purchase")], retriever_a.products)
+
+    def covisit(retriever: Retriever) -> list[tuple[str, float]]:
+        return [(c.item_id, round(c.score, 9)) for c in retriever.source("covisit").candidates(probe, 50)]
+
+    def popular(retriever: Retriever) -> list[str]:
+        return retriever.source("popularity").ranked[:20]
+
+    before = covisit(retriever_b)
+    with app_client(settings, retriever_a) as a, app_client(settings, retriever_b) as b:
+        hour_ago = int(time.time()) - 3600
+        for client, then, who in ((a, y, "a"), (b, z, "b")):
+            events = [{"user_id": f"new-{who}-{i}", "item_id": item, "timestamp": hour_ago + 10 * i + step,
+                       "event_type": "purchase"} for i in range(5) for step, item in enumerate((x, then))]
+            assert client.post("/v1/events", json={"events": events}, headers=AS_ADMIN).json()["accepted"] == 10
+        for client in (a, b):  # a request: each worker catches up with the other's events
+            assert client.get("/v1/users/new-a-0/homepage", headers=AS_READER).status_code == 200
+        assert covisit(retriever_a) == covisit(retriever_b) != before
+        assert {y, z} <= {item for item, _ in covisit(retriever_b)}
+        assert popular(retriever_a) == popular(retriever_b)
+        # counted once each: a worker that follows again finds nothing new
+        assert retriever_a.follow() == retriever_b.follow() == 0
+    # a worker started now builds its links from the store, with every worker's events in it (its
+    # strengths differ from the observed ones by the popularity correction: CoVisit.observe)
+    assert {y, z} <= {item for item, _ in covisit(Retriever.open(settings.retrieval_config()))}

@@ -271,7 +271,7 @@ def test_the_log_is_emptied_or_the_erasure_fails_loudly(tmp_path, monkeypatch):
     reader.execute("BEGIN")
     reader.execute("SELECT COUNT(*) FROM events").fetchone()
     threading.Timer(0.3, reader.rollback).start()
-    assert _sqlite_erase(path, "user_id = ?", ("u2",)) == (1, 0)
+    assert _sqlite_erase(path, "user_id = ?", ("u2",)) == (1, 0, 0)
     assert Path(str(path) + "-wal").stat().st_size == 0
     reader.close()
 
