@@ -146,9 +146,12 @@ class Console:
     def draft(self) -> dict[str, str]:
         """The draft's files (a copy of what is live until someone edits it)."""
         with self._locked():
-            if not self.draft_dir.is_dir():
-                self._write_folder(self.draft_dir, read_set(live_paths(self.settings)))
-            return read_set({name: self.draft_dir / name for name in FILES})
+            return self._draft()
+
+    def _draft(self) -> dict[str, str]:
+        if not self.draft_dir.is_dir():
+            self._write_folder(self.draft_dir, read_set(live_paths(self.settings)))
+        return read_set({name: self.draft_dir / name for name in FILES})
 
     def save(self, name: str, content: str) -> None:
         if name not in FILES:
@@ -182,39 +185,41 @@ class Console:
     def publish(self, author: str, message: str, products: dict, reload: Callable[[], object]) -> Version:
         """The draft becomes live: checked, recorded, written over the live files, then ``reload``
         (the service swaps its composer). A reload that fails puts the live files back."""
-        files = self.draft()
-        problems = problems_of(self.draft_dir, products)
-        if problems:
-            raise NotPublishable(f"the draft does not load: {problems[0]}")
-        return self._make_live(files, author, message, reload)
+        with self._locked():  # the draft checked is the draft published: no save in between
+            files = self._draft()
+            problems = problems_of(self.draft_dir, products)
+            if problems:
+                raise NotPublishable(f"the draft does not load: {problems[0]}")
+            return self._make_live(files, author, message, reload)
 
     def rollback(self, number: int, author: str, products: dict, reload: Callable[[], object]) -> Version:
         """An earlier version's files, live again as a new version."""
         files = self.version_files(number)
-        return self._make_live(files, author, f"roll back to version {number}", reload, rollback_of=number)
+        with self._locked():
+            return self._make_live(files, author, f"roll back to version {number}", reload, rollback_of=number)
 
     def _make_live(self, files: dict[str, str], author: str, message: str, reload: Callable[[], object],
                    rollback_of: int | None = None) -> Version:
+        """(With the lock held.)"""
         paths = live_paths(self.settings)
-        with self._locked():
-            live = read_set(paths)
-            if version_id(files) == version_id(live):
-                raise NotPublishable(f"version {version_id(live)} is live already: nothing to publish")
-            history = self.versions()
-            if not history:  # the set as found, so that it can be rolled back to
-                history.append(self._record(live, "(found)", "the files as the console first found them", "", None))
-            version = self._record(files, author, message, unified_diff(live, files), rollback_of,
-                                   number=history[-1].number + 1)
-            for name, content in files.items():
+        live = read_set(paths)
+        if version_id(files) == version_id(live):
+            raise NotPublishable(f"version {version_id(live)} is live already: nothing to publish")
+        history = self.versions()
+        if not history:  # the set as found, so that it can be rolled back to
+            history.append(self._record(live, "(found)", "the files as the console first found them", "", None))
+        version = self._record(files, author, message, unified_diff(live, files), rollback_of,
+                               number=history[-1].number + 1)
+        for name, content in files.items():
+            _write_atomically(paths[name], content)
+        try:
+            reload()
+        except Exception:
+            for name, content in live.items():
                 _write_atomically(paths[name], content)
-            try:
-                reload()
-            except Exception:
-                for name, content in live.items():
-                    _write_atomically(paths[name], content)
-                shutil.rmtree(self.versions_dir / f"{version.number:04d}")
-                raise
-            return version
+            shutil.rmtree(self.versions_dir / f"{version.number:04d}")
+            raise
+        return version
 
     def _record(self, files: dict[str, str], author: str, message: str, diff: str, rollback_of: int | None,
                 number: int = 1) -> Version:
