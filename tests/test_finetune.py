@@ -205,7 +205,7 @@ def test_examples_render_with_the_production_prompt_and_fit_the_grammar(run, set
 
     config, manifest, examples, _ = run
     assert manifest["examples"] == len(examples) > 0 and manifest["examples_eval"] >= 1
-    assert set(manifest["templates"]) == {"plan", "compose", "repair"} and manifest["data_hash"]
+    assert set(manifest["templates"]) == {"plan", "compose", "summary", "repair"} and manifest["data_hash"]
     logs = read_logs(config.data, settings, config.out / "quarantine")
     store_events, targets = training_part(logs.events)
     retriever = build_store(config.out / "store-train", settings, logs.catalogue, store_events, progress=False)
