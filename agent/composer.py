@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import time
 from dataclasses import replace
 
@@ -38,6 +39,8 @@ from retrieval.profile import Profile, profile_of, with_interests
 __all__ = ["WARM_UP_USER", "WITHHELD_SUMMARY", "Composer", "check_user_id"]
 WARM_UP_USER = "warm-up-visitor"  # a visitor nobody has seen: the warm-up touches no shopper's data
 _DEPS = {f.name for f in dataclasses.fields(Deps)}
+
+log = logging.getLogger(__name__)
 
 
 def check_user_id(user_id: object) -> str:
@@ -153,8 +156,12 @@ class Composer:
         """Who the shopper is and what they do (``retrieval.profile``), under their stored id, with
         the interests the embedding model learned."""
         user_id = self._user_id(user_id)
-        return with_interests(profile_of(self.retriever.catalog, user_id), self.retriever,
-                              self._history(user_id, []))
+        profile = profile_of(self.retriever.catalog, user_id)
+        try:
+            return with_interests(profile, self.retriever, self._history(user_id, []))
+        except Exception:  # the vector store is down: the rule tags still explain the page
+            log.warning("learned interests unavailable for the profile", exc_info=True)
+            return profile
 
     def fallback(self, user_id: str, reason: str) -> Homepage:
         """The deterministic page, marked as a fallback for ``reason`` (the model was not asked:
