@@ -17,6 +17,7 @@ from agent.merchandising import (
     FILES,
     Console,
     NotPublishable,
+    Version,
     in_folder,
     live_paths,
     live_version,
@@ -100,14 +101,7 @@ class RollbackRequest(BaseModel):
     author: str = Field(min_length=1, max_length=80)
 
 
-class VersionView(BaseModel):
-    number: int
-    id: str
-    author: str
-    time: float
-    message: str
-    diff: str
-    rollback_of: int | None
+class VersionView(Version):
     live: bool
 
 
@@ -233,7 +227,7 @@ def console_routes(app: FastAPI, service, writer, responses: dict) -> None:
 
 
 def _view(version, live: str | None) -> VersionView:
-    return VersionView(**vars(version), live=version.id == live)
+    return VersionView(**version.model_dump(), live=version.id == live)
 
 
 # the page runs its own inline script and styles only, and sends requests to this server only

@@ -20,14 +20,15 @@ import contextlib
 import difflib
 import fcntl
 import hashlib
-import json
 import os
 import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
 
 from agent.errors import ConfigError, UserError
 from agent.prompting import PROMPTS, load_prompts
@@ -114,8 +115,9 @@ def unified_diff(before: dict[str, str], after: dict[str, str]) -> str:
     return "".join(lines)
 
 
-@dataclass
-class Version:
+class Version(BaseModel):
+    """One published set, as ``version.json`` records it."""
+
     number: int
     id: str
     author: str
@@ -172,8 +174,8 @@ class Console:
             return []
         found = []
         for folder in sorted(self.versions_dir.iterdir()):
-            with contextlib.suppress(OSError, ValueError, TypeError):
-                found.append(Version(**json.loads((folder / "version.json").read_text())))
+            with contextlib.suppress(OSError, ValidationError):
+                found.append(Version.model_validate_json((folder / "version.json").read_text()))
         return found
 
     def version_files(self, number: int) -> dict[str, str]:
@@ -223,10 +225,11 @@ class Console:
 
     def _record(self, files: dict[str, str], author: str, message: str, diff: str, rollback_of: int | None,
                 number: int = 1) -> Version:
-        version = Version(number, version_id(files), author, time.time(), message, diff, rollback_of)
+        version = Version(number=number, id=version_id(files), author=author, time=time.time(), message=message,
+                          diff=diff, rollback_of=rollback_of)
         folder = self.versions_dir / f"{number:04d}"
         self._write_folder(folder, files)
-        _write_atomically(folder / "version.json", json.dumps(asdict(version), indent=2))
+        _write_atomically(folder / "version.json", version.model_dump_json(indent=2))
         return version
 
     @staticmethod
