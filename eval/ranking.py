@@ -429,8 +429,11 @@ def tune_page(composer, retriever: Retriever, lists: dict[str, dict[str, list[Ca
 def layouts(skeleton, rules) -> dict[str, Any]:
     """Module sizes and order tried on validation (issue 20, item 5): the configured skeleton; its
     first ``personal`` module filled to the rules' cap; that, followed by a second ``personal``
-    module (which continues the fused order where the first stops: the fused list's value at the top);
-    and, on a page with a buy-again module, each of those with a buy-again module of 3."""
+    module (which continues the fused order where the first stops); on a page with a buy-again
+    module, each of those with the buy-again module at 3 items and at the cap; and ``fused``: the
+    fused list as it comes, owned items included, in two personal modules whose pools are their
+    sizes, so the deterministic page's top equals the fused list's (the buy-again module, whose
+    items the fused list already holds where fusion gave it weight, is left off)."""
     from agent.skeleton import PERSONAL, ModuleSpec
 
     cap = rules.max_items_per_module
@@ -438,19 +441,26 @@ def layouts(skeleton, rules) -> dict[str, Any]:
     personal = next((m for m in mods if m.source == PERSONAL), None)
     again = next((m for m in mods if m.source == "buy_again"), None)
     found = {"configured": skeleton}
-    if personal is not None:
-        full = personal.model_copy(update={"max_items": cap})
-        more = ModuleSpec(type="more_for_you", source=PERSONAL, title="More picks for you",
-                          title_template="More {category}", min_items=min(4, cap), max_items=cap)
-        at = mods.index(personal)
-        found["personal_full"] = skeleton.model_copy(update={"modules": [*mods[:at], full, *mods[at + 1:]]})
-        if "more_for_you" not in {m.type for m in mods}:
-            found["personal_twice"] = skeleton.model_copy(update={"modules": [*mods[:at], full, more, *mods[at + 1:]]})
-    if again is not None and again.max_items > 3:
-        small = again.model_copy(update={"max_items": 3, "min_items": min(again.min_items, 3)})
-        for name, variant in list(found.items()):
-            modules = [small if m.type == again.type else m for m in variant.modules]
-            found[f"{name}, buy_again 3"] = variant.model_copy(update={"modules": modules})
+    if personal is None:
+        return found
+    full = personal.model_copy(update={"max_items": cap})
+    more = ModuleSpec(type="more_for_you", source=PERSONAL, title="More picks for you",
+                      title_template="More {category}", min_items=min(4, cap), max_items=cap)
+    at = mods.index(personal)
+    found["personal_full"] = skeleton.model_copy(update={"modules": [*mods[:at], full, *mods[at + 1:]]})
+    if "more_for_you" not in {m.type for m in mods}:
+        found["personal_twice"] = skeleton.model_copy(update={"modules": [*mods[:at], full, more, *mods[at + 1:]]})
+    if again is not None:
+        for size in sorted({3, cap} - {again.max_items}):
+            resized = again.model_copy(update={"max_items": size, "min_items": min(again.min_items, size)})
+            for name, variant in [(n, v) for n, v in found.items() if ", buy_again" not in n]:
+                modules = [resized if m.type == again.type else m for m in variant.modules]
+                found[f"{name}, buy_again {size}"] = variant.model_copy(update={"modules": modules})
+    if "more_for_you" not in {m.type for m in mods}:
+        owned = {"max_items": cap, "pool": min(cap, 9), "show_owned": True}
+        rest = [m for m in mods if m is not personal and m is not again]
+        fused = [full.model_copy(update=owned), more.model_copy(update=owned)]
+        found["fused"] = skeleton.model_copy(update={"modules": [*fused, *rest]})
     return found
 
 

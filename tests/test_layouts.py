@@ -1,0 +1,52 @@
+"""The page layouts ``eval ranking`` tries on validation (``eval.ranking.layouts``): the grid, and
+the ``fused`` layout whose deterministic page shows the fused list in its own order."""
+
+from __future__ import annotations
+
+from agent.skeleton import PERSONAL, Skeleton
+from agent.stages.pools import POOL_DEPTH
+from eval.ranking import layouts
+from prompts import PROMPTS_DIR as PROMPTS
+
+
+def test_the_layout_grid_of_the_shipped_skeleton(composer):
+    skeleton = Skeleton.load(PROMPTS / "skeleton.yaml")  # buy_again 6, for_you 6, bought_together, trending
+    found = layouts(skeleton, composer.rules)  # the rules' cap: 8 a module
+    assert set(found) == {"configured", "personal_full", "personal_twice",
+                          "configured, buy_again 3", "personal_full, buy_again 3", "personal_twice, buy_again 3",
+                          "configured, buy_again 8", "personal_full, buy_again 8", "personal_twice, buy_again 8",
+                          "fused"}
+    sizes = {m.type: m.max_items for m in found["personal_twice, buy_again 8"].modules}
+    assert sizes == {"buy_again": 8, "for_you": 8, "more_for_you": 8, "bought_together": 4, "trending": 4}
+    fused = found["fused"].modules
+    assert [m.type for m in fused] == ["for_you", "more_for_you", "bought_together", "trending"]
+    assert [(m.source, m.show_owned, m.pool_size, m.max_items) for m in fused[:2]] == [(PERSONAL, True, 8, 8)] * 2
+    # every layout is a skeleton a shop can serve
+    for skeleton in found.values():
+        Skeleton.model_validate(skeleton.model_dump())
+
+
+def test_the_fused_layout_shows_the_fused_list_in_its_order(composer, sample_users):
+    laid_out = composer.using(skeleton=layouts(composer.skeleton, composer.rules)["fused"])
+    checked = 0
+    for user in sample_users[:12]:
+        history = composer.retriever.history(user)
+        if history.is_cold:
+            continue
+        fused = [c.item_id for c in composer.retriever.candidates(history, POOL_DEPTH)]
+        page = laid_out.compose(user, use_llm=False, use_cache=False)
+        products = composer.retriever.products
+        shown: set[str] = set()
+        for module in page.modules[:2]:
+            items = [x.item_id for x in module.items]
+            # each personal module: the fused list's next items in its order, none skipped but for
+            # the brand quota (2 a module: a skipped item waits for the next module)
+            at = [fused.index(i) for i in items]
+            assert at == sorted(at), (user, module.type, at)
+            skipped = [fused[k] for k in range(at[-1]) if fused[k] not in shown and k not in at]
+            brands = [products[i].brand for i in items]
+            assert all(brands.count(products[i].brand) >= 2 for i in skipped), (user, module.type, skipped)
+            shown.update(items)
+        assert page.modules[0].items[0].item_id == fused[0]
+        checked += 1
+    assert checked >= 8
