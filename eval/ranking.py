@@ -35,6 +35,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -172,9 +173,12 @@ def product_vectors(products: list[Product], embeddings: LocalEmbeddings, cache:
     batches = range(0, len(texts), 256)
     vectors = np.concatenate([np.asarray(embeddings.embed_documents(texts[i:i + 256]), dtype=np.float32)
                               for i in tqdm(batches, desc="embedding products", unit="batch", disable=not progress)])
-    if path:
+    if path:  # written whole, then renamed: a run beside this one never reads half a file
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, vectors)
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        with open(partial, "wb") as f:
+            np.save(f, vectors)
+        partial.replace(path)
     return vectors
 
 

@@ -50,3 +50,23 @@ def test_the_fused_layout_shows_the_fused_list_in_its_order(composer, sample_use
         assert page.modules[0].items[0].item_id == fused[0]
         checked += 1
     assert checked >= 8
+
+
+def test_product_vectors_are_cached_whole(tmp_path):
+    """The cache file appears only complete (a run beside this one may read it), and is read back."""
+    from eval.ranking import product_vectors
+    from retrieval.records import Product
+
+    class Counting:
+        model_spec, calls = "counting", 0
+
+        def embed_documents(self, texts):
+            Counting.calls += 1
+            return [[float(len(t)), 1.0] for t in texts]
+
+    products = [Product(item_id=str(i), title="x" * (i + 1)) for i in range(3)]
+    first = product_vectors(products, Counting(), tmp_path, progress=False)
+    again = product_vectors(products, Counting(), tmp_path, progress=False)
+    assert first.tolist() == again.tolist() and Counting.calls == 1
+    assert [p.suffix for p in tmp_path.iterdir()] == [".npy"]  # no partial file left behind
+    assert first[:, 0].tolist() == [len(p.text()) for p in products]
