@@ -445,22 +445,22 @@ def layouts(skeleton, rules) -> dict[str, Any]:
     personal = next((m for m in mods if m.source == PERSONAL), None)
     again = next((m for m in mods if m.source == "buy_again"), None)
     found = {"configured": skeleton}
-    if personal is None:
-        return found
-    full = personal.model_copy(update={"max_items": cap})
-    more = ModuleSpec(type="more_for_you", source=PERSONAL, title="More picks for you",
-                      title_template="More {category}", min_items=min(4, cap), max_items=cap)
-    at = mods.index(personal)
-    found["personal_full"] = skeleton.model_copy(update={"modules": [*mods[:at], full, *mods[at + 1:]]})
-    if "more_for_you" not in {m.type for m in mods}:
-        found["personal_twice"] = skeleton.model_copy(update={"modules": [*mods[:at], full, more, *mods[at + 1:]]})
+    twice = personal is not None and "more_for_you" not in {m.type for m in mods}
+    if personal is not None:
+        full = personal.model_copy(update={"max_items": cap})
+        more = ModuleSpec(type="more_for_you", source=PERSONAL, title="More picks for you",
+                          title_template="More {category}", min_items=min(4, cap), max_items=cap)
+        at = mods.index(personal)
+        found["personal_full"] = skeleton.model_copy(update={"modules": [*mods[:at], full, *mods[at + 1:]]})
+        if twice:
+            found["personal_twice"] = skeleton.model_copy(update={"modules": [*mods[:at], full, more, *mods[at + 1:]]})
     if again is not None:
         for size in sorted({3, cap} - {again.max_items}):
             resized = again.model_copy(update={"max_items": size, "min_items": min(again.min_items, size)})
             for name, variant in [(n, v) for n, v in found.items() if ", buy_again" not in n]:
                 modules = [resized if m.type == again.type else m for m in variant.modules]
                 found[f"{name}, buy_again {size}"] = variant.model_copy(update={"modules": modules})
-    if "more_for_you" not in {m.type for m in mods}:
+    if twice:
         owned = {"max_items": cap, "pool": min(cap, 9), "show_owned": True}
         rest = [m for m in mods if m is not personal and m is not again]
         fused = [full.model_copy(update=owned), more.model_copy(update=owned)]

@@ -70,3 +70,11 @@ def test_product_vectors_are_cached_whole(tmp_path):
     assert first.tolist() == again.tolist() and Counting.calls == 1
     assert [p.suffix for p in tmp_path.iterdir()] == [".npy"]  # no partial file left behind
     assert first[:, 0].tolist() == [len(p.text()) for p in products]
+
+
+def test_a_skeleton_without_a_personal_module_still_tries_buy_again_sizes(composer):
+    skeleton = Skeleton.load(PROMPTS / "skeleton.yaml")
+    without = skeleton.model_copy(update={"modules": [m for m in skeleton.modules if m.source != PERSONAL]})
+    found = layouts(without, composer.rules)
+    assert set(found) == {"configured", "configured, buy_again 3", "configured, buy_again 8"}
+    assert [m.max_items for m in found["configured, buy_again 3"].modules if m.type == "buy_again"] == [3]
