@@ -53,7 +53,8 @@ def test_the_fused_layout_shows_the_fused_list_in_its_order(composer, sample_use
 
 
 def test_product_vectors_are_cached_whole(tmp_path):
-    """The cache file appears only complete (a run beside this one may read it), and is read back."""
+    """Embedded once, read back from the cache; the file is written under another name and renamed,
+    so no partial file is left beside it."""
     from eval.ranking import product_vectors
     from retrieval.records import Product
 
