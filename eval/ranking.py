@@ -455,9 +455,10 @@ def layouts(skeleton, rules) -> dict[str, Any]:
         if twice:
             found["personal_twice"] = skeleton.model_copy(update={"modules": [*mods[:at], full, more, *mods[at + 1:]]})
     if again is not None:
+        unsized = list(found.items())
         for size in sorted({3, cap} - {again.max_items}):
             resized = again.model_copy(update={"max_items": size, "min_items": min(again.min_items, size)})
-            for name, variant in [(n, v) for n, v in found.items() if ", buy_again" not in n]:
+            for name, variant in unsized:
                 modules = [resized if m.type == again.type else m for m in variant.modules]
                 found[f"{name}, buy_again {size}"] = variant.model_copy(update={"modules": modules})
     if twice:
