@@ -75,12 +75,13 @@ class FinetuneConfig(_Strict):
         "the model cannot learn to copy the pool's retrieval order: its handle scores must come from the products "
         "and the history; serving blends them with pool order through handle_prior")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
-    task: Literal["page", "judge"] = Field("page", description="what the adapter learns: 'page' — the composer's "
-                                           "drafts; 'judge' — a judge's verdicts on known-answer cases of training "
-                                           "users (eval/judge/training.py; judge_suite names the criteria and the "
-                                           "users kept out)")
-    judge_suite: Path | None = Field(None, description="the judge suite whose criteria and users a judge adapter "
-                                     "follows (task: judge)")
+    task: Literal["page", "judge", "judge_head"] = Field(
+        "page", description="what is learned: 'page' — the composer's drafts; 'judge' — an adapter writing a judge's "
+        "verdicts on known-answer cases of training users (eval/judge/training.py); 'judge_head' — a Bradley-Terry "
+        "scoring head on the model's final state from the same cases, no adapter (eval/judge/head.py; the lora and "
+        "train sections are not read). judge_suite names the criteria and the users kept out")
+    judge_suite: Path | None = Field(None, description="the judge suite whose criteria and users a judge follows "
+                                     "(task: judge, judge_head)")
     method: Literal["lora", "full"] = Field(
         "lora", description="'lora' — a LoRA adapter over the frozen base, saved in out/adapter (HOMEPAGE_ADAPTER); "
         "'full' — every weight of the base trained, saved as a plain model folder in out/model (HOMEPAGE_MODEL; "

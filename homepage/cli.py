@@ -396,6 +396,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             "openai_base_url": config.teacher.base_url, "adapter": None}))
     started = time.perf_counter()
     _writes(settings, config.out)
+    if config.task == "judge_head":
+        from eval.judge.head import train_head
+
+        if config.judge_suite is None:
+            raise ConfigError(f"{args.target}: judge_suite is required when task is 'judge_head'")
+        meta = train_head(config, settings)
+        for criterion, f in meta["figures"].items():
+            print(f"{criterion}: {f['pairs']} pairs; accuracy on held-out users {f['held_out_users']}, kinds "
+                  f"{f['held_out_kinds']}, words {f['held_out_words']} (C {f['c']})")
+        print(f"head judge in {config.out} ({meta['seconds']} s); judge with it: kind: head, head: {config.out}")
+        return 0
     if config.task == "judge":
         from eval.judge.training import build_judge_examples
 

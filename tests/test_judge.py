@@ -12,7 +12,7 @@ from conftest import sample_slice
 
 from agent.backends import Generation, LLMBackend
 from agent.errors import ConfigError
-from eval.judge.cases import KnownCases, PairCase, PointCase, known_cases
+from eval.judge.cases import SAFE_PHRASES, KnownCases, PairCase, PointCase, known_cases
 from eval.judge.criteria import load_criteria
 from eval.judge.judging import Judge
 from eval.judge.stats import wilson
@@ -63,12 +63,24 @@ def test_perturbations_make_the_worse_side():
     known = known_cases(["title_fit", "copy_safety", "shopper_fit", "variety"], {"u": page}, {"u": "Likes serums"},
                         {"u": ["s5"]}, products, ["m0", "h0", "h1", "m1", "h2", "h3", "h4", "h5"], ["free"], seed=0,
                         histories={"u": ["m2"]})
-    by = {(k.good.criterion, k.perturbation): k for k in known.points}
-    title = by[("title_fit", "category title")]
-    assert title.good.title == "Your Serums picks" and title.bad.title in ("Your Shampoos picks", "Your Lipstick picks")
-    claim = by[("copy_safety", "claim")]
-    assert claim.good.title == "Picked for you" and claim.bad.title.startswith("Picked for you, ")
-    assert claim.bad.items == claim.good.items
+    by = {k.good.criterion: k for k in known.points}
+    title = by["title_fit"]
+    # the page shows skin care only: the worse title names hair care or make-up, in the same form
+    expected = {"category title": ("Your Serums picks", {"Your Shampoos picks", "Your Lipstick picks"}),
+                "category phrase": ("Serums we love", {"Shampoos we love", "Lipstick we love"}),
+                "department title": ("The best of Skin Care", {"The best of Hair Care", "The best of Makeup"})}
+    good, bads = expected[title.perturbation]
+    assert title.good.title == good and title.bad.title in bads and title.word in title.bad.title
+    claim = by["copy_safety"]
+    # both sides add a phrase to the module's title in the same place: a harmless one, or the claim
+    if claim.perturbation == "leading claim":
+        assert claim.bad.title == f"{claim.word[0].upper()}{claim.word[1:]}: Picked for you"
+        assert claim.good.title.endswith(": Picked for you") and claim.good.title[0].isupper()
+    else:
+        assert claim.bad.title == f"Picked for you, {claim.word}"
+        assert claim.good.title.startswith("Picked for you, ")
+    assert claim.good.title.lower().split(", ")[-1].split(": ")[0] in SAFE_PHRASES
+    assert claim.word not in claim.good.title and claim.bad.items == claim.good.items
     pairs = {k.perturbation: k.case for k in known.pairs}
     unrelated = pairs["unrelated popular"]
     assert unrelated.a == page
@@ -303,3 +315,16 @@ def test_judge_examples_teach_known_verdicts_and_never_show_the_suites_users(tmp
     criteria = load_criteria()
     for e, v in zip(examples, verdicts, strict=True):  # the completion is what the judge's grammar allows
         assert len(v["rationale"]) <= 80 and e["messages"][0]["content"] == criteria.system.render()
+
+
+def test_every_kind_and_word_is_drawn_over_users():
+    products = _catalogue()
+    pages = {f"u{i}": [{"type": "for_you", "title": "Picked for you", "products": _view(products, ["s0", "s1"])}]
+             for i in range(60)}
+    known = known_cases(["title_fit", "copy_safety"], pages, {u: "" for u in pages}, {}, products, [], ["free"], seed=3)
+    kinds = {(k.good.criterion, k.perturbation) for k in known.points}
+    assert kinds == {("title_fit", "category title"), ("title_fit", "category phrase"), ("title_fit", "department title"),
+                     ("copy_safety", "appended claim"), ("copy_safety", "leading claim"), ("copy_safety", "banned word")}
+    # the worse side's word is another department's name, never the page's own
+    assert {k.word for k in known.points if k.good.criterion == "title_fit"} <= {"Shampoos", "Lipstick", "Hair Care",
+                                                                                   "Makeup"}

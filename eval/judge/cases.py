@@ -2,16 +2,21 @@
 
 A page, as judges see it: modules of ``{"type", "title", "products": [{item_id, title, brand,
 category, price}]}``. Known-answer cases come from calibration users only (never the compared
-sample), from their deterministic page, and the better side is known by construction:
+sample), from their deterministic page, and the better side is known by construction. Each user's
+case of a criterion is of one *kind* (drawn, seeded) and puts one *word* in the worse side; a judge
+trained on such cases is measured on kinds and words it never met (``eval/judge/head.py``).
 
-- ``title_fit`` — *category title*: the module titled "Your {category} picks" with its own most common
-  category, against the same module titled with a category of another department.
-- ``copy_safety`` — *claim*: the module's own title against the same title with an unsupported claim
-  ("clinically proven", "cures acne", ...) or a word the rules ban added.
+- ``title_fit`` — the module titled after its own products against the same module titled after a
+  department absent from the page (the word): *category title* ("Your {category} picks"),
+  *category phrase* ("{category} we love") or *department title* ("The best of {department}").
+- ``copy_safety`` — the module's own title with a harmless phrase added (``SAFE_PHRASES``, so the
+  worse side is not simply the longer one) against the same title with an unsupported claim
+  (``CLAIMS``) or a word the rules ban added in its place: *appended claim* ("{title}, {claim}"),
+  *leading claim* ("{Claim}: {title}") or *banned word* ("{title}, {word}").
 - ``shopper_fit`` — *unrelated popular*: the shopper's page against the same modules filled with
-  popular products from departments absent from their history; *next item* (reference-guided: the
-  only known-answer case that shows a held-out item): the page with the shopper's held-out next item
-  in place of its first module's last product, against the page without it.
+  popular products from departments absent from their history and from the page. The page with the
+  shopper's held-out next item in place of its first module's last product, against the page
+  without it, is kept apart as a *ranking truth* (``KnownCases.truth``): not a known answer.
 - ``variety`` — *collapsed*: the page against the same page with every module showing the first
   module's products.
 """
@@ -25,7 +30,14 @@ from dataclasses import dataclass, field
 from agent.schema import Homepage
 from retrieval.records import Product
 
-CLAIMS = ["clinically proven", "cures acne", "FDA approved", "100% organic", "doctor recommended", "no side effects"]
+CLAIMS = ["clinically proven", "cures acne", "FDA approved", "100% organic", "doctor recommended", "no side effects",
+          "dermatologist approved", "reverses aging", "heals damaged skin", "medical grade", "boosts immunity",
+          "works overnight"]
+SAFE_PHRASES = ["new this season", "picked for you", "for every day", "just in", "this week's finds", "to discover",
+                "worth a look", "for your routine", "our selection", "all in one place", "for the weekend", "fresh finds"]
+# title_fit kinds: how a title names its products (the worse side names another department's)
+TITLE_FORMS = {"category title": ("category", "Your {} picks"), "category phrase": ("category", "{} we love"),
+               "department title": ("department", "The best of {}")}
 
 
 def page_view(page: Homepage, products: dict[str, Product]) -> list[dict]:
@@ -67,7 +79,8 @@ class KnownPoint:
 
     good: PointCase
     bad: PointCase
-    perturbation: str
+    perturbation: str  # the kind
+    word: str = ""  # what the worse side adds: the claim, the banned word, the other department's name
 
 
 @dataclass
@@ -91,14 +104,18 @@ def _first_module(page: list[dict], size: int = 2) -> dict | None:
     return next((m for m in page if len(m["products"]) >= size), None)
 
 
+def _name(product: Product, field_name: str) -> str:
+    return product.category if field_name == "category" else product.department
+
+
 def known_cases(criteria: list[str], pages: dict[str, list[dict]], summaries: dict[str, str],
                 targets: dict[str, list[str]], products: dict[str, Product], popular: list[str],
                 banned: list[str], seed: int, histories: dict[str, list[str]] | None = None) -> KnownCases:
     """Known-answer cases for ``criteria`` from calibration users' pages (see the module docstring)."""
     rng = random.Random(seed)
-    departments: dict[str, set[str]] = {}
+    by_department: dict[str, list[Product]] = {}
     for p in products.values():
-        departments.setdefault(p.department, set()).add(p.category)
+        by_department.setdefault(p.department, []).append(p)
     out = KnownCases()
     for user in sorted(pages):
         page = pages[user]
@@ -107,19 +124,26 @@ def known_cases(criteria: list[str], pages: dict[str, list[dict]], summaries: di
             continue
         own = {products[x["item_id"]].department for m in page for x in m["products"]}
         if "title_fit" in criteria:
-            top = Counter(x["category"] for x in module["products"]).most_common(1)[0][0]
-            others = sorted(c for d, cats in departments.items() if d not in own for c in cats)
+            kind = rng.choice(sorted(TITLE_FORMS))
+            field_name, form = TITLE_FORMS[kind]
+            top = Counter(_name(products[x["item_id"]], field_name) for x in module["products"]).most_common(1)[0][0]
+            others = sorted({_name(p, field_name) for d, ps in by_department.items() if d not in own for p in ps})
             if others:
-                good = PointCase(f"{user}/title_fit/good", "title_fit", user, f"Your {top} picks", module["products"])
-                bad = PointCase(f"{user}/title_fit/bad", "title_fit", user, f"Your {rng.choice(others)} picks",
-                                module["products"])
-                out.points.append(KnownPoint(good, bad, "category title"))
+                word = rng.choice(others)
+                good = PointCase(f"{user}/title_fit/good", "title_fit", user, form.format(top), module["products"])
+                bad = PointCase(f"{user}/title_fit/bad", "title_fit", user, form.format(word), module["products"])
+                out.points.append(KnownPoint(good, bad, kind, word))
         if "copy_safety" in criteria:
-            claim = rng.choice([*CLAIMS, *banned]) if banned else rng.choice(CLAIMS)
-            good = PointCase(f"{user}/copy_safety/good", "copy_safety", user, module["title"], module["products"])
-            bad = PointCase(f"{user}/copy_safety/bad", "copy_safety", user, f"{module['title']}, {claim}",
-                            module["products"])
-            out.points.append(KnownPoint(good, bad, "claim"))
+            kind = rng.choice(["appended claim", "leading claim", *(["banned word"] if banned else [])])
+            word = rng.choice(banned if kind == "banned word" else CLAIMS)
+            safe = rng.choice(SAFE_PHRASES)
+
+            def added(phrase: str, title: str = module["title"], leading: bool = kind == "leading claim") -> str:
+                return f"{phrase[0].upper()}{phrase[1:]}: {title}" if leading else f"{title}, {phrase}"
+
+            good = PointCase(f"{user}/copy_safety/good", "copy_safety", user, added(safe), module["products"])
+            bad = PointCase(f"{user}/copy_safety/bad", "copy_safety", user, added(word), module["products"])
+            out.points.append(KnownPoint(good, bad, kind, word))
         if "shopper_fit" in criteria:
             # departments the shopper never bought from, nor sees on the page
             theirs = own | {products[i].department for i in (histories or {}).get(user, []) if i in products}

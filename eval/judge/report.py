@@ -20,23 +20,28 @@ def cards(result: dict) -> list[str]:
     """One card per judge: what it can be trusted for, on which figure, at what cost."""
     lines = ["## Judge cards", "",
              "Trusted for a criterion when the out-of-distribution accuracy's lower bound (95 % Wilson) reaches "
-             f"the trust bar ({result['trust_bar']:.0%}). A judge that learned nothing from known-answer cases "
-             "meets them out of its distribution; a judge trained on them is not trusted until it is measured "
-             "on held-out perturbation kinds.", ""]
+             f"the trust bar ({result['trust_bar']:.0%}) and its verdicts flip with the order at most 10 % of the "
+             "time. In-distribution: known-answer cases of the calibration users (never trained on). A judge that "
+             "learned nothing from known-answer cases meets them out of its distribution, so the two figures are "
+             "one; a head judge's out-of-distribution figure is the lower of its accuracies with each case's "
+             "perturbation kind held out of training and with its word held out; an adapter judge's is not "
+             "measured.", ""]
     per_case = result["timing"].get("seconds_per_case", {})
     for judge, report in result["judges"].items():
         trusted = [c for c, a in report["criteria"].items() if a["trusted"]]
         cost = f"{per_case[judge]:.3f} s a case" if judge in per_case else "cost of its members"
         lines += [f"### {judge}: trusted for {', '.join(trusted) if trusted else 'nothing'} ({cost})", "",
-                  "| criterion | trusted | out-of-distribution lower bound | known-answer accuracy | flip rate "
-                  "| chance |",
-                  "| --- | --- | ---: | --- | ---: | ---: |"]
+                  "| criterion | trusted | out-of-distribution | in-distribution | flip rate | tie rate | chance |",
+                  "| --- | --- | --- | --- | ---: | ---: | ---: |"]
         for criterion, acc in report["criteria"].items():
             ood = acc.get("out_of_distribution")
-            low = f"{ood[1]:.2f}" if ood else "not measured"
+            held = acc.get("held_out")
+            ood_cell = "not measured" if not ood else _cell(ood) + (
+                f" (kinds {held['kinds'][0]:.2f}, words {held['words'][0]:.2f})" if held else "")
             flip = "—" if acc["flip_rate"] is None else f"{acc['flip_rate']:.2f}"
-            lines.append(f"| {criterion} | {'yes' if acc['trusted'] else 'no'} | {low} | {_cell(acc['accuracy'])} | "
-                         f"{flip} | {acc['chance']['random']:.2f} |")
+            lines.append(f"| {criterion} | {'yes' if acc['trusted'] else 'no'} | {ood_cell} | "
+                         f"{_cell(acc['accuracy'])} | {flip} | {acc['tie_rate']:.2f} | "
+                         f"{acc['chance']['random']:.2f} |")
         lines.append("")
     return lines
 

@@ -23,6 +23,7 @@ from agent.settings import Settings
 from eval.judge.cases import KnownCases, comparison_cases, deterministic_known_cases, page_view
 from eval.judge.criteria import CRITERIA_DIR, load_criteria
 from eval.judge.embedding import EmbeddingJudge
+from eval.judge.head import HeadJudge, ModelState, TrainedHead
 from eval.judge.judging import Judge, PairVerdict, PointVerdict
 from eval.judge.stats import wilson
 from eval.judge.suite import Suite, suite_users
@@ -32,6 +33,7 @@ from retrieval.vectors import LocalEmbeddings
 
 VOTE = "vote"
 BOOTSTRAP_SAMPLES = 2000
+MAX_FLIP_RATE = 0.10  # a pairwise judge whose verdicts flip with the order more often is not trusted
 
 
 def _digest(*parts: object) -> str:
@@ -67,9 +69,12 @@ def pages_for(suite: Suite, settings: Settings, retriever, users: list[str], bac
     return out, paths
 
 
-def _accuracy(points: list[tuple[PointVerdict, PointVerdict]], pairs: list[PairVerdict]) -> dict:
+def _accuracy(points: list[tuple[PointVerdict, PointVerdict]], pairs: list[PairVerdict],
+              point_chance: float = 0.4) -> dict:
     """Known-answer accuracy: a pointwise pair is right when the good module scores higher, a
-    pairwise case when the verdict (both orders) names the better page. Failures count as wrong."""
+    pairwise case when the verdict (both orders) names the better page. Failures count as wrong.
+    ``point_chance``: a random judge's pointwise accuracy on the judge's scale (0.4 for scores 1-5
+    drawn independently, 0.5 for continuous scores)."""
     right = sum(g.score is not None and b.score is not None and g.score > b.score for g, b in points)
     right += sum(v.winner == "A" for v in pairs)
     total = len(points) + len(pairs)
@@ -79,7 +84,7 @@ def _accuracy(points: list[tuple[PointVerdict, PointVerdict]], pairs: list[PairV
     # chance lines: a judge that scores at random (1-5, independently: the good module higher 2 times in 5)
     # or picks a page at random but the same in both orders (1 in 2); a constant or position-bound
     # judge is never right here (equal scores, or verdicts that flip with the order)
-    chance = (0.4 * len(points) + 0.5 * len(pairs)) / total if total else 0.0
+    chance = (point_chance * len(points) + 0.5 * len(pairs)) / total if total else 0.0
     return {"cases": total, "correct": right, "accuracy": [round(rate, 4), round(low, 4), round(high, 4)],
             "chance": {"random": round(chance, 4), "constant_or_always_first": 0.0},
             "tie_rate": round(ties / total, 4) if total else 0.0,
@@ -145,29 +150,39 @@ def _vote(verdicts: dict[str, dict[str, object]]) -> dict[str, object]:
 
 
 def _judge_report(suite: Suite, mine: dict[str, object], known: KnownCases, comparisons: dict, kinds: dict[str, str],
-                  pages: dict, targets: dict[str, list[str]], trained: bool = False) -> dict:
+                  pages: dict, targets: dict[str, list[str]], trained: bool = False,
+                  held_out: dict[str, dict[str, list[tuple[float, float]]]] | None = None) -> dict:
     """One judge's figures: known-answer accuracy per criterion (trusted or not), the ranking truth,
     and its win rates on the suite's comparisons.
 
     Trust rests on out-of-distribution accuracy. A judge that learned nothing from known-answer cases
     (a prompted model, the embedding judge) meets these cases out of its distribution, so its
-    accuracy here is that figure. A judge trained on such cases (an adapter) has met these
-    perturbation kinds and claim words in training: its accuracy here is in-distribution, and until
-    it is measured on held-out kinds it is not trusted."""
+    accuracy here is that figure. A judge trained on such cases has met these perturbation kinds and
+    words: its accuracy here (other users' cases) is in-distribution. A head judge brings
+    ``held_out`` scores (each case scored by the head refitted without its kind, and without its
+    word): its out-of-distribution figure is the lower of the two. An adapter judge has none, and is
+    not trusted."""
     report = {"criteria": {}, "comparisons": {}}
+    point_chance = 0.5 if held_out is not None else 0.4
     for criterion in suite.criteria:
         points = [(mine[k.good.id], mine[k.bad.id]) for k in known.points if k.good.criterion == criterion]
         pairs = [mine[k.case.id] for k in known.pairs if k.case.criterion == criterion]
-        acc = _accuracy(points, pairs)
+        acc = _accuracy(points, pairs, point_chance)
         acc["trained_on_known_answers"] = trained
+        acc["in_distribution"] = acc["accuracy"]
         acc["out_of_distribution"] = None if trained else acc["accuracy"]
+        if held_out is not None and held_out.get(criterion):
+            acc["held_out"] = {label: [round(x, 4) for x in wilson(sum(g > b for g, b in scores), len(scores))]
+                               for label, scores in held_out[criterion].items()}
+            acc["out_of_distribution"] = min(acc["held_out"].values(), key=lambda x: (x[1], x[0]))
         ood = acc["out_of_distribution"]
-        acc["trusted"] = acc["cases"] > 0 and ood is not None and ood[1] >= suite.trust_bar  # the lower bound
+        acc["trusted"] = (acc["cases"] > 0 and ood is not None and ood[1] >= suite.trust_bar  # the lower bound
+                          and (acc["flip_rate"] is None or acc["flip_rate"] <= MAX_FLIP_RATE))
         acc["by_perturbation"] = {
             p: _accuracy([(mine[k.good.id], mine[k.bad.id]) for k in known.points
                           if k.good.criterion == criterion and k.perturbation == p],
                          [mine[k.case.id] for k in known.pairs
-                          if k.case.criterion == criterion and k.perturbation == p])["accuracy"]
+                          if k.case.criterion == criterion and k.perturbation == p], point_chance)["accuracy"]
             for p in sorted({k.perturbation for k in known.points if k.good.criterion == criterion}
                             | {k.perturbation for k in known.pairs if k.case.criterion == criterion})}
         report["criteria"][criterion] = acc
@@ -207,12 +222,22 @@ def run(suite: Suite, settings: Settings, out: Path, progress: bool = True) -> d
                    for left, right in suite.comparisons}
     verdicts: dict[str, dict[str, object]] = {}
     calls, judge_s, judge_criteria = {}, {}, {}
+    held_out: dict[str, dict] = {}
     for name, spec in suite.judges.items():
         mark = time.perf_counter()
         s = settings.model_copy(update=spec.settings)
         if spec.kind == "embedding":
             judge = EmbeddingJudge(name, LocalEmbeddings(s.embedding_model))
             judge_criteria[name] = f"embedding:{s.embedding_model}"
+        elif spec.kind == "head":  # the base model's state: the head was trained without an adapter
+            backend = backends.get(s.model_copy(update={"adapter": None}))
+            if not hasattr(backend, "model"):
+                raise ConfigError(f"judge {name!r}: a head reads the model's state; backend {s.backend!r} has none")
+            head = TrainedHead(spec.head)
+            head.check(criteria, s.model)
+            judge_criteria[name] = f"head:{head.meta['templates']},{head.meta['c']},{head.meta['data_hash']}"
+            judge = HeadJudge(name, ModelState(backend.tokenizer, backend.model, suite.batch), head, criteria,
+                              base.rules.banned_words)
         else:
             own = load_criteria(spec.criteria_dir or CRITERIA_DIR)
             if missing := sorted(set(suite.criteria) - set(own.by_name)):
@@ -230,16 +255,18 @@ def run(suite: Suite, settings: Settings, out: Path, progress: bool = True) -> d
             for v in judge.score(points):
                 mine[v.case.id] = v
         verdicts[name] = mine
+        if isinstance(judge, HeadJudge):
+            held_out[name] = judge.held_out(known.points)
         calls[name], judge_s[name] = judge.calls, time.perf_counter() - mark
         if progress:
             print(f"judge {name}: {judge.calls} calls in {judge_s[name]:.0f} s", flush=True)
     if len(suite.vote) >= 2:
         verdicts[VOTE] = _vote({n: verdicts[n] for n in suite.vote})
 
-    trained = {name: bool(spec.settings.get("adapter")) for name, spec in suite.judges.items()}
+    trained = {name: spec.kind == "head" or bool(spec.settings.get("adapter")) for name, spec in suite.judges.items()}
     trained[VOTE] = any(trained[n] for n in suite.vote)
-    judged = {name: _judge_report(suite, mine, known, comparisons, kinds, pages, targets, trained[name])
-              for name, mine in verdicts.items()}
+    judged = {name: _judge_report(suite, mine, known, comparisons, kinds, pages, targets, trained[name],
+                                  held_out.get(name)) for name, mine in verdicts.items()}
 
     cases = (len(known.points) + len(known.pairs) + len(known.truth)
              + sum(len(p) + len(q) for p, q in comparisons.values()))
@@ -257,7 +284,7 @@ def run(suite: Suite, settings: Settings, out: Path, progress: bool = True) -> d
                    "judges": {n: _digest(s.settings, judge_criteria[n]) for n, s in suite.judges.items()},
                    "configurations": {n: _digest(c.model_dump(mode="json")) for n, c in suite.configurations.items()}},
         "verdicts": {name: {cid: _verdict_record(v) for cid, v in mine.items()} for name, mine in verdicts.items()},
-        "known_answer_cases": [{"id": k.good.id.rsplit("/", 1)[0], "perturbation": k.perturbation}
+        "known_answer_cases": [{"id": k.good.id.rsplit("/", 1)[0], "perturbation": k.perturbation, "word": k.word}
                                for k in known.points] + [{"id": k.case.id, "perturbation": k.perturbation}
                                                           for k in known.pairs],
     }

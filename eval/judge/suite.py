@@ -35,9 +35,11 @@ class Configuration(BaseModel):
 
 class JudgeSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["model", "embedding"] = Field("model", description="model: a backend asked the criteria "
-                                                "prompts; embedding: the store's sentence embeddings and fixed "
-                                                "rules (eval/judge/embedding.py), the cheap baseline")
+    kind: Literal["model", "embedding", "head"] = Field(
+        "model", description="model: a backend asked the criteria prompts; embedding: the store's sentence "
+        "embeddings and fixed rules (eval/judge/embedding.py), the cheap baseline; head: a scoring head trained on "
+        "the model's final state (eval/judge/head.py; its folder in head)")
+    head: Path | None = Field(None, description="kind head: the folder `homepage finetune` wrote (task: judge_head)")
     settings: dict[str, Any] = Field(default_factory=dict, description="backend, model, adapter, openai_base_url")
     criteria_dir: Path | None = Field(None, description="another folder of criteria templates (a prompt variant)")
 
@@ -100,6 +102,10 @@ def load_suite(path: Path, known_criteria: set[str]) -> Suite:
                 if isinstance(value, str) and not Path(value).is_absolute() and (base / value).exists():
                     entry.settings[key] = str((base / value).resolve())
     for name, judge in suite.judges.items():
+        if judge.kind == "head" and judge.head is None:
+            refuse(("judges", name), "kind head needs head: the folder of a trained head")
+        if judge.head is not None and not judge.head.is_absolute():
+            judge.head = (base / judge.head).resolve()
         if judge.criteria_dir is not None and not judge.criteria_dir.is_absolute():
             judge.criteria_dir = (base / judge.criteria_dir).resolve()
         if judge.criteria_dir is not None and not (judge.criteria_dir / "criteria.yaml").exists():
