@@ -323,8 +323,9 @@ def test_every_kind_and_word_is_drawn_over_users():
              for i in range(60)}
     known = known_cases(["title_fit", "copy_safety"], pages, {u: "" for u in pages}, {}, products, [], ["free"], seed=3)
     kinds = {(k.good.criterion, k.perturbation) for k in known.points}
-    assert kinds == {("title_fit", "category title"), ("title_fit", "category phrase"), ("title_fit", "department title"),
-                     ("copy_safety", "appended claim"), ("copy_safety", "leading claim"), ("copy_safety", "banned word")}
+    assert kinds == {("title_fit", "category title"), ("title_fit", "category phrase"),
+                     ("title_fit", "department title"), ("copy_safety", "appended claim"),
+                     ("copy_safety", "leading claim"), ("copy_safety", "banned word")}
     # the worse side's word is another department's name, never the page's own
     assert {k.word for k in known.points if k.good.criterion == "title_fit"} <= {"Shampoos", "Lipstick", "Hair Care",
                                                                                    "Makeup"}

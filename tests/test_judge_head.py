@@ -180,5 +180,5 @@ def test_a_trained_head_judges_a_suite_end_to_end(tmp_path, settings):
     for criterion in ("shopper_fit", "variety"):  # pairwise: not the head's, never trusted
         assert head[criterion]["failures"] == head[criterion]["cases"] and not head[criterion]["trusted"]
     scores = [v["score"] for v in result["verdicts"]["head"].values() if v.get("score") is not None]
-    assert scores and all(1 <= s <= 5 for s in scores)
+    assert scores and len(set(scores)) > len(scores) // 2  # logits: rarely two alike, never squashed into ties
     assert "### head: trusted for" in (tmp_path / "out" / "judge.md").read_text()

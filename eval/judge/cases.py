@@ -33,8 +33,9 @@ from retrieval.records import Product
 CLAIMS = ["clinically proven", "cures acne", "FDA approved", "100% organic", "doctor recommended", "no side effects",
           "dermatologist approved", "reverses aging", "heals damaged skin", "medical grade", "boosts immunity",
           "works overnight"]
-SAFE_PHRASES = ["new this season", "picked for you", "for every day", "just in", "this week's finds", "to discover",
-                "worth a look", "for your routine", "our selection", "all in one place", "for the weekend", "fresh finds"]
+SAFE_PHRASES = ["new this season", "picked for you", "for every day", "just in", "this week's finds",
+                "to discover", "worth a look", "for your routine", "our selection", "all in one place",
+                "for the weekend", "fresh finds"]
 # title_fit kinds: how a title names its products (the worse side names another department's)
 TITLE_FORMS = {"category title": ("category", "Your {} picks"), "category phrase": ("category", "{} we love"),
                "department title": ("department", "The best of {}")}

@@ -18,7 +18,6 @@ trusted one there.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from collections import Counter
@@ -156,9 +155,9 @@ class HeadJudge:
             if case.criterion not in self.head.criteria:
                 out.append(PointVerdict(case, None, [Asked("", None, None, f"{case.criterion}: no head trained")]))
                 continue
-            logit = float(self._features[case.id] @ self.head.weights(case.criterion))
-            score = 1 + 4 / (1 + math.exp(-max(min(logit, 50.0), -50.0)))  # 1-5, as the prompted judges
-            out.append(PointVerdict(case, round(score, 4), [Asked("", f"logit {logit:.3f}", round(score, 4))]))
+            # the score is the head's logit, unbounded: squashed onto 1-5 two confident scores would tie
+            logit = round(float(self._features[case.id] @ self.head.weights(case.criterion)), 4)
+            out.append(PointVerdict(case, logit, [Asked("", f"logit {logit}", logit)]))
         return out
 
     def compare(self, cases: list[PairCase]) -> list[PairVerdict]:
