@@ -157,7 +157,7 @@ class HeadJudge:
                 continue
             # the score is the head's logit, unbounded: squashed onto 1-5 two confident scores would tie
             logit = round(float(self._features[case.id] @ self.head.weights(case.criterion)), 4)
-            out.append(PointVerdict(case, logit, [Asked("", f"logit {logit}", logit)]))
+            out.append(PointVerdict(case, logit, [Asked(f"title: {case.title}", f"logit {logit}", logit)]))
         return out
 
     def compare(self, cases: list[PairCase]) -> list[PairVerdict]:
