@@ -17,6 +17,7 @@ trusted one there.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
@@ -271,6 +272,4 @@ def train_head(config: FinetuneConfig, settings: Settings, progress: bool = True
 
 def hash_fold(user: str) -> int:
     """A user's cross-validation fold: fixed by the id, the same in every run."""
-    import hashlib
-
     return int(hashlib.sha256(user.encode()).hexdigest(), 16) % FOLDS
