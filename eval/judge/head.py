@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import time
 from collections import Counter
 from functools import lru_cache
@@ -28,17 +27,15 @@ from pathlib import Path
 import numpy as np
 
 from agent.backends.hf import chat_prompt_ids
-from agent.cache import PageCache
 from agent.errors import ConfigError
-from agent.service import composer_for
 from agent.settings import Settings
-from eval.judge.cases import KnownPoint, PairCase, PointCase, deterministic_known_cases
+from eval.judge.cases import KnownPoint, PairCase, PointCase
 from eval.judge.criteria import Criteria, load_criteria
 from eval.judge.judging import Asked, Judge, PairVerdict, PointVerdict
 from eval.judge.stats import wilson
-from eval.judge.suite import load_suite, suite_users
+from eval.judge.suite import load_suite
+from eval.judge.training import training_cases
 from finetune.config import FinetuneConfig
-from finetune.store import build_store, read_logs, training_part, validation_part
 
 HEAD_FILE, FEATURES_FILE = "head.json", "features.npz"
 C_GRID = (0.01, 0.1, 1.0, 10.0)  # L2 strengths tried, chosen by 5-fold cross-validation over training users
@@ -214,20 +211,8 @@ def train_head(config: FinetuneConfig, settings: Settings, progress: bool = True
         raise ConfigError(f"a head judge reads the model's state: backend {model_settings.backend!r} has none; "
                           "use the transformers backend")
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    logs = read_logs(config.data, settings, out / "quarantine")
-    # the suite's users, drawn from the suite's own data (the head may learn from another store's logs)
-    suite_logs = logs if Path(suite.data).resolve() == Path(config.data).resolve() else \
-        read_logs(suite.data, settings, out / "quarantine-suite")
-    reserved = set().union(*suite_users(suite, validation_part(suite_logs.events)[1]))
-    store_events, targets = training_part(logs.events)
-    retriever = build_store(out / "store-train", settings, logs.catalogue, store_events, progress)
-    composer = composer_for(settings, retriever, None, budget_s=None, cache=PageCache(0))
-    users = [u for u in sorted(targets) if u not in reserved]
-    random.Random(config.seed).shuffle(users)
-    users = sorted(users[: config.users] if config.users else users)
-    known = deterministic_known_cases(pointwise, composer, users, targets, store_events, config.seed)
-    retriever.close()
+    cases = training_cases(config, settings, suite, pointwise, progress)
+    composer, users, known = cases.composer, cases.users, cases.known
     state = ModelState(backend.tokenizer, backend.model)
     prompter = Judge("teacher", None, criteria, composer.rules.banned_words)
     arrays, figures, chosen = {}, {}, {}
@@ -260,10 +245,10 @@ def train_head(config: FinetuneConfig, settings: Settings, progress: bool = True
         }
     np.savez_compressed(out / FEATURES_FILE, **arrays)
     meta = {"task": "judge_head", "suite": str(config.judge_suite), "data": str(config.data),
-            "data_hash": logs.digest, "model": model_settings.model, "criteria": pointwise, "c": chosen,
+            "data_hash": cases.logs.digest, "model": model_settings.model, "criteria": pointwise, "c": chosen,
             "templates": {c: criteria.by_name[c].template.version for c in pointwise},
             "features": "final layer, last prompt token", "users_sampled": len(users),
-            "users_reserved_for_the_suite": len(reserved), "figures": figures, "seed": config.seed,
+            "users_reserved_for_the_suite": len(cases.reserved), "figures": figures, "seed": config.seed,
             "banned_words": composer.rules.banned_words,
             "seconds": round(time.perf_counter() - started, 1)}
     (out / HEAD_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
