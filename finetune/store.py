@@ -66,7 +66,8 @@ def build_store(folder: Path, settings: Settings, catalogue: Path, events: list[
     folder = Path(folder)
     digest = hashlib.sha256(json.dumps([file_digest(catalogue), [asdict(e) for e in events]],
                                        sort_keys=True).encode()).hexdigest()[:16]
-    config = replace(settings.retrieval_config(), store_dir=folder)
+    # a store of its own, always local: never the serving database a store_url names
+    config = replace(settings.retrieval_config(), store_dir=folder, store_url=None)
     mark = folder / STORE_MARK
     if not (mark.exists() and json.loads(mark.read_text()).get("digest") == digest):
         shutil.rmtree(folder, ignore_errors=True)

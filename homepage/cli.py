@@ -110,9 +110,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     import json
 
     from agent.composer import check_user_id
-    from retrieval.catalog import Catalog
     from retrieval.profile import profile_of
-    from retrieval.retriever import CATALOG_FILE
 
     check_user_id(args.user)
     settings = _settings(args)
@@ -129,7 +127,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
             retriever.close()
         record = profile.record()
     else:
-        catalog = Catalog(Path(settings.store_dir) / CATALOG_FILE)
+        catalog = settings.retrieval_config().open_catalog()
         try:
             record = profile_of(catalog, stored).record()
         finally:
@@ -140,20 +138,18 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def _ensure_store(settings) -> None:
-    from retrieval.catalog import Catalog
     from retrieval.retriever import CATALOG_FILE
 
-    path = Path(settings.store_dir) / CATALOG_FILE
-    if not path.exists() or Catalog(path).event_count() == 0:
+    config = settings.retrieval_config()
+    if not (config.store_url or (Path(settings.store_dir) / CATALOG_FILE).exists()) or \
+            config.open_catalog().event_count() == 0:
         raise UserError(f"the store {settings.store_dir} is empty: run `homepage ingest` first")
 
 
 def _users_and_items(settings) -> tuple[list[str], list[str]]:
     """The store's users (most active first) and product ids; read only (SQLite, safe beside a service)."""
-    from retrieval.catalog import Catalog
-    from retrieval.retriever import CATALOG_FILE
 
-    catalog = Catalog(Path(settings.store_dir) / CATALOG_FILE)
+    catalog = settings.retrieval_config().open_catalog()
     try:
         return catalog.users(), list(catalog.products)
     finally:
@@ -212,13 +208,14 @@ def cmd_forget(args: argparse.Namespace) -> int:
         before = time.time() - settings.retention_days * 86_400
         receipt = erase_expired(privacy, settings.store_dir, before, settings.embedding_model, outputs,
                                 settings.chroma_host, settings.chroma_port,
-                                user_fields=[settings.event_columns.user_id])
+                                user_fields=[settings.event_columns.user_id], store_url=settings.store_url)
     else:
         if not args.users:
             raise UserError("name the users to forget (or --expired)")
         try:
             receipt = erase(privacy, settings.store_dir, args.users, outputs, settings.chroma_host,
-                            settings.chroma_port, user_fields=[settings.event_columns.user_id])
+                            settings.chroma_port, user_fields=[settings.event_columns.user_id],
+                            store_url=settings.store_url)
         except UnknownUser as exc:
             raise UserError(str(exc)) from None
     print("\n".join(receipt.lines()))
@@ -319,8 +316,7 @@ def cmd_eval_judge(args: argparse.Namespace) -> int:
 
 
 def cmd_train_sasrec(args: argparse.Namespace) -> int:
-    from retrieval.catalog import Catalog
-    from retrieval.retriever import CATALOG_FILE, CHROMA_DIR
+    from retrieval.retriever import CHROMA_DIR
     from retrieval.sequential import SASRecConfig, train_for_store
     from retrieval.vectors import LocalEmbeddings, VectorIndex, chroma_client
 
@@ -328,7 +324,7 @@ def cmd_train_sasrec(args: argparse.Namespace) -> int:
     _ensure_store(settings)
     started = time.perf_counter()
     config = SASRecConfig(epochs=args.epochs, max_minutes=args.minutes, seed=args.seed)
-    catalog = Catalog(Path(settings.store_dir) / CATALOG_FILE)
+    catalog = settings.retrieval_config().open_catalog()
     try:
         client = chroma_client(Path(settings.store_dir) / CHROMA_DIR, settings.chroma_host, settings.chroma_port)
         trained = train_for_store(catalog, VectorIndex(client, LocalEmbeddings(settings.embedding_model)),

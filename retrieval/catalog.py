@@ -1,91 +1,74 @@
-"""The catalogue and the event log, persisted in one SQLite file beside the vector store.
+"""The catalogue and the event log: one SQLite file beside the vector store (the embedded
+default), or a PostgreSQL database that every host of a shop shares (``store_url``).
 
-SQLite keeps events across restarts and makes re-ingestion idempotent (primary keys, upserts);
-the catalogue is small enough to be held in memory once opened.
+Both engines hold the same tables, and every statement below is written once for both (``?``
+placeholders, ``ON CONFLICT`` upserts, the event's row number named ``{row}``); the engine
+(``retrieval.engines``) supplies connections, transactions and the lock an erasure takes. Re-ingesting
+is idempotent (primary keys, upserts); the catalogue is small enough to be held in memory once opened.
 
-Concurrency: each thread gets its own connection (a connection is not shared across threads), the
-file is in WAL mode so readers never block the one writer, and a writer waits for another's lock
-(``busy_timeout``) instead of failing. Every catalogue change bumps ``catalogue_version``; readers
-in any process see the bump on their next ``refresh()`` and reload the products.
+Concurrency: each thread gets its own connection. SQLite runs in WAL mode (readers never block the
+one writer; a writer waits for another's lock). Every catalogue change bumps ``catalogue_version``;
+readers in any process, on any host, see the bump on their next ``refresh()`` and reload the
+products. Events are numbered in the order they are stored (PostgreSQL: writers take the store's
+lock in turn), so a worker that follows the log from a row number misses none.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
-import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from retrieval.engines import Engine, events_lock, open_engine
 from retrieval.records import Event, Product
 
-EVENTS_LOCK_FILE = ".events.lock"  # beside the catalogue file
+__all__ = ["Catalog", "events_lock"]
 
-
-@contextlib.contextmanager
-def events_lock(store: Path, exclusive: bool) -> Iterator[None]:
-    """Shared while events are added (any process, any thread: each call opens its own lock),
-    exclusive while an erasure runs, so no event of its subject lands between its delete and its
-    proof."""
-    path = Path(store) / EVENTS_LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS products (
-    item_id TEXT PRIMARY KEY, title TEXT NOT NULL, category_path TEXT NOT NULL, brand TEXT,
-    price REAL, description TEXT, stock INTEGER
-);
-CREATE TABLE IF NOT EXISTS events (
-    user_id TEXT NOT NULL, item_id TEXT NOT NULL, timestamp REAL, seq_pos INTEGER,
-    event_type TEXT NOT NULL
-);
--- The natural key: the same event ingested twice is stored once. NULLs are folded because SQLite
--- treats NULLs as distinct in a plain UNIQUE constraint.
-CREATE UNIQUE INDEX IF NOT EXISTS events_key
-    ON events (user_id, item_id, IFNULL(timestamp, -1), IFNULL(seq_pos, -1), event_type);
-CREATE INDEX IF NOT EXISTS events_user ON events (user_id);
--- who a shopper is, where the shop knows it (personal data: erased with the user's events)
-CREATE TABLE IF NOT EXISTS user_attributes (user_id TEXT PRIMARY KEY, attributes TEXT NOT NULL);
--- pages made ahead of requests (homepage precompute), each under the key it is current for
--- (agent.composer: the user's event count, the catalogue version, the parts' fingerprint)
-CREATE TABLE IF NOT EXISTS pages (user_id TEXT PRIMARY KEY, cache_key TEXT NOT NULL, page TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-INSERT OR IGNORE INTO store_meta VALUES ('catalogue_version', 0);
-"""
-_BUSY_MS = 30_000
+EPOCH_PREFIX = "epoch:"  # store_meta keys the service's workers count their announcements under
 
 
 class Catalog:
-    def __init__(self, path: Path):
+    """``path``: the SQLite file (its folder is the store's); with ``url`` (``postgresql://…``) the
+    tables live in that database instead and the folder keeps the rest of the store."""
+
+    def __init__(self, path: Path, url: str | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.engine: Engine = open_engine(self.path, url)
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: list = []
         self._connections_lock = threading.Lock()
-        self._db.executescript(_SCHEMA)
+        self.engine.create_schema(self._db)
         self._products: dict[str, Product] | None = None
         self._loaded_version: int | None = None
 
     @property
-    def _db(self) -> sqlite3.Connection:
+    def _db(self):
         db = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.path, timeout=_BUSY_MS / 1000)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
+            db = self.engine.connect()
             self._local.db = db
             with self._connections_lock:
                 self._connections.append(db)
         return db
+
+    def _sql(self, statement: str) -> str:
+        return self.engine.sql(statement)
+
+    def _run(self, statement: str, args: tuple | list = ()):
+        return self._db.execute(self._sql(statement), args)
+
+    @contextmanager
+    def _transaction(self) -> Iterator:
+        with self.engine.transaction(self._db) as db:
+            yield db
+
+    def __del__(self) -> None:  # a catalogue dropped without close() lets its connections go too
+        with contextlib.suppress(Exception):
+            self.close()
 
     def close(self) -> None:
         with self._connections_lock:
@@ -94,32 +77,34 @@ class Catalog:
             self._connections.clear()
         self._local = threading.local()
 
+    @contextmanager
+    def writing_events(self, exclusive: bool = False) -> Iterator:
+        """A transaction that stores events: under the store's events lock (an erasure holds it
+        exclusively, so no event of its subject lands between its delete and its proof)."""
+        with self.engine.events_lock(self._db, exclusive=exclusive), self._transaction() as db:
+            yield db
+
     # -- catalogue ---------------------------------------------------------------------------
     def version(self) -> int:
         """Bumped by every catalogue change, in any process: part of every cached page's key."""
-        return self._db.execute("SELECT value FROM store_meta WHERE key = 'catalogue_version'").fetchone()[0]
+        return self._run("SELECT value FROM store_meta WHERE key = 'catalogue_version'").fetchone()[0]
 
-    def _bump(self, db: sqlite3.Connection) -> None:
-        db.execute("UPDATE store_meta SET value = value + 1 WHERE key = 'catalogue_version'")
+    def _bump(self, db) -> None:
+        db.execute(self._sql("UPDATE store_meta SET value = value + 1 WHERE key = 'catalogue_version'"))
 
     def upsert_products(self, products: Iterable[Product]) -> int:
         """Insert or update products; returns how many were new or changed (unchanged rows do not
         bump the catalogue version, so re-ingesting the same file keeps every cached page)."""
         rows = [(p.item_id, p.title, json.dumps(p.category_path), p.brand, p.price, p.description, p.stock)
                 for p in products]
-        db = self._db
-        with db:
-            before = db.total_changes
-            db.executemany(
+        with self._transaction() as db:
+            changed = self.engine.changes(db, self._sql(
                 "INSERT INTO products VALUES (?,?,?,?,?,?,?) ON CONFLICT(item_id) DO UPDATE SET "
                 "title=excluded.title, category_path=excluded.category_path, brand=excluded.brand, "
                 "price=excluded.price, description=excluded.description, stock=excluded.stock "
-                "WHERE (title, category_path, brand, price, description, stock) IS NOT "
-                "(excluded.title, excluded.category_path, excluded.brand, excluded.price, excluded.description, "
-                "excluded.stock)",
-                rows,
-            )
-            changed = db.total_changes - before
+                "WHERE (products.title, products.category_path, products.brand, products.price, products.description, "
+                "products.stock) IS DISTINCT FROM (excluded.title, excluded.category_path, excluded.brand, "
+                "excluded.price, excluded.description, excluded.stock)"), rows)
             if changed:
                 self._bump(db)
         self._products = None
@@ -129,10 +114,11 @@ class Catalog:
         """Remove products from the catalogue; their events stay (a history skips unknown items).
         Returns the ids that were there."""
         ids = list(dict.fromkeys(item_ids))
-        db = self._db
-        with db:
-            found = [i for i in ids if db.execute("SELECT 1 FROM products WHERE item_id = ?", (i,)).fetchone()]
-            db.executemany("DELETE FROM products WHERE item_id = ?", [(i,) for i in found])
+        with self._transaction() as db:
+            exists = self._sql("SELECT 1 FROM products WHERE item_id = ?")
+            found = [i for i in ids if db.execute(exists, (i,)).fetchone()]
+            if found:
+                self.engine.changes(db, self._sql("DELETE FROM products WHERE item_id = ?"), [(i,) for i in found])
             if found:
                 self._bump(db)
         self._products = None
@@ -155,99 +141,151 @@ class Catalog:
     def products(self) -> dict[str, Product]:
         products = self._products
         if products is None:
-            rows = self._db.execute("SELECT * FROM products ORDER BY item_id")
+            rows = self._run("SELECT item_id, title, category_path, brand, price, description, stock FROM products "
+                             "ORDER BY item_id")
             products = {r[0]: Product(r[0], r[1], tuple(json.loads(r[2])), r[3], r[4], r[5], r[6]) for r in rows}
             self._products = products
         return products
 
     # -- events ------------------------------------------------------------------------------
+    _INSERT_EVENT = ("INSERT INTO events (user_id, item_id, timestamp, seq_pos, event_type) VALUES (?,?,?,?,?) "
+                     "ON CONFLICT DO NOTHING")
+
     def add_events(self, events: Iterable[Event]) -> int:
         """Insert events, ignoring exact duplicates; returns how many were new."""
-        db = self._db
-        with events_lock(self.path.parent, exclusive=False), db:
-            before = db.total_changes
-            db.executemany(
-                "INSERT OR IGNORE INTO events VALUES (?,?,?,?,?)",
-                [(e.user_id, e.item_id, e.timestamp, e.seq_pos, e.event_type) for e in events],
-            )
-            return db.total_changes - before
+        rows = [(e.user_id, e.item_id, e.timestamp, e.seq_pos, e.event_type) for e in events]
+        with self.writing_events() as db:
+            return self.engine.changes(db, self._sql(self._INSERT_EVENT), rows) if rows else 0
 
     def add_event(self, event: Event) -> int | None:
         """Insert one event; its row number when it was new, None when it was stored already."""
-        db = self._db
-        with events_lock(self.path.parent, exclusive=False), db:
-            cursor = db.execute("INSERT OR IGNORE INTO events VALUES (?,?,?,?,?)",
-                                (event.user_id, event.item_id, event.timestamp, event.seq_pos, event.event_type))
-            return cursor.lastrowid if cursor.rowcount == 1 else None
+        with self.writing_events() as db:
+            e = event
+            row = db.execute(self._sql(self._INSERT_EVENT + " RETURNING {row}"),
+                             (e.user_id, e.item_id, e.timestamp, e.seq_pos, e.event_type)).fetchone()
+            return row[0] if row else None
 
     def last_row(self) -> int:
         """The newest event's row number (0: none)."""
-        return self._db.execute("SELECT COALESCE(MAX(rowid), 0) FROM events").fetchone()[0]
+        return self._run("SELECT COALESCE(MAX({row}), 0) FROM events").fetchone()[0]
 
     def events_after(self, row: int) -> list[tuple[int, Event]]:
         """Events stored after row number ``row``, in the order they were stored."""
-        rows = self._db.execute("SELECT rowid, user_id, item_id, timestamp, seq_pos, event_type FROM events "
-                                "WHERE rowid > ? ORDER BY rowid", (row,))
+        rows = self._run("SELECT {row}, user_id, item_id, timestamp, seq_pos, event_type FROM events "
+                         "WHERE {row} > ? ORDER BY {row}", (row,))
         return [(r[0], Event(*r[1:])) for r in rows]
 
     def user_events(self, user_id: str, before_row: int | None = None) -> list[Event]:
         """A user's events, oldest first (by timestamp, then sequence position); with ``before_row``,
         only those stored before that row."""
-        rows = self._db.execute(
-            "SELECT user_id, item_id, timestamp, seq_pos, event_type FROM events WHERE user_id = ? AND rowid < ? "
-            "ORDER BY COALESCE(timestamp, 0), COALESCE(seq_pos, 0), rowid",
+        rows = self._run(
+            "SELECT user_id, item_id, timestamp, seq_pos, event_type FROM events WHERE user_id = ? AND {row} < ? "
+            "ORDER BY COALESCE(timestamp, 0), COALESCE(seq_pos, 0), {row}",
             (user_id, before_row if before_row is not None else 2**63 - 1),
         )
         return [Event(*r) for r in rows]
 
     def all_events(self) -> list[Event]:
-        rows = self._db.execute(
+        rows = self._run(
             "SELECT user_id, item_id, timestamp, seq_pos, event_type FROM events "
-            "ORDER BY user_id, COALESCE(timestamp, 0), COALESCE(seq_pos, 0), rowid"
+            "ORDER BY user_id, COALESCE(timestamp, 0), COALESCE(seq_pos, 0), {row}"
         )
         return [Event(*r) for r in rows]
 
     def event_count(self, user_id: str | None = None) -> int:
         if user_id is None:
-            return self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
-        return self._db.execute("SELECT COUNT(*) FROM events WHERE user_id = ?", (user_id,)).fetchone()[0]
+            return self._run("SELECT COUNT(*) FROM events").fetchone()[0]
+        return self._run("SELECT COUNT(*) FROM events WHERE user_id = ?", (user_id,)).fetchone()[0]
 
     def latest_time(self) -> float | None:
         """The latest event time in the store (None when events carry no timestamps)."""
-        return self._db.execute("SELECT MAX(timestamp) FROM events").fetchone()[0]
+        return self._run("SELECT MAX(timestamp) FROM events").fetchone()[0]
 
     # -- who the shoppers are ------------------------------------------------------------------
     def upsert_attributes(self, users: dict[str, dict[str, str]]) -> int:
         """Each user's attributes, replacing what was stored for them; returns how many users."""
-        db = self._db
-        with events_lock(self.path.parent, exclusive=False), db:
-            db.executemany("INSERT OR REPLACE INTO user_attributes VALUES (?, ?)",
-                           [(u, json.dumps(a, sort_keys=True)) for u, a in users.items()])
+        rows = [(u, json.dumps(a, sort_keys=True)) for u, a in users.items()]
+        with self.writing_events() as db:
+            if rows:
+                upsert = ("INSERT INTO user_attributes VALUES (?, ?) ON CONFLICT(user_id) "
+                          "DO UPDATE SET attributes = excluded.attributes")
+                self.engine.changes(db, self._sql(upsert), rows)
         return len(users)
 
     def attributes(self, user_id: str) -> dict[str, str]:
-        row = self._db.execute("SELECT attributes FROM user_attributes WHERE user_id = ?", (user_id,)).fetchone()
+        row = self._run("SELECT attributes FROM user_attributes WHERE user_id = ?", (user_id,)).fetchone()
         return json.loads(row[0]) if row else {}
 
     def all_attributes(self) -> dict[str, dict[str, str]]:
-        return {u: json.loads(a) for u, a in self._db.execute("SELECT user_id, attributes FROM user_attributes")}
+        return {u: json.loads(a) for u, a in self._run("SELECT user_id, attributes FROM user_attributes")}
 
     # -- pages made ahead (homepage precompute) ------------------------------------------------------
     def store_pages(self, rows: list[tuple[str, str, str]]) -> None:
         """(user id, key, page JSON) rows, replacing each user's earlier page; one transaction."""
-        with self._db as db:
-            db.executemany("INSERT OR REPLACE INTO pages VALUES (?, ?, ?)", rows)
+        with self._transaction() as db:
+            if rows:
+                upsert = ("INSERT INTO pages VALUES (?, ?, ?) ON CONFLICT(user_id) DO UPDATE SET "
+                          "cache_key = excluded.cache_key, page = excluded.page")
+                self.engine.changes(db, self._sql(upsert), rows)
 
     def stored_page(self, user_id: str, key: str) -> str | None:
         """The user's page JSON if one was made under ``key`` (else None: none, or stale)."""
-        row = self._db.execute("SELECT page FROM pages WHERE user_id = ? AND cache_key = ?", (user_id, key)).fetchone()
+        row = self._run("SELECT page FROM pages WHERE user_id = ? AND cache_key = ?", (user_id, key)).fetchone()
         return row[0] if row else None
 
     def stored_page_keys(self) -> dict[str, str]:
-        return dict(self._db.execute("SELECT user_id, cache_key FROM pages"))
+        return dict(self._run("SELECT user_id, cache_key FROM pages").fetchall())
 
     def users(self, limit: int | None = None) -> list[str]:
         sql = "SELECT user_id FROM events GROUP BY user_id ORDER BY COUNT(*) DESC, user_id"
         if limit:
             sql += f" LIMIT {int(limit)}"
-        return [r[0] for r in self._db.execute(sql)]
+        return [r[0] for r in self._run(sql)]
+
+    # -- erasure (retrieval.erasure) ------------------------------------------------------------------
+    @contextmanager
+    def erasing(self) -> Iterator[None]:
+        """The events lock, held exclusively: no event is stored meanwhile, by any process or host."""
+        with self.engine.events_lock(self._db, exclusive=True):
+            yield
+
+    def delete_rows(self, where: str, args: tuple, users: list[str], pages_of: list[str]) -> tuple[int, int, int]:
+        """Delete events matching ``where``, the attributes of ``users`` and the pages of
+        ``pages_of`` in one transaction; any removal bumps the catalogue version (every reader
+        reloads: cached histories and pages go). Returns the three counts."""
+        def of(users: list[str]) -> str:
+            return f"user_id IN ({','.join('?' * len(users))})" if users else "FALSE"
+
+        deletes = (("events", where, args), ("user_attributes", of(users), users), ("pages", of(pages_of), pages_of))
+        with self._transaction() as db:
+            counts = tuple(db.execute(self._sql(f"DELETE FROM {table} WHERE {condition}"), values).rowcount
+                           for table, condition, values in deletes)
+            if any(counts):
+                self._bump(db)
+        return counts
+
+    def compact(self) -> None:
+        """Rewrite the tables without the space deleted rows held (PostgreSQL: ``VACUUM FULL``)."""
+        self._run("VACUUM FULL events, user_attributes, pages" if self.engine.name == "postgresql" else "VACUUM")
+
+    def holds_users(self, ids: set[str]) -> bool:
+        """Whether any table keyed by user (events, attributes, precomputed pages) holds a row of ``ids``."""
+        marks = ",".join("?" * len(ids))
+        return any(self._run(f"SELECT 1 FROM {table} WHERE user_id IN ({marks}) LIMIT 1", sorted(ids)).fetchone()
+                   for table in ("events", "user_attributes", "pages"))
+
+    # -- what the service's workers announce to each other (agent.api) ---------------------------------
+    def epochs(self) -> dict[str, int]:
+        """How often each kind of change was announced (``reload``, ``events``, ``reopen``)."""
+        rows = self._run("SELECT key, value FROM store_meta WHERE key LIKE ?", (EPOCH_PREFIX + "%",))
+        return {key[len(EPOCH_PREFIX):]: value for key, value in rows}
+
+    def announce(self, what: str) -> dict[str, int]:
+        """Count one announcement of ``what``, atomically for every worker and host; returns the
+        counts before it."""
+        with self._transaction() as db:
+            before = dict(db.execute(self._sql("SELECT key, value FROM store_meta WHERE key LIKE ?"),
+                                     (EPOCH_PREFIX + "%",)).fetchall())
+            db.execute(self._sql("INSERT INTO store_meta VALUES (?, 1) ON CONFLICT(key) DO UPDATE SET "
+                                 "value = store_meta.value + 1"), (EPOCH_PREFIX + what,))
+        return {key[len(EPOCH_PREFIX):]: value for key, value in before.items()}

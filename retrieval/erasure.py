@@ -17,6 +17,11 @@ records that stay, which then replaces the old one (with the HNSW files' unused 
 chromadb writes it from uninitialised memory). A swap cut short by a crash is finished (or undone)
 the next time the store is opened (``retrieval.vectors.recover_swap``).
 
+On PostgreSQL (``store_url``) the rows are deleted in one transaction under the store's lock and
+the tables rewritten (``VACUUM FULL``); the proof reads the tables again. What the server keeps
+elsewhere (its write-ahead log, archives, replicas, backups) is on the database host, out of this
+proof's reach: the receipt says so and is not ``clean``.
+
 The proof scans the bytes of every file of the store and of every output folder for every form
 the project writes an id in (raw, JSON-escaped, percent-encoded, the pseudonym), the erased
 behaviour texts and vectors; an id too short for a byte scan to mean anything is proven by field
@@ -35,13 +40,14 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, quote_plus
 
 import numpy as np
 
-from retrieval.catalog import events_lock
+from retrieval.catalog import Catalog, events_lock
 from retrieval.privacy import Privacy
 from retrieval.retriever import CATALOG_FILE, CHROMA_DIR
 
@@ -70,14 +76,21 @@ def _read_only(path: Path) -> sqlite3.Connection:
 
 
 # -- who is erased ---------------------------------------------------------------------------------
-def resolve_users(privacy: Privacy, store: Path, given: Iterable[str]) -> dict[str, str]:
+def resolve_users(privacy: Privacy, store: Path, given: Iterable[str], store_url: str | None = None) -> dict[str, str]:
     """Each id as a caller knows it -> the id as stored, for users the event store knows. Reads
     only (the store stays byte-identical); raises ``UnknownUser`` naming every id it cannot find."""
     given = list(dict.fromkeys(given))
     path = Path(store) / CATALOG_FILE
     stored = {g: privacy.stored_id(g) for g in given}
     known: set[str] = set()
-    if path.exists():
+    if store_url:
+        catalog = Catalog(path, store_url)
+        try:
+            known = {u for u in stored.values() if u is not None and (catalog.event_count(u) or catalog.attributes(u))}
+        finally:
+            catalog.close()
+        path = catalog.engine.where
+    elif path.exists():
         db = _read_only(path)
         try:
             for user in {s for s in stored.values() if s is not None}:
@@ -317,12 +330,14 @@ def _user_rows(path: Path, ids: set[str]) -> bool:
 
 
 def field_scan(folders: list[Path], stores: list[Path], ids: set[str], fields: frozenset[str],
-               skip: set[Path]) -> list[Found]:
+               skip: set[Path], database: Catalog | None = None) -> list[Found]:
     """The proof by structure: every event row, per-user vector record and structured file read
     again for the ids (for ids too short for the byte scan, and as a second check for all)."""
     from retrieval.vectors import BEHAVIOUR
 
     found = []
+    if database is not None and database.holds_users(ids):
+        found.append(Found(database.engine.where, "field"))
     marks = ",".join("?" * len(ids))
     for store in stores:
         if _user_rows(store / CATALOG_FILE, ids):
@@ -518,15 +533,21 @@ class Receipt:
     scanned: list[str] = field(default_factory=list)
     found: list[Found] = field(default_factory=list)
     vector_store: str = "embedded"
+    database: str | None = None  # the PostgreSQL database the store's tables live in (None: SQLite)
     by_field_only: int = 0  # subjects whose id is too short for a byte scan: proven by field alone
 
     @property
     def not_scanned(self) -> list[str]:
         """Places the proof could not read: a vector-store server's files live on its host."""
-        if self.vector_store == "embedded":
-            return []
-        return [f"vector store server {self.vector_store}: its collections were rebuilt, its files were not "
-                "scanned (scan its data folder on its host)"]
+        out = []
+        if self.vector_store != "embedded":
+            out.append(f"vector store server {self.vector_store}: its collections were rebuilt, its files were not "
+                       "scanned (scan its data folder on its host)")
+        if self.database:
+            out.append(f"PostgreSQL database {self.database}: the rows were deleted and the tables rewritten (VACUUM "
+                       "FULL), and no row is left; its write-ahead log, archives, replicas and backups keep the old "
+                       "rows until they age out, on the database host: not scanned")
+        return out
 
     @property
     def clean(self) -> bool:
@@ -539,7 +560,7 @@ class Receipt:
         return {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "action": self.action,
                 "subjects": self.subjects, "removed": dict(self.removed), "retrain": self.retrain,
                 "scanned": self.scanned, "not_scanned": self.not_scanned, "vector_store": self.vector_store,
-                "by_field_only": self.by_field_only, "scan": scan_result}
+                "database": self.database, "by_field_only": self.by_field_only, "scan": scan_result}
 
     def lines(self) -> list[str]:
         out = [f"{self.action}: {len(self.subjects)} subject(s)"]
@@ -557,9 +578,17 @@ class Receipt:
         return out
 
 
-def _erase_store(store: Path, ids: set[str], receipt: Receipt, traces: Traces, host: str | None, port: int) -> None:
+def _erase_store(store: Path, ids: set[str], receipt: Receipt, traces: Traces, host: str | None, port: int,
+                 database: Catalog | None = None) -> None:
     name = str(store)
-    if (store / CATALOG_FILE).exists():
+    if database is not None:
+        events, attributes, pages = database.delete_rows(f"user_id IN ({','.join('?' * len(ids))})",
+                                                         tuple(sorted(ids)), sorted(ids), sorted(ids))
+        database.compact()
+        receipt.removed[f"{database.engine.where}: events"] += events
+        receipt.removed[f"{database.engine.where}: user attributes"] += attributes
+        receipt.removed[f"{database.engine.where}: precomputed pages"] += pages
+    elif (store / CATALOG_FILE).exists():
         placeholders = ",".join("?" * len(ids))
         events, attributes, pages = _sqlite_erase(store / CATALOG_FILE, f"user_id IN ({placeholders})",
                                                   tuple(sorted(ids)), users=ids)
@@ -613,52 +642,68 @@ def _protected(store: Path, stores: list[Path], models: list[Path]) -> set[Path]
     return {s / CHROMA_DIR for s in stores} | {Path(store) / "privacy"} | set(models)
 
 
+@contextmanager
+def _store_lock(store: Path, store_url: str | None) -> Iterator[Catalog | None]:
+    """The events lock, held exclusively while an erasure runs: the file lock beside a SQLite store
+    (yields None), or the database's lock on PostgreSQL, for every host (yields its catalogue)."""
+    if not store_url:
+        with events_lock(store, exclusive=True):
+            yield None
+        return
+    database = Catalog(Path(store) / CATALOG_FILE, store_url)
+    try:
+        with database.erasing():
+            yield database
+    finally:
+        database.close()
+
+
 def erase(privacy: Privacy, store: Path, user_ids: list[str], outputs: list[Path] = (),
           host: str | None = None, port: int = 8000, action: str = "forget",
-          user_fields: Iterable[str] = ()) -> Receipt:
+          user_fields: Iterable[str] = (), store_url: str | None = None) -> Receipt:
     """Erase known users (ids as a caller knows them: an e-mail address finds its pseudonym) from
     the store and every output folder, append the receipt to the audit log, and prove it. An id the
     event store does not know raises ``UnknownUser`` before anything changes."""
     store = Path(store)
-    stored = set(resolve_users(privacy, store, user_ids).values())
+    stored = set(resolve_users(privacy, store, user_ids, store_url).values())
     ids = stored | set(user_ids)
     fields = frozenset((*USER_FIELDS, *user_fields))
     receipt = Receipt(action, sorted(privacy.audit_subject(u) for u in stored),
                       vector_store=f"{host}:{port}" if host else "embedded")
     traces = Traces(ids=set(ids))
     folders = [store, *[Path(o) for o in outputs if Path(o).exists()]]
-    with events_lock(store, exclusive=True):
-        stores = sorted({p.parent for f in folders for p in f.rglob(CATALOG_FILE)})
+    with _store_lock(store, store_url) as database:
+        receipt.database = database.engine.where if database else None
+        # stores derived from this one (fine-tuning stores, ...) are SQLite files in the folders
+        stores = sorted({p.parent for f in folders for p in f.rglob(CATALOG_FILE)} | ({store} if database else set()))
         models = trained_models(folders)
         receipt.retrain = _models_that_saw(models, ids, fields)
         for s in stores:
-            _erase_store(s, stored, receipt, traces, host if s.resolve() == store.resolve() else None, port)
+            main = s.resolve() == store.resolve()
+            _erase_store(s, stored, receipt, traces, host if main else None, port, database if main else None)
         skip = _protected(store, stores, models)
         _erase_files(folders, ids, fields, receipt, skip)
         receipt.scanned = [str(f) for f in folders]
         receipt.by_field_only = sum(len(u) < MIN_SCAN_CHARS for u in ids)
-        receipt.found = scan_apart(folders, traces) + field_scan(folders, stores, ids, fields, skip)
+        receipt.found = scan_apart(folders, traces) + field_scan(folders, stores, ids, fields, skip, database)
         audit(store, receipt)
     return receipt
 
 
 def erase_apart(privacy: Privacy, store: Path, user_ids: list[str], outputs: list[Path] = (),
-                host: str | None = None, port: int = 8000, user_fields: Iterable[str] = ()) -> Receipt:
+                host: str | None = None, port: int = 8000, user_fields: Iterable[str] = (),
+                store_url: str | None = None) -> Receipt:
     """``erase`` in a process of its own, for a process that serves while it runs: chromadb's calls
     hold the interpreter lock for their whole length (a rebuild stalled the service's event loop for
     over a second), and what the erasure reads never enters the server's memory. The caller gives
     up the embedded vector store first (``retrieval.vectors.close_embedded``) and opens it again
     after; the events lock and the swap lock are file locks, held across processes."""
     return _apart(erase, privacy, Path(store), list(user_ids), [Path(o) for o in outputs], host, port,
-                  user_fields=list(user_fields))
+                  user_fields=list(user_fields), store_url=store_url)
 
 
-def expired_users(store: Path, before: float) -> list[str]:
-    db = sqlite3.connect(Path(store) / CATALOG_FILE)
-    try:
-        return [r[0] for r in db.execute("SELECT DISTINCT user_id FROM events WHERE timestamp < ?", (before,))]
-    finally:
-        db.close()
+def expired_users(catalog: Catalog, before: float) -> list[str]:
+    return [r[0] for r in catalog._run("SELECT DISTINCT user_id FROM events WHERE timestamp < ?", (before,))]
 
 
 def audit(store: Path, receipt: Receipt) -> None:
@@ -689,35 +734,44 @@ def registered_outputs(store: Path) -> list[Path]:
 
 
 def erase_expired(privacy: Privacy, store: Path, before: float, embedding_model: str, outputs: list[Path] = (),
-                  host: str | None = None, port: int = 8000, user_fields: Iterable[str] = ()) -> Receipt:
+                  host: str | None = None, port: int = 8000, user_fields: Iterable[str] = (),
+                  store_url: str | None = None) -> Receipt:
     """Retention: every event older than ``before`` (unix seconds) erased the same way. A user with
     nothing left is erased everywhere; one with newer events keeps them, and their behaviour text is
     written again from what is left (the old text and vector go). Events without a timestamp (a
     sequence position only) cannot age and are kept."""
-    from retrieval.catalog import Catalog
     from retrieval.ingest import behaviour_document
     from retrieval.vectors import LocalEmbeddings
 
     store = Path(store)
     fields = frozenset((*USER_FIELDS, *user_fields))
-    with events_lock(store, exclusive=True):
-        catalog = Catalog(store / CATALOG_FILE)
+    def erase_rows(where: str, args: tuple, users: Iterable[str] = (), pages_of: Iterable[str] = ()):
+        if database is None:
+            return _sqlite_erase(store / CATALOG_FILE, where, args, users, pages_of)
+        counts = database.delete_rows(where, args, sorted(users), sorted(pages_of))
+        database.compact()
+        return counts
+
+    with _store_lock(store, store_url) as database:
+        catalog = database or Catalog(store / CATALOG_FILE)
         try:
-            touched = expired_users(store, before)
+            touched = expired_users(catalog, before)
             # their precomputed pages were made from the events that go
-            removed, _, _ = _sqlite_erase(store / CATALOG_FILE, "timestamp < ?", (before,), pages_of=touched)
+            removed, _, _ = erase_rows("timestamp < ?", (before,), pages_of=touched)
             products = catalog.products
             left = {u: [products[e.item_id] for e in catalog.user_events(u) if e.item_id in products] for u in touched}
         finally:
-            catalog.close()
+            if database is None:
+                catalog.close()
         gone = {u for u, items in left.items() if not items}
         if gone:  # nothing of theirs is left: who they are goes too
-            receipt_attributes = _sqlite_erase(store / CATALOG_FILE, "0", (), users=gone, pages_of=())[1]
+            receipt_attributes = erase_rows("FALSE", (), users=gone)[1]
         docs = {u: behaviour_document(items) for u, items in left.items() if items}  # as ingest writes them
         vectors = LocalEmbeddings(embedding_model).embed_documents([text for text, _ in docs.values()]) if docs else []
         updates = {u: (text, vector, meta) for (u, (text, meta)), vector in zip(docs.items(), vectors, strict=True)}
         receipt = Receipt("retention", sorted(privacy.audit_subject(u) for u in gone),
-                          vector_store=f"{host}:{port}" if host else "embedded")
+                          vector_store=f"{host}:{port}" if host else "embedded",
+                          database=database.engine.where if database else None)
         receipt.removed[f"{store}: events older than {time.strftime('%Y-%m-%d', time.gmtime(before))}"] = removed
         receipt.removed[f"{store}: user attributes (no event left)"] = receipt_attributes if gone else 0
         collections, traces = rebuild_vectors(store, gone, host, port, updates)
@@ -738,6 +792,7 @@ def erase_expired(privacy: Privacy, store: Path, before: float, embedding_model:
                 receipt.removed[f"{run}: quarantined rows (run older than the retention age)"] += 1
         receipt.scanned = [str(f) for f in folders]
         receipt.by_field_only = sum(len(u) < MIN_SCAN_CHARS for u in gone)
-        receipt.found = scan_apart(folders, traces) + (field_scan(folders, [store], gone, fields, skip) if gone else [])
+        receipt.found = scan_apart(folders, traces) + (field_scan(folders, [store], gone, fields, skip, database)
+                                                       if gone else [])
         audit(store, receipt)
     return receipt

