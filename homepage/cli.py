@@ -93,14 +93,20 @@ def cmd_compose(args: argparse.Namespace) -> int:
 
 def cmd_precompute(args: argparse.Namespace) -> int:
     """Pages made ahead for the store's shoppers (``agent.precompute``); resumable."""
-    from agent.precompute import precompute
+    from agent.precompute import precompute, precompute_on_ray
     from agent.service import build_composer
 
     settings = _settings(args)
     _ensure_store(settings)
-    composer = build_composer(settings)
-    users = composer.retriever.catalog.users(limit=args.users)  # the most active first
-    for line in precompute(composer, users, args.batch, progress=True).lines():
+    if args.ray:
+        users, _ = _users_and_items(settings)
+        report = precompute_on_ray(settings, users[: args.users] if args.users else users, args.batch,
+                                   args.workers, args.ray_address, progress=True)
+    else:
+        composer = build_composer(settings)
+        users = composer.retriever.catalog.users(limit=args.users)  # the most active first
+        report = precompute(composer, users, args.batch, progress=True)
+    for line in report.lines():
         print(line)
     return 0
 
@@ -533,6 +539,10 @@ def _page_commands(sub) -> None:
                     "the pages still missing or stale)")
     precomputing.add_argument("--users", type=int, help="the N most active shoppers (default: all)")
     precomputing.add_argument("--batch", type=int, default=8, help="pages whose model calls share forward passes")
+    precomputing.add_argument("--ray", action="store_true", help="on Ray actors, each with its own composer (needs "
+                              "chroma_host: a chromadb server the actors share)")
+    precomputing.add_argument("--workers", type=int, default=2, help="Ray actors (one CPU each)")
+    precomputing.add_argument("--ray-address", help="a running Ray cluster (default: a local one for this run)")
     precomputing.set_defaults(run=cmd_precompute)
 
     profile = sub.add_parser("profile", help="who a shopper is and what they do: attributes and behaviour tags")

@@ -233,8 +233,16 @@ class Catalog:
         row = self._run("SELECT page FROM pages WHERE user_id = ? AND cache_key = ?", (user_id, key)).fetchone()
         return row[0] if row else None
 
-    def stored_page_keys(self) -> dict[str, str]:
-        return dict(self._run("SELECT user_id, cache_key FROM pages").fetchall())
+    def stored_page_keys(self, users: list[str] | None = None) -> dict[str, str]:
+        """Each stored page's key, of ``users`` (default: every shopper)."""
+        if users is None:
+            return dict(self._run("SELECT user_id, cache_key FROM pages").fetchall())
+        found: dict[str, str] = {}
+        for start in range(0, len(users), 500):  # bound the statement's parameters
+            part = users[start : start + 500]
+            marks = ",".join("?" * len(part))
+            found.update(self._run(f"SELECT user_id, cache_key FROM pages WHERE user_id IN ({marks})", part).fetchall())
+        return found
 
     def users(self, limit: int | None = None) -> list[str]:
         sql = "SELECT user_id FROM events GROUP BY user_id ORDER BY COUNT(*) DESC, user_id"

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import httpx
 import pytest
 
 from agent.backends import Generation, LLMBackend
@@ -88,6 +92,39 @@ def full_users(composer, sample_users) -> list[str]:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, seconds: float = 120.0, status: int = 200) -> None:
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        try:
+            if httpx.get(url, timeout=5).status_code == status:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer {status} within {seconds} s")
+
+
+class Chroma:
+    def __init__(self, path, port: int):
+        self.path, self.port, self.proc = path, port, None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "chroma"), "run", "--path",
+                                      str(self.path), "--port", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(f"http://127.0.0.1:{self.port}/api/v2/heartbeat")
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(30)
+
+
 def assert_valid_page(page: Homepage, composer: Composer) -> None:
     type(page).model_validate_json(page.model_dump_json())  # round-trips through the public schema
     ids = page.item_ids()

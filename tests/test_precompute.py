@@ -1,17 +1,20 @@
 """homepage precompute on a copy of the sample store, with the real packaged model: pages stored
 under their keys, a rerun (or a run after a kill) makes only what is missing, the service serves a
-stored page while it is current, and forget erases it."""
+stored page while it is current, and forget erases it; the same on a local Ray cluster."""
 
 import re
 
 import pytest
+from conftest import Chroma, assert_valid_page, free_port
 
 from agent.cache import PageCache
-from agent.precompute import precompute
+from agent.errors import ConfigError
+from agent.precompute import precompute, precompute_on_ray
 from agent.schema import Homepage
 from agent.service import composer_for
 from homepage.cli import main
 from retrieval import Event, Retriever
+from retrieval.retriever import CHROMA_DIR
 
 
 @pytest.fixture
@@ -69,3 +72,34 @@ def test_forget_erases_a_precomputed_page(store_settings, retriever, composer, c
     reopened = Retriever.open(store_settings.retrieval_config())
     assert user not in reopened.catalog.stored_page_keys()
     reopened.close()
+
+
+# -- on Ray: the same resumable precompute, one composer per actor ---------------------------------------
+def test_precompute_on_ray_refuses_the_embedded_vector_store(store_settings):
+    with pytest.raises(ConfigError, match="chroma_host"):
+        precompute_on_ray(store_settings, ["u"], workers=2)
+
+
+@pytest.mark.slow
+def test_precompute_on_ray_stores_valid_pages_and_a_rerun_makes_only_what_is_missing(store_settings, composer):
+    chroma = Chroma(store_settings.store_dir / CHROMA_DIR, free_port())
+    chroma.start()
+    try:
+        settings = store_settings.model_copy(update={"chroma_host": "127.0.0.1", "chroma_port": chroma.port})
+        catalog = settings.retrieval_config().open_catalog()
+        users = catalog.users(limit=6)
+        # as if killed after the first three: their pages are stored, the next run makes the rest
+        first = precompute_on_ray(settings, users[:3], batch=1, workers=2)
+        assert (first.shoppers, first.composed, first.current) == (3, 3, 0)
+        assert first.stored == 3 - first.paths["fallback"]
+        second = precompute_on_ray(settings, users, batch=1, workers=2)
+        assert (second.shoppers, second.current, second.composed) == (6, first.stored, 6 - first.stored)
+        again = precompute_on_ray(settings, users, batch=2, workers=2)
+        assert (again.current, again.composed) == (6, 0)  # no page done twice
+        stored = catalog.stored_page_keys()
+        assert set(stored) == set(users)
+        for user in users:
+            assert_valid_page(Homepage.model_validate_json(catalog.stored_page(user, stored[user])), composer)
+        catalog.close()
+    finally:
+        chroma.kill()

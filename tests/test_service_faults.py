@@ -7,7 +7,6 @@ No accepted event is lost or stored twice, and every answer is a valid page."""
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ import time
 
 import httpx
 import pytest
+from conftest import Chroma, free_port, wait_for
 
 from agent.schema import ExplainedPage
 from agent.settings import Settings
@@ -23,39 +23,6 @@ from retrieval.retriever import CATALOG_FILE
 
 TOKEN = "fault-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(url: str, seconds: float = 120.0, status: int = 200) -> None:
-    until = time.monotonic() + seconds
-    while time.monotonic() < until:
-        try:
-            if httpx.get(url, timeout=5).status_code == status:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer {status} within {seconds} s")
-
-
-class Chroma:
-    def __init__(self, path, port: int):
-        self.path, self.port, self.proc = path, port, None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "chroma"), "run", "--path",
-                                      str(self.path), "--port", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(f"http://127.0.0.1:{self.port}/api/v2/heartbeat")
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(30)
 
 
 @pytest.fixture(scope="module")
