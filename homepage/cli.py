@@ -204,7 +204,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
     from retrieval.erasure import AUDIT_FILE, UnknownUser, erase, erase_expired, registered_outputs
 
     settings = _settings(args)
-    privacy = settings.retrieval_config().privacy()
+    config = settings.retrieval_config()
+    privacy = config.privacy()
     outputs = [*registered_outputs(settings.store_dir), *(Path(o) for o in args.outputs)]
     if args.expired:
         if args.users:
@@ -214,14 +215,14 @@ def cmd_forget(args: argparse.Namespace) -> int:
         before = time.time() - settings.retention_days * 86_400
         receipt = erase_expired(privacy, settings.store_dir, before, settings.embedding_model, outputs,
                                 settings.chroma_host, settings.chroma_port,
-                                user_fields=[settings.event_columns.user_id], store_url=settings.store_url)
+                                user_fields=[settings.event_columns.user_id], store_url=config.store_url)
     else:
         if not args.users:
             raise UserError("name the users to forget (or --expired)")
         try:
             receipt = erase(privacy, settings.store_dir, args.users, outputs, settings.chroma_host,
                             settings.chroma_port, user_fields=[settings.event_columns.user_id],
-                            store_url=settings.store_url)
+                            store_url=config.store_url)
         except UnknownUser as exc:
             raise UserError(str(exc)) from None
     print("\n".join(receipt.lines()))

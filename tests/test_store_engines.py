@@ -8,6 +8,7 @@ each other's events. PostgreSQL tests need a server: ``HOMEPAGE_TEST_POSTGRES`` 
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -22,6 +23,7 @@ from agent.precompute import precompute
 from agent.service import composer_for
 from retrieval import Event, Product, Retriever, ingest
 from retrieval.catalog import Catalog
+from retrieval.erasure import erase_expired
 from retrieval.history import build_history
 from retrieval.retriever import CATALOG_FILE
 
@@ -199,3 +201,39 @@ def test_forget_on_postgresql_takes_the_users_rows_and_says_what_it_cannot_prove
     assert receipt["found"] == [] and not receipt["clean"]  # the server's log and backups: not scanned
     assert any(line.startswith(f"PostgreSQL database {where}") for line in receipt["not_scanned"])
     database.close()
+
+
+def test_no_event_lands_on_postgresql_while_an_erasure_holds_the_store(tmp_path, fresh_database):
+    url = fresh_database()
+    eraser, done = Catalog(tmp_path / CATALOG_FILE, url), threading.Event()
+
+    def add():  # another host's request thread, with its own connection
+        writer = Catalog(tmp_path / "elsewhere" / CATALOG_FILE, url)
+        writer.add_events([Event("u1", "i1", 1.0, None, "view")])
+        writer.close()
+        done.set()
+
+    with eraser.erasing():
+        threading.Thread(target=add).start()
+        time.sleep(0.5)
+        assert not done.is_set() and eraser.event_count("u1") == 0
+    assert done.wait(5) and eraser.event_count("u1") == 1
+    eraser.close()
+
+
+def test_retention_on_postgresql_takes_every_event_past_the_age_and_who_has_none_left(host):
+    config = host.retrieval_config()
+    catalog = config.open_catalog()
+    x, y = sorted(catalog.products)[:2]
+    total = catalog.event_count()  # the sample's events carry no timestamp: they cannot age
+    catalog.add_events([Event("old-1", x, 1_000_000.0, None, "view"), Event("old-1", y, 1_000_001.0, None, "view"),
+                        Event("mixed-1", x, 1_000_000.0, None, "view"), Event("mixed-1", y, 2_000_000.0, None, "view")])
+    catalog.upsert_attributes({"old-1": {"age": "30-34"}, "mixed-1": {"age": "25-29"}})
+    receipt = erase_expired(config.privacy(), host.store_dir, 1_500_000, host.embedding_model,
+                            store_url=config.store_url)
+    assert catalog.event_count() == total + 1 and catalog.event_count("old-1") == 0
+    assert [e.item_id for e in catalog.user_events("mixed-1")] == [y]
+    assert catalog.attributes("old-1") == {} and catalog.attributes("mixed-1") == {"age": "25-29"}
+    assert receipt.subjects == [config.privacy().audit_subject("old-1")]
+    assert receipt.found == [] and receipt.database == catalog.engine.where and not receipt.clean
+    catalog.close()
