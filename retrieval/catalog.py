@@ -19,7 +19,6 @@ import contextlib
 import json
 import threading
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from retrieval.engines import Engine, events_lock, open_engine
@@ -61,7 +60,7 @@ class Catalog:
     def _run(self, statement: str, args: tuple | list = ()):
         return self._db.execute(self._sql(statement), args)
 
-    @contextmanager
+    @contextlib.contextmanager
     def _transaction(self) -> Iterator:
         with self.engine.transaction(self._db) as db:
             yield db
@@ -77,11 +76,11 @@ class Catalog:
             self._connections.clear()
         self._local = threading.local()
 
-    @contextmanager
-    def writing_events(self, exclusive: bool = False) -> Iterator:
+    @contextlib.contextmanager
+    def writing_events(self) -> Iterator:
         """A transaction that stores events: under the store's events lock (an erasure holds it
         exclusively, so no event of its subject lands between its delete and its proof)."""
-        with self.engine.events_lock(self._db, exclusive=exclusive), self._transaction() as db:
+        with self.engine.events_lock(self._db, exclusive=False), self._transaction() as db:
             yield db
 
     # -- catalogue ---------------------------------------------------------------------------
@@ -251,7 +250,7 @@ class Catalog:
         return [r[0] for r in self._run(sql)]
 
     # -- erasure (retrieval.erasure) ------------------------------------------------------------------
-    @contextmanager
+    @contextlib.contextmanager
     def erasing(self) -> Iterator[None]:
         """The events lock, held exclusively: no event is stored meanwhile, by any process or host."""
         with self.engine.events_lock(self._db, exclusive=True):
@@ -271,6 +270,9 @@ class Catalog:
             if any(counts):
                 self._bump(db)
         return counts
+
+    def users_with_events_before(self, before: float) -> list[str]:
+        return [r[0] for r in self._run("SELECT DISTINCT user_id FROM events WHERE timestamp < ?", (before,))]
 
     def compact(self) -> None:
         """Rewrite the tables without the space deleted rows held (PostgreSQL: ``VACUUM FULL``)."""

@@ -36,6 +36,9 @@ def events_lock(store: Path, exclusive: bool) -> Iterator[None]:
 
 
 class SQLiteEngine:
+    """Tables in one file (WAL mode: readers never block the one writer, who waits for another's
+    lock instead of failing)."""
+
     name = "sqlite"
     SCHEMA = """
 CREATE TABLE IF NOT EXISTS products (
@@ -65,7 +68,7 @@ INSERT OR IGNORE INTO store_meta VALUES ('catalogue_version', 0);
         self.where = str(self.path)
 
     def connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=_BUSY_MS / 1000, check_same_thread=True)
+        db = sqlite3.connect(self.path, timeout=_BUSY_MS / 1000)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
         return db

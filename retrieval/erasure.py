@@ -702,10 +702,6 @@ def erase_apart(privacy: Privacy, store: Path, user_ids: list[str], outputs: lis
                   user_fields=list(user_fields), store_url=store_url)
 
 
-def expired_users(catalog: Catalog, before: float) -> list[str]:
-    return [r[0] for r in catalog._run("SELECT DISTINCT user_id FROM events WHERE timestamp < ?", (before,))]
-
-
 def audit(store: Path, receipt: Receipt) -> None:
     """Append-only: one JSON line per erasure, no personal data."""
     path = Path(store) / AUDIT_FILE
@@ -755,7 +751,7 @@ def erase_expired(privacy: Privacy, store: Path, before: float, embedding_model:
     with _store_lock(store, store_url) as database:
         catalog = database or Catalog(store / CATALOG_FILE)
         try:
-            touched = expired_users(catalog, before)
+            touched = catalog.users_with_events_before(before)
             # their precomputed pages were made from the events that go
             removed, _, _ = erase_rows("timestamp < ?", (before,), pages_of=touched)
             products = catalog.products
