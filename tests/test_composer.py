@@ -4,8 +4,9 @@ import json
 from collections import Counter
 
 import pytest
-from conftest import BAD, GOOD, assert_valid_page, sample_modules, scripted
+from conftest import BAD, GOOD, ScriptedBackend, assert_valid_page, sample_modules, scripted
 
+from agent.composer import Composer
 from agent.errors import InputError
 from agent.schema import PageDraft
 
@@ -52,6 +53,25 @@ def test_llm_retry_gets_the_violations_and_its_fix_is_used(composer, full_users)
     assert retry[-2]["role"] == "assistant" and retry[-2]["content"] == json.dumps(BAD)
     assert "appears twice" in retry[-1]["content"]
     assert page.modules[0].title == "Your edit"
+
+
+def test_no_retry_for_a_repeat_the_engine_cannot_avoid(composer, full_users):
+    """Was: through vLLM's server (it refuses uniqueItems) every page took a retry, and the retry, at
+    temperature 0, repeated the same handle within its module; the fix drops the repeat at once."""
+    repeated = {"modules": [{**GOOD["modules"][0], "items": [1, 1, 2, 3]}, *GOOD["modules"][1:]]}
+
+    class NoUniqueItems(ScriptedBackend):
+        unique_items = False
+
+    server = Composer(composer.retriever, NoUniqueItems(json.dumps(repeated)), composer.prompts, composer.rules,
+                      composer.skeleton)
+    page = server.compose(full_users[0], use_cache=False)
+    assert_valid_page(page, server)
+    assert page.meta.llm_calls == 1 and page.meta.path == "repaired"
+    assert [v.code for v in page.meta.violations_fixed] == ["duplicate_item"]
+    # an engine that keeps handles apart was asked for them: there a retry is worth its call
+    embedded = scripted(composer, json.dumps(repeated), json.dumps(GOOD))
+    assert embedded.compose(full_users[0], use_cache=False).meta.llm_calls == 2
 
 
 def test_deterministic_fix_when_the_retry_fails_too(composer, full_users):

@@ -45,6 +45,9 @@ class LLMBackend(ABC):
     # reads every candidate handle's score in one pass and writes the order ``generate(order=...)``
     # gives; engines without it write the order token by token
     orders_handles = False
+    # keeps a module's handles distinct, as the schema's ``uniqueItems`` asks (a server that refuses
+    # the keyword does not: a retry at temperature 0 writes the same repeats again)
+    unique_items = True
 
     @classmethod
     def from_options(cls, options: BackendOptions) -> LLMBackend:

@@ -22,6 +22,7 @@ VLLM_SERVE_FLAGS = ("--structured-outputs-config", json.dumps({"backend": "xgram
 class OpenAICompatibleBackend(LLMBackend):
     name = "openai"
     remote = True  # its prompts leave this process (see ``Settings.remote_history``)
+    unique_items = False  # the schema it sends has no uniqueItems (``portable``)
 
     def __init__(self, base_url: str, model: str, adapter: str | None = None, timeout: float = 30.0):
         import httpx

@@ -136,13 +136,23 @@ def check(deps: Deps, s: PageState, generation: Generation) -> None:
 
 def _retry_wanted(deps: Deps, s: PageState, deadline: float | None) -> bool:
     """A retry costs a second generation: not when the budget left is shorter than the first took
-    (the fix is quicker), nor for an ungrounded title alone (the fix writes the module's grounded
-    title at once, unless ``title_grounding.retry``)."""
+    (the fix is quicker), nor when every violation is one a retry does not mend (``_retry_mends``)."""
     if not (s.violations and deps.llm_retry):
         return False
     if deadline is not None and deadline - time.monotonic() <= s.generations[-1].seconds:
         return False
-    return deps.rules.title_grounding.retry or any(v.code != "ungrounded_title" for v in s.violations)
+    return any(_retry_mends(deps, s, v) for v in s.violations)
+
+
+def _retry_mends(deps: Deps, s: PageState, v: Violation) -> bool:
+    """An ungrounded title: the fix writes the module's grounded title at once (unless
+    ``title_grounding.retry``). A handle repeated within its module, from an engine that cannot keep
+    them distinct: the retry writes it again (measured through vLLM's server), the fix drops it."""
+    if v.code == "ungrounded_title":
+        return deps.rules.title_grounding.retry
+    if v.code == "duplicate_item" and not getattr(deps.backend, "unique_items", True) and s.body is not None:
+        return s.body.modules[v.module].items.count(v.item) < 2  # a repeat across modules: the retry may move it
+    return True
 
 
 def finish(deps: Deps, s: PageState, llm_asked: bool) -> Homepage:
