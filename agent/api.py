@@ -239,7 +239,11 @@ class Service:
 
     def catch_up(self) -> None:
         """Reload or reopen the stores where another worker did since this one last looked."""
-        counts = self._epochs()
+        try:
+            counts = self._epochs()
+        except Exception:  # the store is unreachable: serve from what this worker holds (pages fall back)
+            log.warning("the store's announcements could not be read", exc_info=True)
+            return
         if counts != self._seen:
             with self._catching_up:
                 counts = self._epochs()

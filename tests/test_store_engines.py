@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from urllib.parse import urlsplit
 
 import pytest
 from conftest import assert_valid_page, sample_slice
@@ -237,3 +238,17 @@ def test_retention_on_postgresql_takes_every_event_past_the_age_and_who_has_none
     assert receipt.subjects == [config.privacy().audit_subject("old-1")]
     assert receipt.found == [] and receipt.database == catalog.engine.where and not receipt.clean
     catalog.close()
+
+
+def test_a_host_whose_database_went_away_answers_with_a_page_not_a_500(host):
+    import psycopg
+
+    retriever = Retriever.open(host.retrieval_config())
+    user, other = retriever.catalog.users(limit=2)
+    with TestClient(create_app(host, composer_for(host, retriever, None, budget_s=None))) as client:
+        assert client.get(f"/v1/users/{user}/homepage").status_code == 200
+        url = host.retrieval_config().store_url
+        with psycopg.connect(url.replace(urlsplit(url).path, "/postgres", 1), autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE "{urlsplit(url).path[1:]}" WITH (FORCE)')  # and every connection
+        answer = client.get(f"/v1/users/{other}/homepage")
+        assert answer.status_code == 200 and answer.json()["modules"]
