@@ -92,10 +92,9 @@ class _ChunkWorker:
 
 
 def precompute_on_ray(settings: Settings, users: list[str], batch: int = 8, workers: int = 2,
-                      address: str | None = None, chunk: int | None = None,
-                      progress: bool = False) -> PrecomputeReport:
-    """``precompute`` over ``users`` on ``workers`` Ray actors (one CPU each), ``chunk`` shoppers at a
-    time (default: one batch); each chunk's pages are stored as they are made."""
+                      address: str | None = None, progress: bool = False) -> PrecomputeReport:
+    """``precompute`` over ``users`` on ``workers`` Ray actors (one CPU each), a batch of shoppers
+    at a time; each batch's pages are stored as they are made."""
     from tqdm import tqdm
 
     if not settings.chroma_host:
@@ -108,8 +107,7 @@ def precompute_on_ray(settings: Settings, users: list[str], batch: int = 8, work
     except ImportError:
         raise ConfigError("precompute on Ray needs ray: pip install 'homepage-composer[cluster]'") from None
     started = time.perf_counter()
-    chunk = chunk or batch
-    chunks = [users[i : i + chunk] for i in range(0, len(users), chunk)]
+    chunks = [users[i : i + batch] for i in range(0, len(users), batch)]
     ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False,
              log_to_driver=False, configure_logging=False, ignore_reinit_error=True,
              **({} if address else {"object_store_memory": 256 * 2**20}))

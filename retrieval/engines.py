@@ -10,7 +10,6 @@ import contextlib
 import fcntl
 import os
 import sqlite3
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -117,8 +116,6 @@ CREATE TABLE IF NOT EXISTS pages (user_id TEXT COLLATE "C" PRIMARY KEY, cache_ke
 CREATE TABLE IF NOT EXISTS store_meta (key TEXT COLLATE "C" PRIMARY KEY, value BIGINT NOT NULL);
 INSERT INTO store_meta VALUES ('catalogue_version', 0) ON CONFLICT DO NOTHING;
 """
-    _schema_lock = threading.Lock()
-
     def __init__(self, url: str):
         try:
             import psycopg
@@ -137,8 +134,8 @@ INSERT INTO store_meta VALUES ('catalogue_version', 0) ON CONFLICT DO NOTHING;
             raise _config_error(f"store_url {self.where}: cannot connect ({reason})") from None
 
     def create_schema(self, db) -> None:
-        # two processes creating the tables at once would race on the catalog: one at a time
-        with self._schema_lock, db.transaction():
+        # two sessions creating the tables at once would race on the catalog: one at a time
+        with db.transaction():
             db.execute("SELECT pg_advisory_xact_lock(%s)", (_EVENTS_LOCK_KEY + 1,))
             db.execute(self.SCHEMA)
 
