@@ -315,16 +315,14 @@ class Service:
             config = replace(self.settings.retrieval_config(), store_dir=store)
             try:
                 # a 404 before the stores are let go
-                resolve_users(config.privacy(), store, [user_id], config.store_url)
+                resolve_users(config, [user_id])
             except UnknownUser as exc:
                 raise HTTPException(404, str(exc)) from None
             if not config.chroma_host:  # the erasing process owns the embedded store while it runs
                 close_embedded(store / CHROMA_DIR)
             try:
-                receipt = erase_apart(config.privacy(), store, [user_id],
-                                      registered_outputs(FilePath(self.settings.store_dir)), config.chroma_host,
-                                      config.chroma_port, user_fields=[self.settings.event_columns.user_id],
-                                      store_url=config.store_url)
+                receipt = erase_apart(config, [user_id], registered_outputs(FilePath(self.settings.store_dir)),
+                                      user_fields=[self.settings.event_columns.user_id])
             finally:
                 retriever.reopen(config)
         if any(receipt.removed.values()):

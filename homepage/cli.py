@@ -205,7 +205,6 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     config = settings.retrieval_config()
-    privacy = config.privacy()
     outputs = [*registered_outputs(settings.store_dir), *(Path(o) for o in args.outputs)]
     if args.expired:
         if args.users:
@@ -213,21 +212,18 @@ def cmd_forget(args: argparse.Namespace) -> int:
         if settings.retention_days is None:
             raise UserError("--expired needs the retention_days setting (homepage.toml or HOMEPAGE_RETENTION_DAYS)")
         before = time.time() - settings.retention_days * 86_400
-        receipt = erase_expired(privacy, settings.store_dir, before, settings.embedding_model, outputs,
-                                settings.chroma_host, settings.chroma_port,
-                                user_fields=[settings.event_columns.user_id], store_url=config.store_url)
+        receipt = erase_expired(config, before, outputs, user_fields=[settings.event_columns.user_id])
     else:
         if not args.users:
             raise UserError("name the users to forget (or --expired)")
         try:
-            receipt = erase(privacy, settings.store_dir, args.users, outputs, settings.chroma_host,
-                            settings.chroma_port, user_fields=[settings.event_columns.user_id],
-                            store_url=config.store_url)
+            receipt = erase(config, args.users, outputs, user_fields=[settings.event_columns.user_id])
         except UnknownUser as exc:
             raise UserError(str(exc)) from None
     print("\n".join(receipt.lines()))
     print(f"receipt appended to {Path(settings.store_dir) / AUDIT_FILE}")
-    return 0 if receipt.clean else 1
+    # 1: traces found. Places no run can read from here (a server's files) are listed, NOT PROVEN
+    return 1 if receipt.found else 0
 
 
 def cmd_eval_ranking(args: argparse.Namespace) -> int:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
+import re
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +19,8 @@ EVENTS_LOCK_FILE = ".events.lock"  # beside the catalogue file
 _BUSY_MS = 30_000
 # pg_advisory_lock keys are 64-bit integers: one fixed key per kind of lock, in this project's range
 _EVENTS_LOCK_KEY = 0x686F6D65_70616765  # "homepage"
+# in a store_url, the place of the store's own database name (see store_database)
+STORE_PLACEHOLDER = "{store}"
 
 
 @contextlib.contextmanager
@@ -116,7 +120,7 @@ CREATE TABLE IF NOT EXISTS pages (user_id TEXT COLLATE "C" PRIMARY KEY, cache_ke
 CREATE TABLE IF NOT EXISTS store_meta (key TEXT COLLATE "C" PRIMARY KEY, value BIGINT NOT NULL);
 INSERT INTO store_meta VALUES ('catalogue_version', 0) ON CONFLICT DO NOTHING;
 """
-    def __init__(self, url: str):
+    def __init__(self, url: str, store: Path | None = None):
         try:
             import psycopg
         except ImportError:
@@ -124,7 +128,27 @@ INSERT INTO store_meta VALUES ('catalogue_version', 0) ON CONFLICT DO NOTHING;
                               "pip install 'homepage-composer[postgresql]'") from None
         self.psycopg = psycopg
         self.url = url
-        self.where = _without_password(url)
+        if STORE_PLACEHOLDER in url:  # one server, a database per store folder, made with the store
+            self.url = url.replace(STORE_PLACEHOLDER, store_database(store))
+        self.where = _without_password(self.url)
+        if STORE_PLACEHOLDER in url:
+            self._create_database()
+
+    def _create_database(self) -> None:
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(self.url)
+        name = parts.path.lstrip("/")
+        server = urlunsplit(parts._replace(path="/postgres"))
+        try:
+            with self.psycopg.connect(server, autocommit=True) as db:
+                if db.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+                    db.execute(f'CREATE DATABASE "{name}"')
+        except self.psycopg.errors.DuplicateDatabase:
+            pass  # another process made it first
+        except self.psycopg.Error as exc:
+            reason = " ".join(str(exc).split())
+            raise _config_error(f"store_url {self.where}: cannot make the store's database ({reason})") from None
 
     def connect(self):
         try:
@@ -184,10 +208,18 @@ def _without_password(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def store_database(store: Path) -> str:
+    """The database a store folder's tables get under a ``{store}`` URL: its name, readable, and a
+    digest of its absolute path, so two folders never share one (PostgreSQL names: ≤ 63 bytes)."""
+    folder = Path(store).resolve()
+    readable = re.sub(r"[^a-z0-9_]", "_", folder.name.lower())[:24]
+    return f"homepage_{readable}_{hashlib.sha256(str(folder).encode()).hexdigest()[:16]}"
+
+
 def open_engine(path: Path, url: str | None) -> Engine:
     if not url:
         return SQLiteEngine(path)
     if url.startswith(("postgresql://", "postgres://")):
-        return PostgresEngine(url)
+        return PostgresEngine(url, Path(path).parent)
     raise _config_error(f"store_url {_without_password(url)!r}: only postgresql://… is supported "
                       "(unset: the SQLite file in the store folder)")

@@ -48,8 +48,7 @@ from urllib.parse import quote, quote_plus
 import numpy as np
 
 from retrieval.catalog import Catalog, events_lock
-from retrieval.privacy import Privacy
-from retrieval.retriever import CATALOG_FILE, CHROMA_DIR
+from retrieval.retriever import CATALOG_FILE, CHROMA_DIR, RetrievalConfig
 
 AUDIT_FILE = "privacy/audit.jsonl"
 OUTPUTS_FILE = "privacy/outputs.txt"
@@ -76,15 +75,16 @@ def _read_only(path: Path) -> sqlite3.Connection:
 
 
 # -- who is erased ---------------------------------------------------------------------------------
-def resolve_users(privacy: Privacy, store: Path, given: Iterable[str], store_url: str | None = None) -> dict[str, str]:
+def resolve_users(config: RetrievalConfig, given: Iterable[str]) -> dict[str, str]:
     """Each id as a caller knows it -> the id as stored, for users the event store knows. Reads
     only (the store stays byte-identical); raises ``UnknownUser`` naming every id it cannot find."""
     given = list(dict.fromkeys(given))
-    path = Path(store) / CATALOG_FILE
+    path = Path(config.store_dir) / CATALOG_FILE
+    privacy = config.privacy()
     stored = {g: privacy.stored_id(g) for g in given}
     known: set[str] = set()
-    if store_url:
-        catalog = Catalog(path, store_url)
+    if config.store_url:
+        catalog = config.open_catalog()
         try:
             known = {u for u in stored.values() if u is not None and (catalog.event_count(u) or catalog.attributes(u))}
         finally:
@@ -643,14 +643,14 @@ def _protected(store: Path, stores: list[Path], models: list[Path]) -> set[Path]
 
 
 @contextmanager
-def _store_lock(store: Path, store_url: str | None) -> Iterator[Catalog | None]:
+def _store_lock(config: RetrievalConfig) -> Iterator[Catalog | None]:
     """The events lock, held exclusively while an erasure runs: the file lock beside a SQLite store
     (yields None), or the database's lock on PostgreSQL, for every host (yields its catalogue)."""
-    if not store_url:
-        with events_lock(store, exclusive=True):
+    if not config.store_url:
+        with events_lock(config.store_dir, exclusive=True):
             yield None
         return
-    database = Catalog(Path(store) / CATALOG_FILE, store_url)
+    database = config.open_catalog()
     try:
         with database.erasing():
             yield database
@@ -658,21 +658,20 @@ def _store_lock(store: Path, store_url: str | None) -> Iterator[Catalog | None]:
         database.close()
 
 
-def erase(privacy: Privacy, store: Path, user_ids: list[str], outputs: list[Path] = (),
-          host: str | None = None, port: int = 8000, action: str = "forget",
-          user_fields: Iterable[str] = (), store_url: str | None = None) -> Receipt:
+def erase(config: RetrievalConfig, user_ids: list[str], outputs: list[Path] = (), action: str = "forget",
+          user_fields: Iterable[str] = ()) -> Receipt:
     """Erase known users (ids as a caller knows them: an e-mail address finds its pseudonym) from
-    the store and every output folder, append the receipt to the audit log, and prove it. An id the
-    event store does not know raises ``UnknownUser`` before anything changes."""
-    store = Path(store)
-    stored = set(resolve_users(privacy, store, user_ids, store_url).values())
+    the store of ``config`` and every output folder, append the receipt to the audit log, and prove
+    it. An id the event store does not know raises ``UnknownUser`` before anything changes."""
+    store, privacy, host, port = Path(config.store_dir), config.privacy(), config.chroma_host, config.chroma_port
+    stored = set(resolve_users(config, user_ids).values())
     ids = stored | set(user_ids)
     fields = frozenset((*USER_FIELDS, *user_fields))
     receipt = Receipt(action, sorted(privacy.audit_subject(u) for u in stored),
                       vector_store=f"{host}:{port}" if host else "embedded")
     traces = Traces(ids=set(ids))
     folders = [store, *[Path(o) for o in outputs if Path(o).exists()]]
-    with _store_lock(store, store_url) as database:
+    with _store_lock(config) as database:
         receipt.database = database.engine.where if database else None
         # stores derived from this one (fine-tuning stores, ...) are SQLite files in the folders
         stores = sorted({p.parent for f in folders for p in f.rglob(CATALOG_FILE)} | ({store} if database else set()))
@@ -690,16 +689,14 @@ def erase(privacy: Privacy, store: Path, user_ids: list[str], outputs: list[Path
     return receipt
 
 
-def erase_apart(privacy: Privacy, store: Path, user_ids: list[str], outputs: list[Path] = (),
-                host: str | None = None, port: int = 8000, user_fields: Iterable[str] = (),
-                store_url: str | None = None) -> Receipt:
+def erase_apart(config: RetrievalConfig, user_ids: list[str], outputs: list[Path] = (),
+                user_fields: Iterable[str] = ()) -> Receipt:
     """``erase`` in a process of its own, for a process that serves while it runs: chromadb's calls
     hold the interpreter lock for their whole length (a rebuild stalled the service's event loop for
     over a second), and what the erasure reads never enters the server's memory. The caller gives
     up the embedded vector store first (``retrieval.vectors.close_embedded``) and opens it again
     after; the events lock and the swap lock are file locks, held across processes."""
-    return _apart(erase, privacy, Path(store), list(user_ids), [Path(o) for o in outputs], host, port,
-                  user_fields=list(user_fields), store_url=store_url)
+    return _apart(erase, config, list(user_ids), [Path(o) for o in outputs], user_fields=list(user_fields))
 
 
 def audit(store: Path, receipt: Receipt) -> None:
@@ -729,9 +726,8 @@ def registered_outputs(store: Path) -> list[Path]:
     return [Path(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
-def erase_expired(privacy: Privacy, store: Path, before: float, embedding_model: str, outputs: list[Path] = (),
-                  host: str | None = None, port: int = 8000, user_fields: Iterable[str] = (),
-                  store_url: str | None = None) -> Receipt:
+def erase_expired(config: RetrievalConfig, before: float, outputs: list[Path] = (),
+                  user_fields: Iterable[str] = ()) -> Receipt:
     """Retention: every event older than ``before`` (unix seconds) erased the same way. A user with
     nothing left is erased everywhere; one with newer events keeps them, and their behaviour text is
     written again from what is left (the old text and vector go). Events without a timestamp (a
@@ -739,8 +735,9 @@ def erase_expired(privacy: Privacy, store: Path, before: float, embedding_model:
     from retrieval.ingest import behaviour_document
     from retrieval.vectors import LocalEmbeddings
 
-    store = Path(store)
+    store, privacy, host, port = Path(config.store_dir), config.privacy(), config.chroma_host, config.chroma_port
     fields = frozenset((*USER_FIELDS, *user_fields))
+
     def erase_rows(where: str, args: tuple, users: Iterable[str] = (), pages_of: Iterable[str] = ()):
         if database is None:
             return _sqlite_erase(store / CATALOG_FILE, where, args, users, pages_of)
@@ -748,7 +745,7 @@ def erase_expired(privacy: Privacy, store: Path, before: float, embedding_model:
         database.compact()
         return counts
 
-    with _store_lock(store, store_url) as database:
+    with _store_lock(config) as database:
         catalog = database or Catalog(store / CATALOG_FILE)
         try:
             touched = catalog.users_with_events_before(before)
@@ -763,7 +760,8 @@ def erase_expired(privacy: Privacy, store: Path, before: float, embedding_model:
         if gone:  # nothing of theirs is left: who they are goes too
             receipt_attributes = erase_rows("FALSE", (), users=gone)[1]
         docs = {u: behaviour_document(items) for u, items in left.items() if items}  # as ingest writes them
-        vectors = LocalEmbeddings(embedding_model).embed_documents([text for text, _ in docs.values()]) if docs else []
+        texts = [text for text, _ in docs.values()]
+        vectors = LocalEmbeddings(config.embedding_model).embed_documents(texts) if docs else []
         updates = {u: (text, vector, meta) for (u, (text, meta)), vector in zip(docs.items(), vectors, strict=True)}
         receipt = Receipt("retention", sorted(privacy.audit_subject(u) for u in gone),
                           vector_store=f"{host}:{port}" if host else "embedded",

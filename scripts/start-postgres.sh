@@ -25,6 +25,6 @@ if [ ! -f "$dir/data/PG_VERSION" ]; then
 fi
 if ! "${run[@]}" "$bin/pg_ctl" -D "$dir/data" status >/dev/null 2>&1; then
   "${run[@]}" "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w \
-    -o "-c listen_addresses='' -k $dir -c fsync=off -c max_connections=200" start >/dev/null
+    -o "-c listen_addresses='' -k $dir -c fsync=off -c max_connections=400" start >/dev/null
 fi
 echo "postgresql://homepage@/postgres?host=$dir"

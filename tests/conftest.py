@@ -22,6 +22,9 @@ from agent.rules import ModuleBody, PageBody, RuleContext, validate
 from agent.schema import Homepage
 from agent.settings import SAMPLE_DIR, Settings
 from retrieval import Retriever, ingest
+from retrieval.catalog import Catalog
+from retrieval.engines import STORE_PLACEHOLDER, store_database
+from retrieval.retriever import CATALOG_FILE
 
 
 @pytest.fixture(scope="session")
@@ -34,12 +37,15 @@ def copy_store():
     """Copy a store folder in a child process (``cp -a``), without its chromadb owner lock. Reading a
     SQLite file with open/close in this process would drop the POSIX locks its open connections
     hold, and the next process to close a connection on it would delete the write-ahead log under
-    them ("disk I/O error"; see ``retrieval.erasure.scan_apart``)."""
+    them ("disk I/O error"; see ``retrieval.erasure.scan_apart``). On PostgreSQL the copy gets a
+    database of its own holding the source's rows."""
 
     def copy(source: Path, target: Path) -> Path:
         subprocess.run(["cp", "-a", str(source), str(target)], check=True)
         for lock in Path(target).rglob(".owner.lock"):
             lock.unlink()
+        if STORE_URL:
+            copy_database(Path(source), Path(target))
         return Path(target)
 
     return copy
@@ -185,6 +191,75 @@ def sample_slice(folder, products: int = 400):
 # (CI sets both): then a missing server fails them.
 POSTGRES = os.environ.get("HOMEPAGE_TEST_POSTGRES")
 _DATABASES = itertools.count()
+# HOMEPAGE_TEST_STORE_ENGINE=postgresql runs the whole suite with every store's tables on that server:
+# each store folder gets its own database (store_url ``…/{store}``), in this process and in every
+# process a test starts (they inherit HOMEPAGE_STORE_URL).
+STORE_ENGINE = os.environ.get("HOMEPAGE_TEST_STORE_ENGINE", "sqlite")
+STORE_URL: str | None = None
+if STORE_ENGINE == "postgresql":
+    if not POSTGRES:
+        raise pytest.UsageError("HOMEPAGE_TEST_STORE_ENGINE=postgresql needs HOMEPAGE_TEST_POSTGRES")
+    STORE_URL = urlunsplit(urlsplit(POSTGRES)._replace(path="/" + STORE_PLACEHOLDER))
+    os.environ["HOMEPAGE_STORE_URL"] = STORE_URL
+elif STORE_ENGINE != "sqlite":
+    raise pytest.UsageError(f"HOMEPAGE_TEST_STORE_ENGINE={STORE_ENGINE!r}: sqlite or postgresql")
+sqlite_only = pytest.mark.skipif(STORE_URL is not None, reason="about the SQLite file itself")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _store_databases():
+    """On PostgreSQL, the databases this run's store folders made are dropped when it ends."""
+    if not STORE_URL:
+        yield
+        return
+    import psycopg
+
+    def made() -> set[str]:
+        with psycopg.connect(POSTGRES, autocommit=True) as db:
+            return {n for (n,) in db.execute("SELECT datname FROM pg_database WHERE datname LIKE 'homepage\\_%'")}
+
+    before = made()
+    yield
+    with psycopg.connect(POSTGRES, autocommit=True) as db:
+        for name in sorted(made() - before):
+            db.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def assert_proven(receipt) -> None:
+    """An erasure's receipt: nothing found, and every place scanned but the one a PostgreSQL store
+    cannot prove from here (the server's log and backups)."""
+    lines = receipt.lines() if hasattr(receipt, "lines") else receipt
+    found = receipt.found if hasattr(receipt, "found") else receipt["found"]
+    unproven = receipt.not_scanned if hasattr(receipt, "not_scanned") else receipt["not_scanned"]
+    assert found == [], lines
+    assert [line.split(" ")[:2] for line in unproven] == ([["PostgreSQL", "database"]] if STORE_URL else []), lines
+
+
+def catalog_at(folder: Path) -> Catalog:
+    """The catalogue of the store in ``folder``, on the engine this run tests."""
+    return Catalog(Path(folder) / CATALOG_FILE, STORE_URL)
+
+
+_TABLES = ("products", "events", "user_attributes", "pages", "store_meta")
+
+
+def copy_database(source: Path, target: Path) -> None:
+    import psycopg
+
+    catalog_at(target).close()  # the copy's database and tables
+    def url(folder: Path) -> str:
+        return STORE_URL.replace(STORE_PLACEHOLDER, store_database(folder))
+
+    with (psycopg.connect(url(source), autocommit=True) as reader,
+          psycopg.connect(url(target), autocommit=True) as writer):
+        for table in _TABLES:
+            writer.execute(f"DELETE FROM {table}")
+            with (reader.cursor().copy(f"COPY {table} TO STDOUT (FORMAT BINARY)") as rows,
+                  writer.cursor().copy(f"COPY {table} FROM STDIN (FORMAT BINARY)") as into):
+                for block in rows:
+                    into.write(block)
+        writer.execute("SELECT setval(pg_get_serial_sequence('events', 'row_id'), GREATEST(MAX(row_id), 1), "
+                       "MAX(row_id) IS NOT NULL) FROM events")
 
 
 @pytest.fixture

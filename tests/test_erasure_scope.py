@@ -14,15 +14,16 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import sample_slice
+from conftest import catalog_at, sample_slice, sqlite_only
 
 from agent.settings import Settings
 from homepage.cli import main
 from retrieval import ingest
-from retrieval.catalog import Catalog, events_lock
+from retrieval.catalog import Catalog
 from retrieval.erasure import (
     AUDIT_FILE,
     ErasureFailed,
@@ -81,7 +82,7 @@ def shop(tmp_path_factory, monkeypatch_module):
     assert main(["--store", str(settings.store_dir), "train", "sasrec", "--epochs", "1", "--minutes", "0.5"]) == 0
     finetune = root / "finetune"
     finetune.mkdir()
-    users = [u for u in Catalog(settings.store_dir / CATALOG_FILE).users() if u != SHORT_USER]
+    users = [u for u in catalog_at(settings.store_dir).users() if u != SHORT_USER]
     # the examples the adapter learnt from (as `homepage finetune` writes them): it saw users[1]
     (finetune / "examples.jsonl").write_text(
         "".join(json.dumps({"user_id": u, "split": "train", "prompt": "…", "completion": "{}"}) + "\n"
@@ -116,7 +117,7 @@ def test_ids_that_name_no_user_are_refused_and_the_store_is_unchanged(shop, caps
         assert _fingerprint(folders) == before, wrong
     assert (audit.read_bytes() if audit.exists() else b"") == audit_before
     with pytest.raises(UnknownUser):  # one unknown id among known ones: nothing at all
-        erase(shop["settings"].retrieval_config().privacy(), store, [shop["users"][0], shop["item"]])
+        erase(replace(shop["settings"].retrieval_config(), store_dir=store), [shop["users"][0], shop["item"]])
     assert _forget(shop, shop["users"][0], shop["item"]) == 2
     assert _fingerprint(folders) == before
 
@@ -143,7 +144,7 @@ def test_forget_removes_only_the_users_records_and_keeps_every_model(shop, capsy
     for model in (store / "sasrec", shop["adapter"], shop["merged"]):
         assert f"needs retraining (left in place): {model}" in out
     # the user's rows, vector record and example lines are gone; everyone else's stay
-    catalog = Catalog(store / CATALOG_FILE)
+    catalog = catalog_at(store)
     assert catalog.event_count(seen_by_adapter) == 0 and catalog.event_count(other) > 0
     catalog.close()
     examples = (shop["outputs"][0] / "examples.jsonl").read_text()
@@ -164,7 +165,7 @@ def test_forget_removes_only_the_users_records_and_keeps_every_model(shop, capsy
     assert "proven by field" in out
     assert (store / "access.log").read_text() == f"GET /v1/users/{SHORT_USER}/homepage 200\n"
     assert audit.read_bytes().startswith(audit_before)
-    catalog = Catalog(store / CATALOG_FILE)
+    catalog = catalog_at(store)
     assert catalog.event_count(SHORT_USER) == 0 and catalog.event_count(other) > 0
     catalog.close()
 
@@ -175,7 +176,7 @@ def test_records_are_found_by_their_user_field_not_by_bytes(tmp_path, settings, 
     touched (the scan reports it)."""
     from retrieval.erasure import _prune_json
 
-    user = Catalog(settings.store_dir / CATALOG_FILE).users()[0]
+    user = catalog_at(settings.store_dir).users()[0]
     out = tmp_path / "out"
     out.mkdir()
     (out / "rows.jsonl").write_text(json.dumps({"user_id": user, "n": 1}) + "\n"
@@ -189,7 +190,7 @@ def test_records_are_found_by_their_user_field_not_by_bytes(tmp_path, settings, 
     lines = (out / "rows.jsonl").read_text().splitlines()
     copy = tmp_path / "store"
     copy_store(settings.store_dir, copy)
-    receipt = erase(settings.retrieval_config().privacy(), copy, [user], [out], user_fields=["customer"])
+    receipt = erase(replace(settings.retrieval_config(), store_dir=copy), [user], [out], user_fields=["customer"])
 
     assert (out / "rows.jsonl").read_text().splitlines() == [lines[1]]  # its "note" names the user: not a record
     assert (out / "rows.csv").read_text() == f"customer,item_id\nsomeone,{user}\n"
@@ -253,6 +254,7 @@ def test_a_swap_cut_short_is_repaired_when_the_store_opens(tmp_path, settings, i
     assert not (store / CHROMA_DIR / "STALE").exists()
 
 
+@sqlite_only
 def test_the_log_is_emptied_or_the_erasure_fails_loudly(tmp_path, monkeypatch):
     monkeypatch.setattr("retrieval.erasure._CHECKPOINT_TRIES", 5)
     path = tmp_path / CATALOG_FILE
@@ -277,16 +279,16 @@ def test_the_log_is_emptied_or_the_erasure_fails_loudly(tmp_path, monkeypatch):
 
 
 def test_no_event_lands_while_an_erasure_holds_the_store(tmp_path):
-    catalog = Catalog(tmp_path / CATALOG_FILE)
+    catalog = catalog_at(tmp_path)
     done = threading.Event()
 
     def add():  # another writer (a request thread, another process), with its own connection
-        writer = Catalog(tmp_path / CATALOG_FILE)
+        writer = catalog_at(tmp_path)
         writer.add_events([Event("u1", "i1", 1.0, None, "view")])
         writer.close()
         done.set()
 
-    with events_lock(tmp_path, exclusive=True):
+    with catalog.erasing():
         threading.Thread(target=add).start()
         time.sleep(0.5)
         assert not done.is_set() and catalog.event_count("u1") == 0
@@ -299,6 +301,7 @@ def _read_in_another_process(path: Path, sql: str) -> int:
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
+@sqlite_only
 def test_an_erasure_in_a_serving_process_leaves_its_connections_working(tmp_path, settings, ingested, copy_store):
     """Was: after erasures in the service, its queries failed with "disk I/O error". The byte scan
     read the SQLite files with open/close in the serving process, which drops every POSIX lock the
@@ -311,7 +314,7 @@ def test_an_erasure_in_a_serving_process_leaves_its_connections_working(tmp_path
     users = serving.users()
     item = serving.user_events(users[1])[0].item_id
     serving.add_events([Event(users[1], item, 5.0, None, "view")])
-    erase(settings.retrieval_config().privacy(), store, [users[0]])
+    erase(replace(settings.retrieval_config(), store_dir=store), [users[0]])
     before = _read_in_another_process(path, "SELECT COUNT(*) FROM events")  # e.g. `homepage eval load` starting
     assert (store / (CATALOG_FILE + "-wal")).exists()  # the log the serving connection writes is still the file's
     serving.add_events([Event(users[1], item, 6.0, None, "view")])

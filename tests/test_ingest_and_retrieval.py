@@ -1,8 +1,9 @@
 from pathlib import Path
 
+from conftest import catalog_at
+
 from agent.settings import SAMPLE_DIR
 from retrieval import Event, RetrievalConfig, Retriever, ingest
-from retrieval.catalog import Catalog
 from retrieval.history import build_history
 from retrieval.records import Candidate, Product, Provenance
 from retrieval.sources import fuse
@@ -64,7 +65,7 @@ def test_history_summary_is_pii_free_and_describes_the_items():
 
 
 def test_covisit_scores_by_hand(tmp_path: Path):
-    catalog = Catalog(tmp_path / "c.sqlite3")
+    catalog = catalog_at(tmp_path)
     catalog.upsert_products([_product(i, brand=i) for i in "abcdx"])
     # u1: a b c ; u2: a c ; u3: d a
     catalog.add_events([Event(u, i, seq_pos=n) for u, seq in [("u1", "abc"), ("u2", "ac"), ("u3", "da")]
@@ -82,7 +83,7 @@ def test_covisit_scores_by_hand(tmp_path: Path):
 
 def test_covisit_options_by_hand(tmp_path: Path):
     """window 3, forward 2, pop_alpha 1 over u1: a b c, u2: a c, u3: d a (items bought a 3, b 1, c 2, d 1)."""
-    catalog = Catalog(tmp_path / "c.sqlite3")
+    catalog = catalog_at(tmp_path)
     catalog.upsert_products([_product(i, brand=i) for i in "abcdx"])
     catalog.add_events([Event(u, i, seq_pos=n) for u, seq in [("u1", "abc"), ("u2", "ac"), ("u3", "da")]
                         for n, i in enumerate(seq)])
@@ -104,7 +105,7 @@ def test_covisit_options_by_hand(tmp_path: Path):
 
 def test_covisit_on_a_store_without_pairs(tmp_path: Path):
     """Was: a store whose users have one event each crashed the build (an int array divided by popularity)."""
-    catalog = Catalog(tmp_path / "c.sqlite3")
+    catalog = catalog_at(tmp_path)
     catalog.upsert_products([_product(i, brand=i) for i in "ab"])
     catalog.add_events([Event("u1", "a", seq_pos=0), Event("u2", "b", seq_pos=0)])
     from retrieval.sources import CoVisit, SourceContext
@@ -161,9 +162,8 @@ def test_events_recorded_while_serving_update_covisit_and_popularity(tmp_path):
     """Hand-computed: window 3, decay 1, forward 2. Logs u1: A B, u2: A C; then u3 views B, C, A
     live. C after B adds B->C 2 (forward) and C->B 1; A after C (d=1) adds C->A 2, A->C 1; A after
     B (d=2) adds B->A 2/2 = 1, A->B 1/2. Popularity counts A 3, B 2, C 2 of 7."""
-    from retrieval.catalog import Catalog
 
-    catalog = Catalog(tmp_path / "catalog.sqlite3")
+    catalog = catalog_at(tmp_path)
     catalog.upsert_products([Product(i, f"Product {i}", ("Beauty", "Skin Care")) for i in "ABC"])
     catalog.add_events([Event("u1", "A", seq_pos=0), Event("u1", "B", seq_pos=1),
                         Event("u2", "A", seq_pos=0), Event("u2", "C", seq_pos=1)])

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import sample_slice
+from conftest import catalog_at, sample_slice
 
 from agent.errors import ConfigError
 from retrieval.catalog import Catalog
@@ -50,7 +50,7 @@ def _product(item: str, category: str = "Food", price: float | None = None) -> P
 
 
 def _segment_catalog(tmp_path) -> Catalog:
-    catalog = Catalog(tmp_path / "catalog.sqlite3")
+    catalog = catalog_at(tmp_path)
     catalog.upsert_products([_product(i) for i in "abcdef"])
     bought = {"u1": "aab", "u2": "ab", "u3": "cc", "u4": "d", "u5": "ef", "u6": "e"}
     catalog.add_events([Event(u, item, float(n), None, "purchase") for u, items in bought.items()
@@ -124,9 +124,9 @@ def test_attributes_are_ingested_shown_in_the_profile_and_erased_by_forget(tmp_p
 
     forgotten = homepage("forget", user)
     assert forgotten.returncode == 0, forgotten.stderr
-    assert re.search(r"removed 1 from .*store: user attributes\n", forgotten.stdout), forgotten.stdout
+    assert re.search(r"removed 1 from .*: user attributes\n", forgotten.stdout), forgotten.stdout
     assert "byte and field scan" in forgotten.stdout and "nothing found" in forgotten.stdout
-    catalog = Catalog(store / "catalog.sqlite3")
+    catalog = catalog_at(store)
     try:
         assert catalog.attributes(user) == {} and catalog.attributes("only-attributes") == {"age_group": "<25",
                                                                                              "region": "105"}

@@ -8,13 +8,12 @@ import math
 
 import numpy as np
 import pytest
-from conftest import sample_slice
+from conftest import catalog_at, sample_slice
 
 from agent.settings import SAMPLE_DIR
 from eval.metrics import basket_ndcg, basket_recall, mean_metrics
 from retrieval import Event, Product, Retriever
-from retrieval.catalog import Catalog
-from retrieval.retriever import CATALOG_FILE, CHROMA_DIR
+from retrieval.retriever import CHROMA_DIR
 from retrieval.sequential import MODEL_DIR, SASRecConfig, Trained, holdout_ndcg, publish, train_sasrec
 from retrieval.split import leave_last_out
 from retrieval.vectors import ITEM_VECTORS, LocalEmbeddings, VectorIndex, chroma_client
@@ -70,7 +69,7 @@ def test_load_without_a_model_says_how_to_train(tmp_path):
 def sasrec_store(tmp_path_factory, trained):
     """A real store: catalogue, events, chromadb with the learned item vectors, the saved model."""
     store = tmp_path_factory.mktemp("sasrec-store")
-    catalog = Catalog(store / CATALOG_FILE)
+    catalog = catalog_at(store)
     catalog.upsert_products([Product(i, f"Product {i}", ("Beauty", "Skin Care", "Face")) for i in ITEMS])
     catalog.add_events([Event(u, i, seq_pos=p) for u, items in _cycles().items() for p, i in enumerate(items)])
     index = VectorIndex(chroma_client(store / CHROMA_DIR), LocalEmbeddings())

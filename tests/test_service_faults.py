@@ -14,12 +14,10 @@ import time
 
 import httpx
 import pytest
-from conftest import Chroma, free_port, wait_for
+from conftest import Chroma, catalog_at, free_port, wait_for
 
 from agent.schema import ExplainedPage
 from agent.settings import Settings
-from retrieval.catalog import Catalog
-from retrieval.retriever import CATALOG_FILE
 
 TOKEN = "fault-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -65,7 +63,7 @@ def valid_page(response: httpx.Response) -> ExplainedPage:
 
 def test_stopped_while_events_arrive_then_restarted_loses_and_doubles_nothing(deployment):
     settings, _, serve, url = deployment
-    catalog = Catalog(settings.store_dir / CATALOG_FILE)
+    catalog = catalog_at(settings.store_dir)
     items = sorted(catalog.products)[:50]
     batches = [[{"user_id": f"fault-{b}", "item_id": items[(b + j) % len(items)], "seq_pos": j, "event_type": "view"}
                 for j in range(20)] for b in range(400)]
@@ -115,7 +113,7 @@ def test_stopped_while_events_arrive_then_restarted_loses_and_doubles_nothing(de
 def test_the_vector_store_server_killed_and_restarted(deployment):
     settings, chroma, serve, url = deployment
     server = serve()
-    user = Catalog(settings.store_dir / CATALOG_FILE).users()[3]
+    user = catalog_at(settings.store_dir).users()[3]
     try:
         chroma.kill()
         page = valid_page(httpx.get(f"{url}/v1/users/{user}/homepage?explain=true", headers=AUTH))
@@ -137,7 +135,7 @@ def test_a_short_load_run_against_the_deployed_service(deployment):
 
     settings, _, serve, url = deployment
     server = serve()
-    catalog = Catalog(settings.store_dir / CATALOG_FILE)
+    catalog = catalog_at(settings.store_dir)
     try:
         report = run_load(url, catalog.users()[:20], sorted(catalog.products)[:20], clients=2, seconds=3,
                           event_share=0.3, token=TOKEN)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import threading
 import time
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-from conftest import assert_valid_page, sample_slice
+from conftest import POSTGRES, assert_valid_page, sample_slice
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
@@ -37,6 +37,29 @@ def catalog(request, tmp_path):
     catalog = Catalog(tmp_path / CATALOG_FILE, url)
     yield catalog
     catalog.close()
+
+
+def test_a_store_placeholder_gives_each_store_folder_a_database_of_its_own(fresh_database, tmp_path):
+    import psycopg
+
+    fresh_database()  # a server, or skip (fail where it is required)
+    url = urlunsplit(urlsplit(POSTGRES)._replace(path="/{store}"))
+    a, b = Catalog(tmp_path / "Shop A" / CATALOG_FILE, url), Catalog(tmp_path / "shop-b" / CATALOG_FILE, url)
+    names = [urlsplit(c.engine.url).path[1:] for c in (a, b)]
+    try:
+        a.upsert_products([product("x")])
+        assert list(b.products) == [] and names[0] != names[1]
+        # made with the store: named by the folder, readable, within PostgreSQL's 63 bytes
+        assert names[0].startswith("homepage_shop_a_") and all(len(n) <= 63 for n in names)
+        again = Catalog(tmp_path / "shop-b" / ".." / "Shop A" / CATALOG_FILE, url)  # the same folder, another path
+        assert list(again.products) == ["x"]
+        again.close()
+    finally:
+        a.close()
+        b.close()
+        with psycopg.connect(POSTGRES, autocommit=True) as db:
+            for name in names:
+                db.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def product(item_id: str, title: str = "T") -> Product:
@@ -230,8 +253,7 @@ def test_retention_on_postgresql_takes_every_event_past_the_age_and_who_has_none
     catalog.add_events([Event("old-1", x, 1_000_000.0, None, "view"), Event("old-1", y, 1_000_001.0, None, "view"),
                         Event("mixed-1", x, 1_000_000.0, None, "view"), Event("mixed-1", y, 2_000_000.0, None, "view")])
     catalog.upsert_attributes({"old-1": {"age": "30-34"}, "mixed-1": {"age": "25-29"}})
-    receipt = erase_expired(config.privacy(), host.store_dir, 1_500_000, host.embedding_model,
-                            store_url=config.store_url)
+    receipt = erase_expired(config, 1_500_000)
     assert catalog.event_count() == total + 1 and catalog.event_count("old-1") == 0
     assert [e.item_id for e in catalog.user_events("mixed-1")] == [y]
     assert catalog.attributes("old-1") == {} and catalog.attributes("mixed-1") == {"age": "25-29"}
