@@ -430,6 +430,10 @@ def tune_page(composer, retriever: Retriever, lists: dict[str, dict[str, list[Ca
     return max(scored, key=lambda t: (scored[t]["all"], -t)), scored
 
 
+CARD_ITEMS = 4  # a card of a homepage grid
+MORE_CARD_TITLES = ("You may also like", "Also picked for you")  # each module's title is its own
+
+
 def layouts(skeleton, rules) -> dict[str, Any]:
     """Module sizes and order tried on validation (issue 20, item 5): the configured skeleton; its
     first ``personal`` module filled to the rules' cap; that, followed by a second ``personal``
@@ -437,7 +441,8 @@ def layouts(skeleton, rules) -> dict[str, Any]:
     module, each of those with the buy-again module at 3 items and at the cap; and ``fused``: the
     fused list as it comes, owned items included, in two personal modules whose pools are their
     sizes, so the deterministic page's top equals the fused list's (the buy-again module, whose
-    items the fused list already holds where fusion gave it weight, is left off)."""
+    items the fused list already holds where fusion gave it weight, is left off); and the same
+    items in cards of four."""
     from agent.skeleton import PERSONAL, ModuleSpec
 
     cap = rules.max_items_per_module
@@ -466,6 +471,15 @@ def layouts(skeleton, rules) -> dict[str, Any]:
         rest = [m for m in mods if m is not personal and m is not again]
         fused = [full.model_copy(update=owned), more.model_copy(update=owned)]
         found["fused"] = skeleton.model_copy(update={"modules": [*fused, *rest]})
+        if cap > CARD_ITEMS:
+            # the same items in cards of four: the brand quota holds per module, so an item it
+            # keeps out of one card waits one card, not one whole module
+            card = {"max_items": CARD_ITEMS, "min_items": min(personal.min_items, CARD_ITEMS), "pool": CARD_ITEMS,
+                    "show_owned": True}
+            cards = [full.model_copy(update=card), more.model_copy(update=card)]
+            cards += [more.model_copy(update={**card, "type": f"{more.type}_{n}", "title": title})
+                      for n, title in enumerate(MORE_CARD_TITLES[:2 * cap // CARD_ITEMS - 2], start=2)]
+            found[f"fused, cards of {CARD_ITEMS}"] = skeleton.model_copy(update={"modules": [*cards, *rest]})
     return found
 
 

@@ -3,6 +3,9 @@ the ``fused`` layout whose deterministic page shows the fused list in its own or
 
 from __future__ import annotations
 
+import pytest
+
+from agent.rules import check_skeleton
 from agent.skeleton import PERSONAL, Skeleton
 from agent.stages.pools import POOL_DEPTH
 from eval.ranking import layouts
@@ -15,19 +18,25 @@ def test_the_layout_grid_of_the_shipped_skeleton(composer):
     assert set(found) == {"configured", "personal_full", "personal_twice",
                           "configured, buy_again 3", "personal_full, buy_again 3", "personal_twice, buy_again 3",
                           "configured, buy_again 8", "personal_full, buy_again 8", "personal_twice, buy_again 8",
-                          "fused"}
+                          "fused", "fused, cards of 4"}
     sizes = {m.type: m.max_items for m in found["personal_twice, buy_again 8"].modules}
     assert sizes == {"buy_again": 8, "for_you": 8, "more_for_you": 8, "bought_together": 4, "trending": 4}
     fused = found["fused"].modules
     assert [m.type for m in fused] == ["for_you", "more_for_you", "bought_together", "trending"]
     assert [(m.source, m.show_owned, m.pool_size, m.max_items) for m in fused[:2]] == [(PERSONAL, True, 8, 8)] * 2
-    # every layout is a skeleton a shop can serve
+    cards = found["fused, cards of 4"].modules  # the same 16 personal items, four to a card
+    assert [m.type for m in cards] == ["for_you", "more_for_you", "more_for_you_2", "more_for_you_3",
+                                       "bought_together", "trending"]
+    assert [(m.source, m.show_owned, m.pool_size, m.max_items) for m in cards[:4]] == [(PERSONAL, True, 4, 4)] * 4
+    # every layout is a skeleton a shop can serve: valid, and refused by none of the rules' checks
     for skeleton in found.values():
         Skeleton.model_validate(skeleton.model_dump())
+        check_skeleton(composer.rules, skeleton, composer.retriever.products)
 
 
-def test_the_fused_layout_shows_the_fused_list_in_its_order(composer, sample_users):
-    laid_out = composer.using(skeleton=layouts(composer.skeleton, composer.rules)["fused"])
+@pytest.mark.parametrize(("layout", "personal"), [("fused", 2), ("fused, cards of 4", 4)])
+def test_the_fused_layouts_show_the_fused_list_in_its_order(composer, sample_users, layout, personal):
+    laid_out = composer.using(skeleton=layouts(composer.skeleton, composer.rules)[layout])
     checked = 0
     for user in sample_users[:12]:
         history = composer.retriever.history(user)
@@ -37,15 +46,20 @@ def test_the_fused_layout_shows_the_fused_list_in_its_order(composer, sample_use
         page = laid_out.compose(user, use_llm=False, use_cache=False)
         products = composer.retriever.products
         shown: set[str] = set()
-        for module in page.modules[:2]:
-            items = [x.item_id for x in module.items]
+        modules = [[x.item_id for x in m.items] for m in page.modules[:personal]]
+        assert len(modules) == personal
+        for n, items in enumerate(modules):
             # each personal module: the fused list's next items in its order, none skipped but for
-            # the brand quota (2 a module: a skipped item waits for the next module)
+            # the brand quota (2 a module: a skipped item waits for the next module, unless that
+            # one holds 2 of its brand too)
             at = [fused.index(i) for i in items]
-            assert at == sorted(at), (user, module.type, at)
+            assert at == sorted(at), (user, n, at)
             skipped = [fused[k] for k in range(at[-1]) if fused[k] not in shown and k not in at]
             brands = [products[i].brand for i in items]
-            assert all(brands.count(products[i].brand) >= 2 for i in skipped), (user, module.type, skipped)
+            assert all(brands.count(products[i].brand) >= 2 for i in skipped), (user, n, skipped)
+            if n + 1 < personal:
+                after = [products[i].brand for i in modules[n + 1]]
+                assert all(i in modules[n + 1] or after.count(products[i].brand) >= 2 for i in skipped), (user, n)
             shown.update(items)
         assert page.modules[0].items[0].item_id == fused[0]
         checked += 1
