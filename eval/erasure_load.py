@@ -15,16 +15,16 @@ from pathlib import Path
 import numpy as np
 
 from eval.service_load import run_load
+from retrieval.retriever import RetrievalConfig
 
 WRITERS = 2  # event-posting clients beside the load test's own
 
 
-def run_erasure_load(url: str, store: Path, users: list[str], items: list[str], token: str, forget: int = 20,
-                     clients: int = 16, seconds: float = 60.0, seed: int = 0, think_s: float = 0.0) -> dict:
+def run_erasure_load(url: str, store: RetrievalConfig, users: list[str], items: list[str], token: str,
+                     forget: int = 20, clients: int = 16, seconds: float = 60.0, seed: int = 0,
+                     think_s: float = 0.0) -> dict:
+    """``store``: the served store's settings, to read its events back afterwards (either engine)."""
     import httpx
-
-    from retrieval.catalog import Catalog
-    from retrieval.retriever import CATALOG_FILE
 
     rng = random.Random(seed)
     shuffled = rng.sample(users, len(users))
@@ -95,7 +95,7 @@ def run_erasure_load(url: str, store: Path, users: list[str], items: list[str], 
         t.join()
     gone = [r["user"] for r in receipts if r["status"] == 200]
 
-    catalog = Catalog(Path(store) / CATALOG_FILE)
+    catalog = store.open_catalog()
     try:
         stored = {u: {(e.item_id, e.timestamp) for e in catalog.user_events(u)} for u in {a[0] for a in accepted}}
         rows = {u: catalog.event_count(u) for u in stored}

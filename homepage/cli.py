@@ -269,7 +269,7 @@ def cmd_eval_load(args: argparse.Namespace) -> int:
 
         if not settings.api_token:
             raise UserError("--forget erases through DELETE /v1/users/{id}: set the api_token (HOMEPAGE_API_TOKEN)")
-        report = erasure_load.run_erasure_load(args.url, settings.store_dir, users, items,
+        report = erasure_load.run_erasure_load(args.url, settings.retrieval_config(), users, items,
                                                settings.api_token.get_secret_value(), args.forget, args.clients,
                                                args.seconds, args.seed, args.think)
         print(erasure_load.format_report(report))
