@@ -127,11 +127,10 @@ INSERT INTO store_meta VALUES ('catalogue_version', 0) ON CONFLICT DO NOTHING;
             raise _config_error("store_url names a PostgreSQL database: install the driver with "
                               "pip install 'homepage-composer[postgresql]'") from None
         self.psycopg = psycopg
-        self.url = url
-        if STORE_PLACEHOLDER in url:  # one server, a database per store folder, made with the store
-            self.url = url.replace(STORE_PLACEHOLDER, store_database(store))
+        per_store = STORE_PLACEHOLDER in url  # one server, a database per store folder, made with the store
+        self.url = url.replace(STORE_PLACEHOLDER, store_database(store)) if per_store else url
         self.where = _without_password(self.url)
-        if STORE_PLACEHOLDER in url:
+        if per_store:
             self._create_database()
 
     def _create_database(self) -> None:

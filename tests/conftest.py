@@ -208,7 +208,8 @@ sqlite_only = pytest.mark.skipif(STORE_URL is not None, reason="about the SQLite
 
 @pytest.fixture(scope="session", autouse=True)
 def _store_databases():
-    """On PostgreSQL, the databases this run's store folders made are dropped when it ends."""
+    """On PostgreSQL, the databases made while this run lasted are dropped when it ends (the test
+    server is one checkout's own: run one PostgreSQL-mode session on it at a time)."""
     if not STORE_URL:
         yield
         return
@@ -243,15 +244,17 @@ def catalog_at(folder: Path) -> Catalog:
 _TABLES = ("products", "events", "user_attributes", "pages", "store_meta")
 
 
+def _database_url(folder: Path) -> str:
+    return STORE_URL.replace(STORE_PLACEHOLDER, store_database(folder))
+
+
 def copy_database(source: Path, target: Path) -> None:
+    """The source store's rows into the target folder's own database, row numbers included."""
     import psycopg
 
     catalog_at(target).close()  # the copy's database and tables
-    def url(folder: Path) -> str:
-        return STORE_URL.replace(STORE_PLACEHOLDER, store_database(folder))
-
-    with (psycopg.connect(url(source), autocommit=True) as reader,
-          psycopg.connect(url(target), autocommit=True) as writer):
+    with (psycopg.connect(_database_url(source), autocommit=True) as reader,
+          psycopg.connect(_database_url(target), autocommit=True) as writer):
         for table in _TABLES:
             writer.execute(f"DELETE FROM {table}")
             with (reader.cursor().copy(f"COPY {table} TO STDOUT (FORMAT BINARY)") as rows,
