@@ -430,8 +430,8 @@ def tune_page(composer, retriever: Retriever, lists: dict[str, dict[str, list[Ca
     return max(scored, key=lambda t: (scored[t]["all"], -t)), scored
 
 
-CARD_ITEMS = 4  # a card of a homepage grid
-MORE_CARD_TITLES = ("You may also like", "Also picked for you")  # each module's title is its own
+CARD_SIZES = (4, 3)  # cards of a homepage grid; on a tie the larger card is kept
+MORE_CARD_TITLES = ("You may also like", "Also picked for you", "More to discover")  # each module's own
 
 
 def layouts(skeleton, rules) -> dict[str, Any]:
@@ -442,7 +442,7 @@ def layouts(skeleton, rules) -> dict[str, Any]:
     fused list as it comes, owned items included, in two personal modules whose pools are their
     sizes, so the deterministic page's top equals the fused list's (the buy-again module, whose
     items the fused list already holds where fusion gave it weight, is left off); and the same
-    items in cards of four."""
+    items in cards of four and of three."""
     from agent.skeleton import PERSONAL, ModuleSpec
 
     cap = rules.max_items_per_module
@@ -471,15 +471,14 @@ def layouts(skeleton, rules) -> dict[str, Any]:
         rest = [m for m in mods if m is not personal and m is not again]
         fused = [full.model_copy(update=owned), more.model_copy(update=owned)]
         found["fused"] = skeleton.model_copy(update={"modules": [*fused, *rest]})
-        if cap > CARD_ITEMS:
-            # the same items in cards of four: the brand quota holds per module, so an item it
-            # keeps out of one card waits one card, not one whole module
-            card = {"max_items": CARD_ITEMS, "min_items": min(personal.min_items, CARD_ITEMS), "pool": CARD_ITEMS,
-                    "show_owned": True}
+        for size in [n for n in CARD_SIZES if n < cap]:
+            # the same items in cards: the brand quota holds per module, so an item it keeps out of
+            # one card waits one card, not one whole module
+            card = {"max_items": size, "min_items": min(personal.min_items, size), "pool": size, "show_owned": True}
             cards = [full.model_copy(update=card), more.model_copy(update=card)]
             cards += [more.model_copy(update={**card, "type": f"{more.type}_{n}", "title": title})
-                      for n, title in enumerate(MORE_CARD_TITLES[:2 * cap // CARD_ITEMS - 2], start=2)]
-            found[f"fused, cards of {CARD_ITEMS}"] = skeleton.model_copy(update={"modules": [*cards, *rest]})
+                      for n, title in enumerate(MORE_CARD_TITLES[:2 * cap // size - 2], start=2)]
+            found[f"fused, cards of {size}"] = skeleton.model_copy(update={"modules": [*cards, *rest]})
     return found
 
 

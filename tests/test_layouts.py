@@ -18,7 +18,7 @@ def test_the_layout_grid_of_the_shipped_skeleton(composer):
     assert set(found) == {"configured", "personal_full", "personal_twice",
                           "configured, buy_again 3", "personal_full, buy_again 3", "personal_twice, buy_again 3",
                           "configured, buy_again 8", "personal_full, buy_again 8", "personal_twice, buy_again 8",
-                          "fused", "fused, cards of 4"}
+                          "fused", "fused, cards of 4", "fused, cards of 3"}
     sizes = {m.type: m.max_items for m in found["personal_twice, buy_again 8"].modules}
     assert sizes == {"buy_again": 8, "for_you": 8, "more_for_you": 8, "bought_together": 4, "trending": 4}
     fused = found["fused"].modules
@@ -28,13 +28,19 @@ def test_the_layout_grid_of_the_shipped_skeleton(composer):
     assert [m.type for m in cards] == ["for_you", "more_for_you", "more_for_you_2", "more_for_you_3",
                                        "bought_together", "trending"]
     assert [(m.source, m.show_owned, m.pool_size, m.max_items) for m in cards[:4]] == [(PERSONAL, True, 4, 4)] * 4
+    threes = found["fused, cards of 3"].modules  # 15 of them, three to a card
+    assert [(m.type, m.pool_size, m.max_items) for m in threes[:5]] == [
+        ("for_you", 3, 3), ("more_for_you", 3, 3), ("more_for_you_2", 3, 3), ("more_for_you_3", 3, 3),
+        ("more_for_you_4", 3, 3)]
+    assert [m.type for m in threes[5:]] == ["bought_together", "trending"]
     # every layout is a skeleton a shop can serve: valid, and refused by none of the rules' checks
     for skeleton in found.values():
         Skeleton.model_validate(skeleton.model_dump())
         check_skeleton(composer.rules, skeleton, composer.retriever.products)
 
 
-@pytest.mark.parametrize(("layout", "personal"), [("fused", 2), ("fused, cards of 4", 4)])
+@pytest.mark.parametrize(("layout", "personal"), [("fused", 2), ("fused, cards of 4", 4),
+                                                         ("fused, cards of 3", 5)])
 def test_the_fused_layouts_show_the_fused_list_in_its_order(composer, sample_users, layout, personal):
     laid_out = composer.using(skeleton=layouts(composer.skeleton, composer.rules)[layout])
     checked = 0
