@@ -91,7 +91,8 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             raise SecurityError("value too large for a template")
         return result
 
-_SAMPLE_CANDIDATE = {"handle": 1, "title": "Argan Oil Serum", "brand": "Acme", "category": "Oils", "price": 12.0}
+_SAMPLE_CANDIDATE = {"handle": 1, "title": "Argan Oil Serum", "brand": "Acme", "category": "Oils", "price": 12.0,
+                     "rank": 1, "source": "covisit"}
 _SAMPLE_MODULE = {"type": "for_you", "title": "Picked for you", "theme": "Glow essentials", "count": 3,
                   "min_items": 2, "max_items": 4, "candidates": [_SAMPLE_CANDIDATE]}
 _SAMPLE_THEME = {"type": "for_you", "title": "Picked for you", "query": "vitamin c serum"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from agent.schema import Homepage
 from agent.settings import SAMPLE_DIR, Settings
 from retrieval import Retriever, ingest
 from retrieval.catalog import Catalog
-from retrieval.engines import STORE_PLACEHOLDER, store_database
+from retrieval.engines import STORE_PLACEHOLDER, PostgresEngine, store_database
 from retrieval.retriever import CATALOG_FILE
 
 
@@ -226,14 +227,12 @@ def _store_databases():
             db.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def assert_proven(receipt) -> None:
-    """An erasure's receipt: nothing found, and every place scanned but the one a PostgreSQL store
-    cannot prove from here (the server's log and backups)."""
-    lines = receipt.lines() if hasattr(receipt, "lines") else receipt
-    found = receipt.found if hasattr(receipt, "found") else receipt["found"]
-    unproven = receipt.not_scanned if hasattr(receipt, "not_scanned") else receipt["not_scanned"]
-    assert found == [], lines
-    assert [line.split(" ")[:2] for line in unproven] == ([["PostgreSQL", "database"]] if STORE_URL else []), lines
+def assert_proven(record: dict) -> None:
+    """An erasure's receipt record (``Receipt.record()``, the API's answer): nothing found, and every
+    place scanned but the one a PostgreSQL store cannot prove from here (the server's log and backups)."""
+    assert not isinstance(record["scan"], list), record["scan"]  # a list names the traces found
+    assert [line.split(" ")[:2] for line in record["not_scanned"]] == (
+        [["PostgreSQL", "database"]] if STORE_URL else []), record
 
 
 def catalog_at(folder: Path) -> Catalog:
@@ -241,7 +240,7 @@ def catalog_at(folder: Path) -> Catalog:
     return Catalog(Path(folder) / CATALOG_FILE, STORE_URL)
 
 
-_TABLES = ("products", "events", "user_attributes", "pages", "store_meta")
+_TABLES = re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", PostgresEngine.SCHEMA)
 
 
 def _database_url(folder: Path) -> str:

@@ -39,6 +39,39 @@ def test_the_full_template_set_still_loads():
     assert "1. Argan Oil Serum | Acme | $12" in messages[1]["content"]
 
 
+def test_the_signal_set_tells_each_candidates_retrieval_rank_and_source(composer, sample_users):
+    """prompts/signal: each candidate line ends with its place in retrieval's order and its source —
+    the same place whatever order the lines are in (a model trained on shuffled lines reads it)."""
+    import random
+    import re
+
+    from agent.stages.draft import draft_messages
+    from retrieval.sources import SOURCES
+
+    signal = load_prompts(PROMPTS_DIR / "signal")["compose"]
+    history = composer.retriever.history(next(u for u in sample_users if not composer.retriever.history(u).is_cold))
+    pools = composer.pools(history)
+    line = re.compile(r"^(\d+)\. .* \[#(\d+) (\w+)\]$", re.M)
+
+    def told(pools) -> list[dict[str, tuple[int, str]]]:
+        text = draft_messages(signal, composer.rules, history, pools, composer.retriever.products)[1]["content"]
+        blocks = text.split("\nModule ")[1:]
+        return [{module.candidates[int(h) - 1].item_id: (int(rank), source) for h, rank, source in line.findall(b)}
+                for module, b in zip(pools.written(), blocks, strict=True)]
+
+    before = told(pools)
+    for module, ranks in zip(pools.written(), before, strict=True):
+        assert len(ranks) == len(module.candidates)
+        # in pool order the ranks rise with the handle (equal scores share a rank)
+        in_pool_order = [ranks[c.item_id][0] for c in module.candidates]
+        assert in_pool_order == sorted(in_pool_order)
+        assert ranks[module.candidates[0].item_id][0] == 1
+        assert {source for _, source in ranks.values()} <= set(SOURCES)
+    for module in pools.written():
+        random.Random(0).shuffle(module.candidates)
+    assert told(pools) == before  # shuffled lines, the same ranks and sources
+
+
 def test_syntax_error_names_file_and_line(prompts_copy: Path):
     path = prompts_copy / "compose.user.jinja"
     path.write_text("Shopper: {{ summary }}\n{% for module in modules %}\n{{ module.type }\n")

@@ -24,9 +24,13 @@ def draft_messages(prompt: Prompt, rules: Rules, history: History, pools: Pools,
     modules = []
     for module in pools.written():
         theme = pools.themes.get(module.spec.type)
+        scores = [c.score for c in module.candidates]
+        # rank: the candidate's place by retrieval score in its module (1 = retrieval's first choice,
+        # whatever order the lines are in); source: the retrieval source that scored it highest
         candidates = [
             {"handle": h, "title": products[c.item_id].title, "brand": products[c.item_id].brand,
-             "category": products[c.item_id].category, "price": products[c.item_id].price}
+             "category": products[c.item_id].category, "price": products[c.item_id].price,
+             "rank": 1 + sum(s > c.score for s in scores), "source": c.source}
             for h, c in enumerate(module.candidates, start=1)
         ]
         modules.append({"type": module.spec.type, "title": module.spec.title, "theme": theme.title if theme else None,
