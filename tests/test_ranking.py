@@ -100,6 +100,30 @@ def test_sasrec_source_serves_from_the_store(sasrec_store):
     assert found[0].provenance[0].source == "sasrec" and found[0].provenance[0].because in history.item_ids
 
 
+def test_sasrec_candidates_are_the_exact_inner_product_order(sasrec_store, trained, monkeypatch):
+    """Exact search over the learned vectors (the index's approximate one loses a best item now and
+    then); past EXACT_SEARCH_MAX items the vector store answers, the same items on this small table."""
+    import retrieval.sources as sources
+
+    catalog, index = sasrec_store
+    retriever = Retriever(catalog, index, {"sasrec": 1.0})
+    table = trained.vectors()
+    exact_orders = {}
+    for user in ["u0", "u3", "u7"]:
+        history = retriever.history(user)
+        scores = table @ trained.encode([history.item_ids])[0]
+        expected = [ITEMS[i] for i in np.argsort(-scores) if ITEMS[i] not in history.item_ids][:6]
+        found = retriever.per_source(history, 6)["sasrec"]
+        assert [c.item_id for c in found] == expected
+        assert [c.score for c in found] == pytest.approx(sorted(scores[[ITEMS.index(i) for i in expected]])[::-1],
+                                                         rel=1e-5)
+        exact_orders[user] = expected
+    monkeypatch.setattr(sources, "EXACT_SEARCH_MAX", 0)
+    approximate = Retriever(catalog, index, {"sasrec": 1.0})
+    assert {u: [c.item_id for c in approximate.per_source(approximate.history(u), 6)["sasrec"]]
+            for u in exact_orders} == exact_orders
+
+
 def test_basket_metrics_by_hand():
     ranked = ["a", "t1", "b", "t2"]
     assert basket_recall(ranked, {"t1", "t2"}, 2) == 0.5 and basket_recall(ranked, {"t1", "t2"}, 4) == 1.0
