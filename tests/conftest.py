@@ -227,12 +227,12 @@ def _store_databases():
             db.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def assert_proven(record: dict) -> None:
-    """An erasure's receipt record (``Receipt.record()``, the API's answer): nothing found, and every
-    place scanned but the one a PostgreSQL store cannot prove from here (the server's log and backups)."""
-    assert not isinstance(record["scan"], list), record["scan"]  # a list names the traces found
-    assert [line.split(" ")[:2] for line in record["not_scanned"]] == (
-        [["PostgreSQL", "database"]] if STORE_URL else []), record
+def assert_proven(found: list, not_scanned: list[str]) -> None:
+    """An erasure's receipt (``Receipt``'s fields, or the API's answer): nothing found, and every place
+    scanned but the one a PostgreSQL store cannot prove from here (the server's log and backups)."""
+    assert found == [], found
+    assert [line.split(" ")[:2] for line in not_scanned] == ([["PostgreSQL", "database"]] if STORE_URL else []), (
+        not_scanned)
 
 
 def catalog_at(folder: Path) -> Catalog:

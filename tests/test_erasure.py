@@ -177,7 +177,7 @@ def test_forget_erases_a_user_everywhere_and_the_scan_proves_it(world):
 
     receipt = erase(replace(settings.retrieval_config(), store_dir=store), [EMAIL_USER, trained], world["outputs"])
 
-    assert_proven(receipt.record())
+    assert_proven(receipt.found, receipt.not_scanned)
     assert scan([store, *world["outputs"]], traces) == []
     rows = receipt.database or store  # where the store's rows live: its SQLite file's folder, or the database
     assert receipt.removed[f"{rows}: events"] > 0 and receipt.removed[f"{store}: vector collection behaviour"] == 2
@@ -224,7 +224,7 @@ def test_retention_erases_old_events_and_the_texts_made_from_them(tmp_path):
 
     receipt = erase_expired(replace(settings.retrieval_config(), store_dir=store), 1_500_000)
 
-    assert_proven(receipt.record())
+    assert_proven(receipt.found, receipt.not_scanned)
     assert _unused_slots_zero(store)  # before this process opens the store again (see the reopen above)
     assert scan([store], Traces(ids={old}, texts={old_text, mixed_text}, vectors=[old_vector, mixed_vector])) == []
     catalog = catalog_at(store)
