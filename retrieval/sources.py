@@ -521,13 +521,16 @@ class Sequential(CandidateSource):
 
     def __init__(self, context: SourceContext):
         super().__init__(context)
-        from retrieval.sequential import MODEL_DIR, Trained  # torch loads only when the source is used
+        import torch  # loads only when the source is used
+
+        from retrieval.sequential import MODEL_DIR, Trained
 
         if context.store_dir is None:
             raise ValueError("sasrec: the source needs the store folder that holds the trained model")
         self.model = Trained.load(Path(context.store_dir) / MODEL_DIR)
         self.index = self.model.index
         self.table = self.model.vectors()
+        self.torch_table = torch.from_numpy(self.table)  # the same memory, for the exact search
 
     def candidates(self, history: History, k: int) -> list[Candidate]:
         known = [i for i in history.item_ids if i in self.index]
@@ -547,9 +550,12 @@ class Sequential(CandidateSource):
         which one changes with each build of the index (docs/results/ranking-beauty/)."""
         if len(self.table) > EXACT_SEARCH_MAX:
             return self.context.index.search_vectors(ITEM_VECTORS, query, n)
-        scores = self.table @ query
-        top = np.argpartition(-scores, min(n, len(scores)) - 1)[:n]
-        return [(self.model.item_ids[i], float(scores[i])) for i in top]
+        # in torch, on the encoder's threads: numpy's product of this size wakes BLAS threads that
+        # then spin against the encoder's (16 ms a query beside it, against 0.5 ms this way)
+        import torch
+
+        scores, top = torch.topk(self.torch_table @ torch.from_numpy(query), min(n, len(self.table)))
+        return [(self.model.item_ids[i], score) for i, score in zip(top.tolist(), scores.tolist(), strict=True)]
 
 
 def fuse(
