@@ -551,7 +551,7 @@ class Sequential(CandidateSource):
         if len(self.table) > EXACT_SEARCH_MAX:
             return self.context.index.search_vectors(ITEM_VECTORS, query, n)
         # in torch, on the encoder's threads: numpy's product of this size wakes BLAS threads that
-        # then spin against the encoder's (16 ms a query beside it, against 0.5 ms this way)
+        # then spin against the encoder's (encode and search 16.4 ms a shopper, against 1.8 ms so)
         import torch
 
         scores, top = torch.topk(self.torch_table @ torch.from_numpy(query), min(n, len(self.table)))
