@@ -46,6 +46,9 @@ class ModuleSpec(BaseModel):
     sponsored_position: int = Field(2, ge=1, description="1-based position of the first sponsored slot")
     show_owned: bool = Field(False, description="may show items the shopper already has (a buy-again module); "
                              "discovery modules leave them out")
+    keep_order: bool = Field(False, description="a candidate the brand quota refuses closes the module once it has its "
+                             "minimum, and opens the next one, so the page keeps its source's order (cards of a grid); "
+                             "false: it is skipped and the module filled past it")
     pool: int | None = Field(
         None, ge=1, le=9, description="candidates offered to the model, at most 9 so each handle is one token "
         "(default: min(2 x max_items, 9))"

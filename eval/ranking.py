@@ -442,7 +442,8 @@ def layouts(skeleton, rules) -> dict[str, Any]:
     fused list as it comes, owned items included, in two personal modules whose pools are their
     sizes, so the deterministic page's top equals the fused list's (the buy-again module, whose
     items the fused list already holds where fusion gave it weight, is left off); and the same
-    items in cards of four and of three."""
+    items in cards of four and of three, each also with ``keep_order`` (a card closes before an item
+    the brand quota refuses, so the page reads in the fused order)."""
     from agent.skeleton import PERSONAL, ModuleSpec
 
     cap = rules.max_items_per_module
@@ -479,6 +480,11 @@ def layouts(skeleton, rules) -> dict[str, Any]:
             cards += [more.model_copy(update={**card, "type": f"{more.type}_{n}", "title": title})
                       for n, title in enumerate(MORE_CARD_TITLES[:2 * cap // size - 2], start=2)]
             found[f"fused, cards of {size}"] = skeleton.model_copy(update={"modules": [*cards, *rest]})
+            # and cards that keep the fused order: such an item closes its card and opens the next
+            # (down to the rules' least module: 2 items of a brand, then its third)
+            kept = [c.model_copy(update={"keep_order": True, "min_items": min(rules.min_items_per_module, size)})
+                    for c in cards]
+            found[f"fused, cards of {size} in order"] = skeleton.model_copy(update={"modules": [*kept, *rest]})
     return found
 
 

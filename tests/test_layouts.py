@@ -3,6 +3,8 @@ the ``fused`` layout whose deterministic page shows the fused list in its own or
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from agent.rules import check_skeleton
@@ -18,7 +20,8 @@ def test_the_layout_grid_of_the_shipped_skeleton(composer):
     assert set(found) == {"configured", "personal_full", "personal_twice",
                           "configured, buy_again 3", "personal_full, buy_again 3", "personal_twice, buy_again 3",
                           "configured, buy_again 8", "personal_full, buy_again 8", "personal_twice, buy_again 8",
-                          "fused", "fused, cards of 4", "fused, cards of 3"}
+                          "fused", "fused, cards of 4", "fused, cards of 3",
+                          "fused, cards of 4 in order", "fused, cards of 3 in order"}
     sizes = {m.type: m.max_items for m in found["personal_twice, buy_again 8"].modules}
     assert sizes == {"buy_again": 8, "for_you": 8, "more_for_you": 8, "bought_together": 4, "trending": 4}
     fused = found["fused"].modules
@@ -33,6 +36,13 @@ def test_the_layout_grid_of_the_shipped_skeleton(composer):
         ("for_you", 3, 3), ("more_for_you", 3, 3), ("more_for_you_2", 3, 3), ("more_for_you_3", 3, 3),
         ("more_for_you_4", 3, 3)]
     assert [m.type for m in threes[5:]] == ["bought_together", "trending"]
+    for size in (4, 3):  # the same cards, closing before an item the brand quota refuses
+        kept, skipping = found[f"fused, cards of {size} in order"].modules, found[f"fused, cards of {size}"].modules
+        assert [m.keep_order for m in kept] == [m.type.startswith(("for_you", "more_for_you")) for m in kept]
+        assert [m.min_items for m in kept[:2]] == [2, 2]  # the rules' least module: a card may close at 2
+        unkept = [m.model_copy(update={"keep_order": False, "min_items": n.min_items})
+                  for m, n in zip(kept, skipping, strict=True)]
+        assert unkept == skipping
     # every layout is a skeleton a shop can serve: valid, and refused by none of the rules' checks
     for skeleton in found.values():
         Skeleton.model_validate(skeleton.model_dump())
@@ -99,3 +109,30 @@ def test_a_skeleton_without_a_personal_module_still_tries_buy_again_sizes(compos
     found = layouts(without, composer.rules)
     assert set(found) == {"configured", "configured, buy_again 3", "configured, buy_again 8"}
     assert [m.max_items for m in found["configured, buy_again 3"].modules if m.type == "buy_again"] == [3]
+
+
+@pytest.mark.parametrize(("layout", "personal"), [("fused, cards of 4 in order", 4), ("fused, cards of 3 in order", 5)])
+def test_cards_in_order_show_the_fused_list_unchanged(composer, sample_users, layout, personal):
+    """Read card after card, the page is the fused list itself: a card the brand quota would break
+    closes early (never below its minimum of 2) and the refused item opens the next card."""
+    laid_out = composer.using(skeleton=layouts(composer.skeleton, composer.rules)[layout])
+    size = laid_out.skeleton.modules[0].max_items
+    products, checked, short = composer.retriever.products, 0, 0
+    for user in sample_users[:12]:
+        history = composer.retriever.history(user)
+        if history.is_cold:
+            continue
+        fused = [c.item_id for c in composer.retriever.candidates(history, POOL_DEPTH)]
+        page = laid_out.compose(user, use_llm=False, use_cache=False)
+        cards = [[x.item_id for x in m.items] for m in page.modules[:personal]]
+        read = [i for card in cards for i in card]
+        assert read == fused[:len(read)], user
+        for card, after in itertools.pairwise(cards):
+            assert 2 <= len(card) <= size
+            if len(card) < size:  # closed early: the next item is a third of a brand the card holds twice
+                brand = products[after[0]].brand_key
+                assert [products[i].brand_key for i in card].count(brand) == 2, (user, card, after)
+                short += 1
+        checked += 1
+    assert checked >= 8 and short >= 1  # the sample has cards the quota closes early
+

@@ -235,7 +235,8 @@ def test_ranking_run_on_the_sample_writes_the_report(tmp_path):
     assert "## The LLM page" in text and "## Direction" in text
     # the page's layout chosen on validation, written as a skeleton a shop serves
     assert set(meta["layout_tried"]) == {"configured", "personal_full", "personal_twice", "fused",
-                                         "fused, cards of 4", "fused, cards of 3"} | {
+                                         "fused, cards of 4", "fused, cards of 3", "fused, cards of 4 in order",
+                                         "fused, cards of 3 in order"} | {
         f"{name}, buy_again {size}" for name in ("configured", "personal_full", "personal_twice") for size in (3, 8)}
     best = max(v["all"] for v in meta["layout_tried"].values())
     assert meta["layout_tried"][meta["layout"]]["all"] == best

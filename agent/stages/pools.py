@@ -3,7 +3,9 @@ configuration fixes in it (pinned items, sponsored slots, campaign items).
 
 Every pick of distinct handles from a pool keeps the item rules, under any engine: a candidate is
 offered to one module only (modules cannot repeat each other), excluded and out-of-stock items
-never enter, and a pool holds at most the per-module brand quota of a brand (``BrandQuota``).
+never enter, and a pool holds at most the per-module brand quota of a brand (``BrandQuota``). An
+item the quota refuses waits for a later module: behind the module's other items, or, where the
+module ``keep_order``, at the head of the next one (the module closes early).
 
 A module is filled honestly: only ``personal`` and ``popularity`` modules may be topped up with
 popular items; a module whose own source cannot fill it to its minimum is left off this user's
@@ -130,9 +132,11 @@ def build_pools(retriever: Retriever, rules: Rules, skeleton: Skeleton, history:
             if len(module.candidates) == spec.pool_size:
                 break
             item = candidate.item_id
-            if item in taken or not _available(item, retriever, skeleton) or not brands.admits(item):
-                continue  # a brand over quota is left for a later module
-            if item in owned and not spec.show_owned:
+            if item in taken or not _available(item, retriever, skeleton) or (item in owned and not spec.show_owned):
+                continue
+            if not brands.admits(item):  # a brand over quota is left for a later module
+                if spec.keep_order and len(module.pinned) + len(module.ads) + len(module.candidates) >= low:
+                    break  # it opens the next module rather than waiting behind the items after it
                 continue
             module.candidates.append(candidate)
             taken.add(item)
