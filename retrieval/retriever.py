@@ -17,6 +17,10 @@ from retrieval.vectors import LocalEmbeddings, VectorIndex, chroma_client, settl
 CATALOG_FILE = "catalog.sqlite3"
 CHROMA_DIR = "chroma"
 MAX_HISTORIES = 10_000  # known users' histories kept built
+# Each source's list fused into the personal list is this deep, whatever the page shows: an item far
+# down one list still adds to its fused score, so a shallower fusion reorders the top (the depth
+# ``homepage eval ranking`` fuses at; docs/results/ranking-beauty/).
+FUSION_DEPTH = 200
 
 
 # The one definition of the retrieval defaults (``agent.settings.Settings`` reads them from here).
@@ -170,12 +174,12 @@ class Retriever:
         """The fused personal candidates; popularity alone for a cold-start user."""
         if history.is_cold:
             return self.sources["popularity"].candidates(history, k)
-        return self.fused(history, self.per_source(history, k), k)
+        return self.fused(history, self.per_source(history, max(k, FUSION_DEPTH)), k)
 
     def fused(self, history: History, lists: dict[str, list[Candidate]], k: int) -> list[Candidate]:
-        """Fuse per-source lists already retrieved (each at least k long where the source can); a
-        source weighted 0 is retrieved for its own module but left out of the fusion."""
-        weighted = {name: found[:k] for name, found in lists.items() if self.weights.get(name, 1.0) > 0}
+        """The top k of the per-source lists already retrieved, fused whole (``FUSION_DEPTH`` deep
+        where the source can); a source weighted 0 is retrieved for its own module but left out."""
+        weighted = {name: found for name, found in lists.items() if self.weights.get(name, 1.0) > 0}
         fused = fuse(weighted, self.weights, k, self.rrf_k)
         if len(fused) < k:  # a thin history: top up with popular items
             have = {c.item_id for c in fused}

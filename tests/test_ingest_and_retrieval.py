@@ -1,3 +1,4 @@
+import copy
 from pathlib import Path
 
 from conftest import catalog_at
@@ -124,6 +125,19 @@ def test_fusion_is_weighted_reciprocal_rank_by_hand():
     assert scores["a"] == 1 / 61 and scores["c"] == 0.5 / 62
     assert [c.item_id for c in fused] == ["b", "a", "c"]
     assert [p.source for p in fused[0].provenance] == ["x", "y"]
+
+
+def test_the_fused_top_counts_items_deeper_in_each_list_than_it_shows(retriever):
+    """Was: each list was cut at k before fusing, so the page's top few differed from the evaluation's
+    fused list. By hand (rrf_k 10, weights 1): a and c score 1/11 = 0.0909 each, b twice 1/12 =
+    0.1667: b leads the top 1, though it is second in both lists."""
+    def cands(ids):
+        return [Candidate(i, 1.0, []) for i in ids]
+
+    mine = copy.copy(retriever)
+    mine.weights, mine.rrf_k = {"x": 1.0, "y": 1.0}, 10
+    top = mine.fused(build_history("u", [], retriever.products), {"x": cands(["a", "b"]), "y": cands(["c", "b"])}, 1)
+    assert [(c.item_id, round(c.score, 4)) for c in top] == [("b", 0.1667)]
 
 
 def test_candidates_have_provenance_and_exclude_history(retriever, sample_users):

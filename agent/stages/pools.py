@@ -22,9 +22,10 @@ from agent.rules import BrandQuota, Rules
 from agent.schema import PlannedTheme
 from agent.skeleton import PERSONAL, PLANNED, ModuleSpec, Skeleton
 from retrieval import Candidate, History, Provenance, Retriever
+from retrieval.retriever import FUSION_DEPTH
 from retrieval.vectors import PRODUCTS
 
-POOL_DEPTH = 60  # candidates retrieved per source
+POOL_DEPTH = 60  # fused candidates the modules draw from (each source retrieved FUSION_DEPTH deep)
 # module sources for which popular items are honest
 TOPPED_UP = frozenset({PERSONAL, "popularity", "segment_popularity"})
 
@@ -80,7 +81,7 @@ def _retrieve(retriever: Retriever, history: History, names: list[str], faults: 
     found = {}
     for name in names:
         try:
-            found[name] = retriever.source(name).candidates(history, POOL_DEPTH)
+            found[name] = retriever.source(name).candidates(history, FUSION_DEPTH)
         except Exception as exc:  # any failure of one source must not cost the page
             found[name] = []
             faults.append(f"source {name} failed: {type(exc).__name__}: {exc}"[:300])
