@@ -4,7 +4,8 @@ Usage, from the repository root, on the store the settings name (``homepage inge
 
     python scripts/fusion_depth_timing.py [--users 200] [--depths 60,200]
 
-Prints the median and 95th percentile milliseconds a shopper per depth, and their ratio.
+Prints the median and 95th percentile milliseconds a shopper per depth (retrieval and fusion;
+each source's median beside), and the ratio of the medians.
 """
 
 from __future__ import annotations
@@ -29,17 +30,28 @@ def main() -> None:
     retriever = Retriever.open(settings.retrieval_config())
     users = [u for u in retriever.catalog.users() if not retriever.history(u).is_cold][: args.users]
     seconds: dict[int, list[float]] = {d: [] for d in depths}
+    each: dict[tuple[str, int], list[float]] = {(s, d): [] for s in retriever.weights for d in depths}
     for n, user in enumerate(users):
         history = retriever.history(user)
         for depth in depths if n % 2 else depths[::-1]:  # alternate which depth goes first
             start = time.perf_counter()
-            retriever.fused(history, retriever.per_source(history, depth), 60)
+            found = {}
+            for name in retriever.weights:
+                began = time.perf_counter()
+                found[name] = retriever.source(name).candidates(history, depth)
+                each[(name, depth)].append(time.perf_counter() - began)
+            retriever.fused(history, found, 60)
             seconds[depth].append(time.perf_counter() - start)
+
+    def ms(values: list[float]) -> np.ndarray:
+        return np.array(values[1:]) * 1000  # the first shopper warms caches
+
     print(f"{len(users)} shoppers, sources {dict(retriever.weights)}, {len(retriever.products)} products")
     for depth in depths:
-        ms = np.array(seconds[depth][1:]) * 1000  # the first shopper warms caches
-        print(f"depth {depth}: median {np.median(ms):.2f} ms, p95 {np.percentile(ms, 95):.2f} ms")
-    first, last = (np.median(seconds[d][1:]) for d in (depths[0], depths[-1]))
+        sources = ", ".join(f"{name} {np.median(ms(each[(name, depth)])):.2f}" for name in retriever.weights)
+        print(f"depth {depth}: median {np.median(ms(seconds[depth])):.2f} ms, p95 "
+              f"{np.percentile(ms(seconds[depth]), 95):.2f} ms (median per source: {sources})")
+    first, last = (np.median(ms(seconds[d])) for d in (depths[0], depths[-1]))
     print(f"median ratio depth {depths[-1]} / depth {depths[0]}: {last / first:.3f}")
 
 
