@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from agent.settings import Settings
+from agent.stages.pools import POOL_DEPTH
 from retrieval.retriever import Retriever
 
 
@@ -40,7 +41,7 @@ def main() -> None:
                 began = time.perf_counter()
                 found[name] = retriever.source(name).candidates(history, depth)
                 each[(name, depth)].append(time.perf_counter() - began)
-            retriever.fused(history, found, 60)
+            retriever.fused(history, found, POOL_DEPTH)
             seconds[depth].append(time.perf_counter() - start)
 
     def ms(values: list[float]) -> np.ndarray:
