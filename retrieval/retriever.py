@@ -17,10 +17,12 @@ from retrieval.vectors import LocalEmbeddings, VectorIndex, chroma_client, settl
 CATALOG_FILE = "catalog.sqlite3"
 CHROMA_DIR = "chroma"
 MAX_HISTORIES = 10_000  # known users' histories kept built
-# Each source's list fused into the personal list is this deep, whatever the page shows: an item far
-# down one list still adds to its fused score, so a shallower fusion reorders the top (the depth
-# ``homepage eval ranking`` fuses at; docs/results/ranking-beauty/).
-FUSION_DEPTH = 200
+# Each source's list fused into the personal list is this deep: an item far down one list still adds
+# to its fused score. ``homepage eval ranking`` fuses 200 deep, which matches the page's top to the
+# evaluated fused list (docs/results/ranking-beauty/), but costs the semantic source's search about
+# 7 ms a page (docs/results/fusion-depth/) and pushed the console's offline effect (300 shoppers,
+# twice) past its request time; 60 until that search is cheaper.
+FUSION_DEPTH = 60
 
 
 # The one definition of the retrieval defaults (``agent.settings.Settings`` reads them from here).
