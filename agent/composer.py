@@ -110,12 +110,14 @@ class Composer:
 
     # -- public ---------------------------------------------------------------------------------
     def warm_up(self) -> float:
-        """One page's model work for a new visitor, nothing kept: the grammar compiler's first
-        compile, the system prompt's shared KV cache and torch's first forward passes happen here,
-        at start, rather than inside the first shoppers' time budgets. Returns the seconds it took."""
+        """The retrieval sources' in-memory tables, then one page's model work for a new visitor,
+        nothing kept: the grammar compiler's first compile, the system prompt's shared KV cache and
+        torch's first forward passes happen here, at start, rather than inside the first shoppers'
+        time budgets. Returns the seconds it took."""
         started = time.perf_counter()
+        self.retriever.prepare()
         if self.backend is None:
-            return 0.0
+            return time.perf_counter() - started
         state = PageState(WARM_UP_USER, build_history(WARM_UP_USER, [], {}), started)
         ask_model(self.deps, [state], None, WARM_UP_STAGES)
         return time.perf_counter() - started

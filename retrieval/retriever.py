@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,15 +15,16 @@ from retrieval.records import Candidate, Event, Product
 from retrieval.sources import SOURCES, SourceContext, fuse
 from retrieval.vectors import LocalEmbeddings, VectorIndex, chroma_client, settle_embedded
 
+log = logging.getLogger(__name__)
+
 CATALOG_FILE = "catalog.sqlite3"
 CHROMA_DIR = "chroma"
 MAX_HISTORIES = 10_000  # known users' histories kept built
 # Each source's list fused into the personal list is this deep: an item far down one list still adds
-# to its fused score. ``homepage eval ranking`` fuses 200 deep, which matches the page's top to the
-# evaluated fused list (docs/results/ranking-beauty/), but costs the semantic source's search about
-# 7 ms a page (docs/results/fusion-depth/) and pushed the console's offline effect (300 shoppers,
-# twice) past its request time; 60 until that search is cheaper.
-FUSION_DEPTH = 60
+# to its fused score. ``homepage eval ranking`` fuses 200 deep; at 60 the page's top fell below the
+# evaluated fused list on Beauty (docs/results/ranking-beauty/). What it costs a page:
+# docs/results/fusion-depth/.
+FUSION_DEPTH = 200
 
 
 # The one definition of the retrieval defaults (``agent.settings.Settings`` reads them from here).
@@ -98,6 +100,15 @@ class Retriever:
         """See catalogue changes made by any process since the last call (one indexed read);
         returns the catalogue version."""
         return self.catalog.refresh()
+    def prepare(self) -> None:
+        """Each source reads what it keeps in memory (a service's warm-up)."""
+        self.refresh()
+        for name, source in self.sources.items():
+            try:
+                source.prepare()
+            except Exception:  # the source tries again in the first request; a page does without it
+                log.warning("source %s could not prepare", name, exc_info=True)
+
     def history(self, user_id: str) -> History:
         """Cached per known user (at most ``MAX_HISTORIES``); a new event for the user or a catalogue
         change rebuilds it."""

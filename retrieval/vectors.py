@@ -274,13 +274,19 @@ class VectorIndex:
         found = self.stores[name].get(ids=list(ids), include=["embeddings"])
         return dict(zip(found["ids"], found["embeddings"], strict=True))
 
-    def search(self, name: str, vector: Sequence[float], k: int, where: dict | None = None):
-        """[(id, cosine similarity)], best first."""
-        hits = self.stores[name].similarity_search_by_vector_with_relevance_scores(
-            list(vector), k=k, filter=where
+    def stored(self, name: str, ids: Sequence[str]) -> dict[str, tuple[np.ndarray, str]]:
+        """{id: (vector, the document it was made from)} for the ids the collection holds."""
+        found = self.stores[name].get(ids=list(ids), include=["embeddings", "documents"])
+        return {i: (np.asarray(v, dtype=np.float32), d)
+                for i, v, d in zip(found["ids"], found["embeddings"], found["documents"], strict=True)}
+
+    def search(self, name: str, vector: Sequence[float], k: int) -> list[tuple[str, float]]:
+        """[(id, cosine similarity)], best first. On the collection itself: LangChain's search also
+        reads every hit's document and metadata (15 ms against 4 ms at k = 65 on Beauty)."""
+        found = self.stores[name]._collection.query(
+            query_embeddings=[[float(x) for x in vector]], n_results=k, include=["distances"]
         )
-        # langchain's cosine relevance is 1 - distance, i.e. the cosine similarity itself.
-        return [(doc.id, score) for doc, score in hits]
+        return [(i, 1.0 - d) for i, d in zip(found["ids"][0], found["distances"][0], strict=True)]
 
     def search_with_vectors(self, name: str, vector: Sequence[float], k: int) -> list[tuple[str, float, list]]:
         """[(id, cosine similarity, stored vector)], best first: one query where ``search`` then

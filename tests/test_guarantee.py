@@ -18,6 +18,7 @@ from agent.stages.fix import fix
 from agent.stages.pools import ModulePool, Pools
 from prompts import PROMPTS_DIR
 from retrieval import Candidate, Product
+from retrieval.sources import TextTable
 
 
 class Raising(ScriptedBackend):
@@ -113,8 +114,10 @@ def test_a_failing_vector_store_degrades_to_the_other_sources(composer, full_use
     def down(*args, **kwargs):
         raise ConnectionError("chromadb unreachable")
 
-    for method in ("search", "search_with_vectors", "vectors"):
+    for method in ("search", "search_with_vectors", "vectors", "stored"):
         monkeypatch.setattr(composer.retriever.index, method, down)
+    # the semantic source holds the products' vectors once read: here it reads them afresh
+    monkeypatch.setattr(composer.retriever.source("semantic"), "table", TextTable(composer.retriever.index))
     c = with_backend(composer, ScriptedBackend(*[json.dumps(GOOD)] * 2))
     page = c.compose(full_users[5], use_cache=False)
     assert_valid_page(page, composer)

@@ -8,7 +8,7 @@ from retrieval import Event, RetrievalConfig, Retriever, ingest
 from retrieval.history import build_history
 from retrieval.records import Candidate, Product, Provenance
 from retrieval.sources import fuse
-from retrieval.vectors import BEHAVIOUR, PRODUCTS
+from retrieval.vectors import BEHAVIOUR, PRODUCTS, VectorIndex, chroma_client
 
 
 def test_sample_ingest_counts(ingested):
@@ -194,3 +194,39 @@ def test_events_recorded_while_serving_update_covisit_and_popularity(tmp_path):
     assert [(c.item_id, c.score) for c in popular] == [("A", 3 / 7), ("B", 2 / 7), ("C", 2 / 7)]
     rebuilt = Retriever(catalog, None, {"covisit": 1.0}, {"covisit": {"forward": 2.0}})
     assert rebuilt.sources["covisit"].links == covisit.links  # the same as learning from the whole log
+
+
+def test_the_semantic_source_follows_the_catalogue_text_by_text(tmp_path: Path, retriever):
+    """Hand-made unit vectors; the user's one item is a = (1, 0, 0), so each score is the first
+    component. A product's new text counts only once the vector store holds the vector made from it
+    (the catalogue is written first); a new product is searched once the catalogue moves."""
+
+    catalog = catalog_at(tmp_path)
+    index = VectorIndex(chroma_client(str(tmp_path / "chroma")), retriever.index.embeddings)
+
+    def put(products: list[Product], vectors: list[list[float]]) -> None:
+        index.upsert_embedded(PRODUCTS, [p.item_id for p in products], [p.text() for p in products], vectors,
+                              [{"n": 0}] * len(products))
+
+    shelf = [_product(i) for i in "abcd"]
+    catalog.upsert_products(shelf)
+    put(shelf, [[1, 0, 0], [0.6, 0.8, 0], [0, 1, 0], [0, 0, 1]])
+    catalog.add_events([Event("u", "a", seq_pos=0)])
+    live = Retriever(catalog, index, {"semantic": 1.0})
+    semantic = live.source("semantic")
+
+    def ranked() -> list[tuple[str, float, str]]:
+        live.refresh()  # as each compose does
+        found = semantic.candidates(live.history("u"), 10)
+        return [(c.item_id, round(c.score, 4), c.provenance[0].because) for c in found]
+
+    assert ranked() == [("b", 0.6, "a"), ("c", 0.0, "a"), ("d", 0.0, "a")]
+    renamed = Product("c", "Product c, new formula", ("Beauty", "Skin Care", "Face"), "B", 10.0)
+    catalog.upsert_products([renamed])
+    assert ranked()[0] == ("b", 0.6, "a")  # the store still holds the old text's vector: not taken
+    put([renamed], [[0.8, 0.6, 0]])
+    semantic.table.retry_seconds = 0.0
+    assert [i for i, _, _ in ranked()] == ["c", "b", "d"]
+    catalog.upsert_products([_product("e")])
+    put([_product("e")], [[0.28, 0.96, 0]])
+    assert ranked() == [("c", 0.8, "a"), ("b", 0.6, "a"), ("e", 0.28, "a"), ("d", 0.0, "a")]

@@ -18,7 +18,10 @@ def test_build_composer_warms_up_and_keeps_nothing(settings, ingested):
 
 def test_without_warm_up_the_first_page_pays_for_it(settings, ingested):
     cold = build_composer(settings.model_copy(update={"cache_users": 12, "warm_up": False}))
+    semantic = cold.retriever.source("semantic")
     assert cold.backend._prefix is None  # nothing read yet: this is what the first page would pay
+    assert semantic.table.snapshot[0] == []
     seconds = cold.warm_up()
     assert seconds > 0 and cold.backend._prefix is not None
+    assert sorted(semantic.table.snapshot[0]) == sorted(cold.retriever.products)  # every product's vector
 
