@@ -230,3 +230,7 @@ def test_the_semantic_source_follows_the_catalogue_text_by_text(tmp_path: Path, 
     catalog.upsert_products([_product("e")])
     put([_product("e")], [[0.28, 0.96, 0]])
     assert ranked() == [("c", 0.8, "a"), ("b", 0.6, "a"), ("e", 0.28, "a"), ("d", 0.0, "a")]
+    # a catalogue past ``exact_max`` is searched in the vector store: the same list
+    in_store = Retriever(catalog, index, {"semantic": 1.0}, {"semantic": {"exact_max": 0}}).source("semantic")
+    assert [(c.item_id, round(c.score, 4), c.provenance[0].because)
+            for c in in_store.candidates(live.history("u"), 10)] == ranked()
