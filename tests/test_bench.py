@@ -2,6 +2,8 @@ import pytest
 
 from eval.bench import percentiles
 
+pytestmark = pytest.mark.one_engine
+
 
 def test_nearest_rank_percentiles_by_hand():
     values = list(range(1, 101))  # 1..100

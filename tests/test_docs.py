@@ -2,8 +2,12 @@
 
 from pathlib import Path
 
+import pytest
+
 from agent.settings import Settings
 from agent.settings_reference import markdown
+
+pytestmark = pytest.mark.one_engine
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

@@ -17,6 +17,8 @@ from finetune.store import training_part, validation_part
 from retrieval import Event
 from retrieval.split import leave_last_out
 
+pytestmark = pytest.mark.one_engine
+
 
 def _events(user: str, items: str) -> list[Event]:
     return [Event(user, item, seq_pos=i) for i, item in enumerate(items)]

@@ -21,6 +21,8 @@ from eval.metrics import bootstrap_interval
 from retrieval import SAMPLE_DIR
 from retrieval.records import Product
 
+pytestmark = pytest.mark.one_engine
+
 SUITES = Path(__file__).resolve().parent.parent / "eval" / "suites"
 
 

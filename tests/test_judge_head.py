@@ -16,6 +16,8 @@ from eval.judge.head import FEATURES_FILE, HEAD_FILE, TrainedHead, fit_head
 from eval.judge.judging import PairVerdict, PointVerdict
 from eval.judge.suite import Configuration, JudgeSpec, Suite
 
+pytestmark = pytest.mark.one_engine
+
 SUITES = Path(__file__).resolve().parent.parent / "eval" / "suites"
 
 

@@ -13,6 +13,8 @@ from agent.stages.pools import POOL_DEPTH
 from eval.ranking import layouts
 from prompts import PROMPTS_DIR as PROMPTS
 
+pytestmark = pytest.mark.one_engine
+
 
 def test_the_layout_grid_of_the_shipped_skeleton(composer):
     skeleton = Skeleton.load(PROMPTS / "skeleton.yaml")  # buy_again 6, for_you 6, bought_together, trending

@@ -8,6 +8,8 @@ from retrieval.columns import CatalogueColumns, EventColumns
 from retrieval.loading import DataFileError, clean_text, load_events, load_products
 from retrieval.privacy import Privacy
 
+pytestmark = pytest.mark.one_engine
+
 
 def _privacy(tmp_path):
     return Privacy("test key", tmp_path / "key")

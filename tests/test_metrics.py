@@ -4,6 +4,8 @@ import pytest
 
 from eval.metrics import mean_metrics, ndcg_at_k, recall_at_k
 
+pytestmark = pytest.mark.one_engine
+
 
 def test_hit_at_rank_3_by_hand():
     ranked = ["a", "b", "t", "c"]

@@ -16,6 +16,8 @@ from retrieval.records import Candidate, Event
 from retrieval.sources import fuse
 from retrieval.split import Split
 
+pytestmark = pytest.mark.one_engine
+
 DAY = 86_400.0
 
 

@@ -7,6 +7,8 @@ from agent.errors import ConfigError
 from agent.prompting import PROMPTS, load_prompt, load_prompts
 from agent.settings import PROMPTS_DIR
 
+pytestmark = pytest.mark.one_engine
+
 
 @pytest.fixture
 def prompts_copy(tmp_path: Path) -> Path:

@@ -2,7 +2,11 @@
 
 import subprocess
 
+import pytest
+
 from eval.provenance import checkout
+
+pytestmark = pytest.mark.one_engine
 
 
 def test_checkout_names_the_commit_and_uncommitted_changes(tmp_path, monkeypatch):

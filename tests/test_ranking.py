@@ -18,6 +18,8 @@ from retrieval.sequential import MODEL_DIR, SASRecConfig, Trained, holdout_ndcg,
 from retrieval.split import leave_last_out
 from retrieval.vectors import ITEM_VECTORS, LocalEmbeddings, VectorIndex, chroma_client
 
+pytestmark = pytest.mark.one_engine
+
 ITEMS = [f"p{i:02d}" for i in range(30)]
 TINY = SASRecConfig(hidden=16, blocks=1, heads=1, max_len=8, dropout=0.0, lr=0.01, batch_size=16, seed=0, threads=1)
 

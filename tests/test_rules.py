@@ -12,6 +12,8 @@ from agent.stages.fix import fix
 from agent.stages.pools import ModulePool, Pools
 from retrieval import Candidate, Product
 
+pytestmark = pytest.mark.one_engine
+
 PRODUCTS = {
     p.item_id: p
     for p in [

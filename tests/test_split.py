@@ -3,6 +3,8 @@ import pytest
 from retrieval import Event
 from retrieval.split import baskets, leave_last_out
 
+pytestmark = pytest.mark.one_engine
+
 
 def _seq(user: str, items: list[str]) -> list[Event]:
     return [Event(user, item, seq_pos=pos, event_type="review") for pos, item in enumerate(items)]

@@ -13,6 +13,8 @@ from agent.skeleton import ModuleSpec
 from agent.stages.fix import _retitle, template_titles
 from retrieval import Product
 
+pytestmark = pytest.mark.one_engine
+
 PRODUCTS = {p.item_id: p for p in [
     Product("n1", "Konad Stamper", ("Beauty", "Makeup", "Nails", "Nail Art"), "Konad"),
     Product("n2", "Dotting Pen Set for Nail Art", ("Beauty", "Tools & Accessories", "Nail Tools"), "Generic"),

@@ -11,6 +11,8 @@ from agent.stages.draft import handle_order, parse_draft
 from agent.stages.pools import ModulePool, Pools
 from retrieval import Candidate
 
+pytestmark = pytest.mark.one_engine
+
 
 def _pools(counts: list[tuple[int, int]]) -> Pools:
     """Pools of ``n`` candidates, each module picking ``count`` (max_items)."""
