@@ -100,6 +100,7 @@ class Retriever:
         """See catalogue changes made by any process since the last call (one indexed read);
         returns the catalogue version."""
         return self.catalog.refresh()
+
     def prepare(self) -> None:
         """Each source reads what it keeps in memory (a service's warm-up)."""
         self.refresh()

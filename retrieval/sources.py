@@ -485,7 +485,7 @@ class TextTable:
         """(ids, row of each id, vectors as rows, the same as columns): one consistent view; rows of
         removed products may remain (callers keep to the catalogue's products). Both layouts, as
         each product is fastest on its own (Beauty, torch): a query times the columns 0.7 ms, times
-        the rows 2.6; gathering 200 rows 0.05 ms, 200 columns 0.8."""
+        the rows 2.6; gathering 205 rows and their product with the history 0.15 ms, columns 0.6."""
         products, version = catalog.products, catalog.loaded_version
         if version != self._version or (self._pending and time.monotonic() - self._retried > self.retry_seconds):
             with self._lock:
