@@ -5,6 +5,8 @@ A source is one small class registered under a name; the retriever builds the on
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
 import time
 from collections import Counter, defaultdict
@@ -22,6 +24,8 @@ from retrieval.history import History
 from retrieval.records import Candidate, Event, Provenance
 from retrieval.repeat import RepeatModel, cycle_days, purchase_baskets
 from retrieval.vectors import BEHAVIOUR, ITEM_VECTORS, PRODUCTS, VectorIndex
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -467,7 +471,8 @@ class TextTable:
     """The products' text vectors in memory, one row each, following the catalogue: when its version
     moves, only the products whose text is new or changed are read from the vector store. The
     catalogue is written before the vector store, so a vector stored under another text than the
-    product's is read again later (at most once a second), never kept as current."""
+    product's is read again later (at most once a second), never kept as current. With the vector
+    store unreachable the vectors held are searched, and it is asked again a second later."""
 
     retry_seconds = 1.0
 
@@ -476,7 +481,7 @@ class TextTable:
         self._texts: dict[str, str] = {}  # the text each row's vector was made from
         self._pending: set[str] = set()
         self._version: int | None = -1  # no catalogue followed yet (None: one never refreshed)
-        self._retried = 0.0
+        self._retried = self._failed = -math.inf
         self._lock = threading.Lock()
         empty = np.zeros((0, 0), np.float32)
         self.snapshot: tuple[list[str], dict[str, int], np.ndarray, np.ndarray] = ([], {}, empty, empty)
@@ -487,11 +492,21 @@ class TextTable:
         each product is fastest on its own (Beauty, torch): a query times the columns 0.7 ms, times
         the rows 2.6; gathering 205 rows and their product with the history 0.15 ms, columns 0.6."""
         products, version = catalog.products, catalog.loaded_version
-        if version != self._version or (self._pending and time.monotonic() - self._retried > self.retry_seconds):
+        now = time.monotonic()
+        if now - self._failed > self.retry_seconds and (
+                version != self._version or (self._pending and now - self._retried > self.retry_seconds)):
             with self._lock:
                 if version != self._version or self._pending:
-                    self._follow(products)
-                    self._version = version
+                    try:
+                        self._follow(products)
+                    except Exception:
+                        self._failed = time.monotonic()
+                        if not self._texts:  # nothing held to search: the source fails, and the page says so
+                            raise
+                        log.warning("the products' vectors could not be read; the ones held are searched",
+                                    exc_info=True)
+                    else:
+                        self._version = version
         return self.snapshot
 
     def _follow(self, products: Mapping) -> None:

@@ -60,6 +60,7 @@ def test_every_kind_of_slot(composer, retriever, sample_users):
     assert "Summer campaign" not in compose_prompt and '("Cleansers")' in compose_prompt
 
 
+@pytest.mark.one_engine
 def test_real_model_plans_a_theme(composer, retriever, sample_users):
     history = retriever.history(sample_users[2])
     c = Composer(retriever, composer.backend, composer.prompts, composer.rules,
@@ -101,6 +102,7 @@ def test_a_failing_backend_gives_a_fallback_page(composer, sample_users):
     assert [m.title for m in page.modules] == [m.title for m in sample_modules(composer)]  # template copy
 
 
+@pytest.mark.one_engine
 def test_the_real_model_past_its_budget_falls_back(composer, sample_users):
     c = Composer(composer.retriever, composer.backend, composer.prompts, composer.rules, composer.skeleton,
                  budget_s=0.05)
@@ -126,6 +128,7 @@ def test_cache_hits_until_the_users_events_change(composer, retriever, full_user
     assert len(c.backend.texts) == 0  # the model was asked again
 
 
+@pytest.mark.one_engine
 def test_batch_precompute_gives_valid_pages(composer, sample_users):
     users = [*sample_users[10:13], "brand-new-user"]
     pages = composer.compose_batch(users, batch_size=4)

@@ -11,6 +11,7 @@ from agent.errors import InputError
 from agent.schema import PageDraft
 
 
+@pytest.mark.one_engine
 def test_real_model_page_for_a_known_user(composer, sample_users):
     page = composer.compose(sample_users[3], use_cache=False)
     assert_valid_page(page, composer)
@@ -88,6 +89,7 @@ def test_deterministic_fix_when_the_retry_fails_too(composer, full_users):
     assert page.modules[0].title in [*template_titles(body, composer.ctx), spec.title]
 
 
+@pytest.mark.one_engine
 def test_constrained_draft_parses_and_obeys_the_grammar(composer, sample_users):
     """The real model under the per-request grammar, many users: every draft parses, uses only its
     module's handles, exactly the asked count, never repeats within a module, and titles fit."""
@@ -120,6 +122,7 @@ def test_pools_offer_at_most_the_brand_quota_of_a_brand(composer, sample_users):
         assert len(offered) == len(set(offered))
 
 
+@pytest.mark.one_engine
 @pytest.mark.slow
 def test_many_users_always_get_valid_pages(composer, sample_users):
     sources, pages = [], []

@@ -56,6 +56,7 @@ def test_a_second_process_cannot_open_the_embedded_store(composer, settings):
     assert f"(pid {os.getpid()})" in result.stderr  # the owner, named
 
 
+@pytest.mark.one_engine
 @pytest.mark.slow
 def test_speculation_and_the_shared_prefix_leave_the_output_unchanged(composer, sample_users):
     """The greedy drafts, over a set of users: speculation on vs off, shared system-prompt KV cache

@@ -196,10 +196,11 @@ def test_events_recorded_while_serving_update_covisit_and_popularity(tmp_path):
     assert rebuilt.sources["covisit"].links == covisit.links  # the same as learning from the whole log
 
 
-def test_the_semantic_source_follows_the_catalogue_text_by_text(tmp_path: Path, retriever):
+def test_the_semantic_source_follows_the_catalogue_text_by_text(tmp_path: Path, retriever, monkeypatch):
     """Hand-made unit vectors; the user's one item is a = (1, 0, 0), so each score is the first
     component. A product's new text counts only once the vector store holds the vector made from it
-    (the catalogue is written first); a new product is searched once the catalogue moves."""
+    (the catalogue is written first); a new product is searched once the catalogue moves; with the
+    vector store down the vectors held are searched."""
 
     catalog = catalog_at(tmp_path)
     index = VectorIndex(chroma_client(str(tmp_path / "chroma")), retriever.index.embeddings)
@@ -230,6 +231,12 @@ def test_the_semantic_source_follows_the_catalogue_text_by_text(tmp_path: Path, 
     catalog.upsert_products([_product("e")])
     put([_product("e")], [[0.28, 0.96, 0]])
     assert ranked() == [("c", 0.8, "a"), ("b", 0.6, "a"), ("e", 0.28, "a"), ("d", 0.0, "a")]
+    with monkeypatch.context() as down:
+        down.setattr(index, "stored", lambda *a: (_ for _ in ()).throw(ConnectionError("chromadb unreachable")))
+        catalog.upsert_products([_product("f")])
+        put([_product("f")], [[0.9, 0, 0.436]])  # written while this process could not read it
+        assert [i for i, _, _ in ranked()] == ["c", "b", "e", "d"]  # f is not held yet
+    assert ranked()[0] == ("f", 0.9, "a")  # read once the store answers again (retry_seconds 0)
     # a catalogue past ``exact_max`` is searched in the vector store: the same list
     in_store = Retriever(catalog, index, {"semantic": 1.0}, {"semantic": {"exact_max": 0}}).source("semantic")
     assert [(c.item_id, round(c.score, 4), c.provenance[0].because)

@@ -80,6 +80,7 @@ def test_precompute_on_ray_refuses_the_embedded_vector_store(store_settings):
         precompute_on_ray(store_settings, ["u"], workers=2)
 
 
+@pytest.mark.one_engine
 @pytest.mark.slow
 def test_precompute_on_ray_stores_valid_pages_and_a_rerun_makes_only_what_is_missing(store_settings, composer):
     chroma = Chroma(store_settings.store_dir / CHROMA_DIR, free_port())

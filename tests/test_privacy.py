@@ -107,6 +107,7 @@ def test_events_store_pseudonyms_and_quarantine_keeps_rows_redacted(tmp_path):
 
 
 # -- prompt injection through product titles -----------------------------------------------------------
+@pytest.mark.one_engine
 @pytest.mark.slow
 def test_injected_titles_never_break_a_page_and_ingest_clears_them(settings, composer, sample_users):
     """On the real model, with the model writing each module's order: pages stay valid whatever a

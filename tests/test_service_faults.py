@@ -117,7 +117,8 @@ def test_the_vector_store_server_killed_and_restarted(deployment):
     try:
         chroma.kill()
         page = valid_page(httpx.get(f"{url}/v1/users/{user}/homepage?explain=true", headers=AUTH))
-        assert any("failed" in note for note in page.meta.notes), page.meta.notes  # degraded, and says so
+        # the semantic source searches the products' vectors each worker read at its warm-up
+        assert not any("semantic failed" in note for note in page.meta.notes), page.meta.notes
         ready = httpx.get(f"{url}/readyz")
         assert ready.status_code == 503 and "vector store" in ready.json()["detail"]
         chroma.start()
