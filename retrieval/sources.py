@@ -460,8 +460,8 @@ class BuyAgain(CandidateSource):
 
 
 class SemanticOptions(SourceOptions):
-    # The vector store's search that also returns the vectors the evidence needs took 14 ms a shopper
-    # at depth 200 on Beauty (12k products), the exact one in memory about 1 ms (docs/results/fusion-depth/)
+    # At depth 200 on Beauty (12k products) the source took 20.6 ms a shopper searching the vector store
+    # (which must return every hit's vector, for the evidence), 4.1 ms in memory (docs/results/fusion-depth/)
     exact_max: int = Field(100_000, ge=0, description="a catalogue of up to this many products is searched "
                            "exactly, its text vectors held in memory (8 bytes a dimension each: 12k x 384 = 37 MB); "
                            "a larger one in the vector store (approximate)")
