@@ -192,9 +192,9 @@ def sample_slice(folder, products: int = 400):
 # (CI sets both): then a missing server fails them.
 POSTGRES = os.environ.get("HOMEPAGE_TEST_POSTGRES")
 _DATABASES = itertools.count()
-# HOMEPAGE_TEST_STORE_ENGINE=postgresql runs the whole suite with every store's tables on that server:
-# each store folder gets its own database (store_url ``…/{store}``), in this process and in every
-# process a test starts (they inherit HOMEPAGE_STORE_URL).
+# HOMEPAGE_TEST_STORE_ENGINE=postgresql runs the suite (less the one_engine tests) with every store's
+# tables on that server: each store folder gets its own database (store_url ``…/{store}``), in this
+# process and in every process a test starts (they inherit HOMEPAGE_STORE_URL).
 STORE_ENGINE = os.environ.get("HOMEPAGE_TEST_STORE_ENGINE", "sqlite")
 STORE_URL: str | None = None
 if STORE_ENGINE == "postgresql":
@@ -212,10 +212,10 @@ def pytest_collection_modifyitems(config, items):
     depend on the engine that holds a store's tables, and the SQLite pass has run them."""
     if STORE_URL is None:
         return
-    kept = [item for item in items if item.get_closest_marker("one_engine") is None]
-    if len(kept) < len(items):
-        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
-        items[:] = kept
+    left = [item for item in items if item.get_closest_marker("one_engine")]
+    if left:
+        config.hook.pytest_deselected(items=left)
+        items[:] = [item for item in items if not item.get_closest_marker("one_engine")]
 
 
 @pytest.fixture(scope="session", autouse=True)
